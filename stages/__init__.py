@@ -1,0 +1,1 @@
+"""Stages of the skin-lesion pipeline, one module each, wired together by dvc.yaml."""

@@ -1,0 +1,97 @@
+"""Typed schema of params.yaml: a wrong key, type or range stops a stage before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stages.errors import PipelineError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Section):
+    seed: int = Field(ge=0)
+    image_size: int = Field(ge=8, le=1024)
+    model_name: str = Field(min_length=1)
+    experiment_name: str = Field(min_length=1)
+    melanoma_class: str
+    classes: tuple[str, ...] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> BaseParams:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("base.classes has repeated names")
+        if self.melanoma_class not in self.classes:
+            raise ValueError(f"base.melanoma_class {self.melanoma_class!r} is not in base.classes")
+        return self
+
+
+class SyntheticParams(_Section):
+    images_per_class: int = Field(ge=2, le=10_000)
+
+
+class DownloadParams(_Section):
+    source: Literal["local", "synthetic"]
+    path: str
+    max_extract_mb: int = Field(ge=1)
+    synthetic: SyntheticParams
+
+
+class SplitParams(_Section):
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
+
+
+class RebalanceParams(_Section):
+    samples_per_class: int = Field(ge=0)
+    jpeg_quality: int = Field(ge=1, le=100)
+    operations: dict[str, dict[str, Any]]
+
+
+class TrainParams(_Section):
+    arch: Literal["baseline_cnn"]
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    deterministic: bool
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(ge=1)
+
+
+class Params(_Section):
+    base: BaseParams
+    download: DownloadParams
+    split: SplitParams
+    rebalance: RebalanceParams
+    train: TrainParams
+    evaluate: EvaluateParams
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml, raising one clear line on the first problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise PipelineError(f"{path}: file not found") from err
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML ({_one_line(str(err))})") from err
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise PipelineError(f"{path}: {key}: {first['msg']}") from err
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

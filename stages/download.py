@@ -1,0 +1,223 @@
+"""Stage `download`: gather the labelled images into data/raw/ with a manifest of path, label, split, sha256.
+
+Sources (`download.source`):
+- local: a folder <root>/Train/<class>/*.jpg with an optional <root>/Test/<class>/*.jpg, or a .zip of one
+  (the layout of the public 9-class ISIC dataset);
+- synthetic: generated shapes for smoke runs and tests; not dermoscopic images.
+A new source is one function that returns manifest rows, added to SOURCES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import logging
+import shutil
+import stat
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import mlflow
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from stages.common import (
+    IMAGE_SUFFIXES,
+    atomic_output_dir,
+    run_cli,
+    sha256_file,
+    write_csv_atomic,
+    write_text_atomic,
+)
+from stages.config import Params, load_params
+from stages.errors import PipelineError
+from stages.tracking import stage_run
+
+log = logging.getLogger("stages.download")
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "source"]
+# Folder names of the public ISIC dataset's official splits, and the split names we give them.
+OFFICIAL_SPLITS = {"Train": "train", "Test": "test"}
+SYNTHETIC_NOTICE = (
+    "SYNTHETIC DATA: generated coloured shapes, not dermoscopic images.\n"
+    "Use it for smoke runs and tests only; its metrics say nothing about skin lesions.\n"
+)
+
+
+@dataclass(frozen=True)
+class _Image:
+    source_path: Path
+    label: str
+    split: str
+
+
+def main() -> None:
+    """Read params, fetch the images from the configured source into the output folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output folder (data/raw)")
+    args = parser.parse_args()
+    params = load_params()
+    fetch = SOURCES[params.download.source]
+    with stage_run("download", params.base, params.download):
+        with atomic_output_dir(args.out) as tmp:
+            manifest = fetch(params, tmp)
+            # Paths in every manifest are relative to the repository root, where stages run.
+            manifest["path"] = [(args.out / path).as_posix() for path in manifest["path"]]
+            write_csv_atomic(tmp / MANIFEST_NAME, manifest)
+        counts = manifest.groupby("split").size().to_dict()
+        mlflow.set_tag("data_source", params.download.source)
+        mlflow.log_metrics({f"images_{split}": int(n) for split, n in counts.items()})
+        mlflow.log_artifact(str(args.out / MANIFEST_NAME))
+    log.info("%d images from source %r into %s", len(manifest), params.download.source, args.out)
+
+
+def fetch_local(params: Params, out: Path) -> pd.DataFrame:
+    """Copy a local ISIC-layout folder (or .zip of one) into `out`; return the manifest."""
+    root = Path(params.download.path)
+    if not root.exists():
+        raise PipelineError(f"download.path: {root} does not exist")
+    with tempfile.TemporaryDirectory() as scratch:
+        if root.is_file():
+            if root.suffix.lower() != ".zip":
+                raise PipelineError(f"download.path: {root} is a file but not a .zip")
+            extract_zip_safely(root, Path(scratch), params.download.max_extract_mb * 2**20)
+            root = find_dataset_root(Path(scratch), label=str(params.download.path))
+        images = list_local_images(root, params.base.classes)
+        return copy_images(images, out, source="local")
+
+
+def fetch_synthetic(params: Params, out: Path) -> pd.DataFrame:
+    """Generate the synthetic image set into `out`; return the manifest."""
+    log.warning("download.source is 'synthetic': these are generated shapes, not skin lesions")
+    rows = generate_synthetic(
+        out,
+        classes=params.base.classes,
+        images_per_class=params.download.synthetic.images_per_class,
+        size=params.base.image_size,
+        seed=params.base.seed,
+    )
+    write_text_atomic(out / "SYNTHETIC_DATA.txt", SYNTHETIC_NOTICE)
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+SOURCES: dict[str, Callable[[Params, Path], pd.DataFrame]] = {
+    "local": fetch_local,
+    "synthetic": fetch_synthetic,
+}
+
+
+def extract_zip_safely(archive_path: Path, dest: Path, max_bytes: int) -> None:
+    """Extract a zip after refusing absolute paths, '..', links and oversized contents."""
+    try:
+        archive = zipfile.ZipFile(archive_path)
+    except zipfile.BadZipFile as err:
+        raise PipelineError(f"download.path: {archive_path} is not a valid zip ({err})") from err
+    with archive:
+        total = 0
+        for entry in archive.infolist():
+            name = PurePosixPath(entry.filename.replace("\\", "/"))
+            if name.is_absolute() or ".." in name.parts or ":" in entry.filename:
+                raise PipelineError(f"download.path: {archive_path} has unsafe entry {entry.filename!r}")
+            if stat.S_ISLNK(entry.external_attr >> 16):
+                raise PipelineError(f"download.path: {archive_path} has symbolic link {entry.filename!r}")
+            total += entry.file_size
+            if total > max_bytes:
+                raise PipelineError(
+                    f"download.path: {archive_path} unpacks to more than "
+                    f"download.max_extract_mb={max_bytes // 2**20} MiB"
+                )
+        archive.extractall(dest)
+
+
+def find_dataset_root(folder: Path, label: str) -> Path:
+    """The folder holding Train/: `folder` itself or its single subfolder (zips often wrap one)."""
+    if (folder / "Train").is_dir():
+        return folder
+    subfolders = [child for child in folder.iterdir() if child.is_dir()]
+    if len(subfolders) == 1 and (subfolders[0] / "Train").is_dir():
+        return subfolders[0]
+    raise PipelineError(f"download.path: {label} has no Train/ folder")
+
+
+def list_local_images(root: Path, classes: Sequence[str]) -> list[_Image]:
+    """List images under <root>/Train|Test/<class>/, checking class names against base.classes."""
+    if not (root / "Train").is_dir():
+        raise PipelineError(f"download.path: {root} has no Train/ folder")
+    images: list[_Image] = []
+    for folder_name, split in OFFICIAL_SPLITS.items():
+        split_dir = root / folder_name
+        if not split_dir.is_dir():
+            continue
+        for class_dir in sorted(child for child in split_dir.iterdir() if child.is_dir()):
+            if class_dir.name not in classes:
+                raise PipelineError(
+                    f"{class_dir}: unknown class {class_dir.name!r}; base.classes has {', '.join(classes)}"
+                )
+            files = sorted(
+                path
+                for path in class_dir.iterdir()
+                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not files:
+                raise PipelineError(f"{class_dir}: class folder has no images")
+            images.extend(_Image(path, class_dir.name, split) for path in files)
+    missing = sorted(set(classes) - {image.label for image in images})
+    if missing:
+        log.warning("no images for class(es): %s", ", ".join(missing))
+    return images
+
+
+def copy_images(images: Sequence[_Image], out: Path, source: str) -> pd.DataFrame:
+    """Copy images to out/<split>/<class>/<name> and return their manifest rows."""
+    rows = []
+    for image in images:
+        relative = Path(image.split) / image.label / image.source_path.name
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(image.source_path, target)
+        rows.append((relative.as_posix(), image.label, image.split, sha256_file(target), source))
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def generate_synthetic(
+    out: Path, classes: Sequence[str], images_per_class: int, size: int, seed: int
+) -> list[tuple[str, str, str, str, str]]:
+    """Draw a learnable image set: each class has its own hue and shape on a noisy skin tone."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for class_index, label in enumerate(classes):
+        folder = out / "train" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        hue = class_index / len(classes)
+        for image_index in range(images_per_class):
+            image = _draw_synthetic(rng, hue, shape=class_index % 3, size=size)
+            relative = Path("train") / label / f"synthetic_{class_index:02d}_{image_index:04d}.png"
+            image.save(out / relative)
+            rows.append((relative.as_posix(), label, "train", sha256_file(out / relative), "synthetic"))
+    return rows
+
+
+def _draw_synthetic(rng: np.random.Generator, hue: float, shape: int, size: int) -> Image.Image:
+    skin = np.array([224, 172, 150]) + rng.normal(0, 12, size=(size, size, 3))
+    image = Image.fromarray(np.clip(skin, 0, 255).astype(np.uint8))
+    colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.85, 0.75))
+    radius = size * rng.uniform(0.2, 0.32)
+    cx, cy = size / 2 + rng.uniform(-0.12, 0.12, size=2) * size
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    draw = ImageDraw.Draw(image)
+    if shape == 0:
+        draw.ellipse(box, fill=colour)
+    elif shape == 1:
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], colour)
+    return image
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

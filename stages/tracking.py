@@ -1,0 +1,94 @@
+"""MLflow plumbing: where runs go, and one tagged run per stage execution."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel
+
+from stages.config import BaseParams
+
+# Embedded default: a SQLite store and an artifact folder at the repository root, no server needed.
+DEFAULT_DB_NAME = "mlflow.db"
+DEFAULT_ARTIFACTS_NAME = "mlartifacts"
+
+
+def repo_root() -> Path:
+    """The repository that owns this run; DVC points DVC_ROOT at it even for queued experiments."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (a team's server), else the SQLite file at the repo root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DEFAULT_DB_NAME}"
+
+
+def configure_mlflow() -> None:
+    """Point MLflow at the tracking store (and the registry, which lives in the same store)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+
+
+@contextmanager
+def stage_run(stage: str, base: BaseParams, section: BaseModel) -> Iterator[mlflow.ActiveRun]:
+    """Start an MLflow run for `stage`, tagged with the DVC experiment and git commit, params logged."""
+    configure_mlflow()
+    experiment_id = _experiment_id(base.experiment_name)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=_run_tags(stage)) as run:
+        mlflow.log_params(flatten_params({"base": base.model_dump(), stage: section.model_dump()}))
+        yield run
+
+
+def flatten_params(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys, as `dvc exp run -S` spells them."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _experiment_id(name: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        # Without this, SQLite-backed experiments put artifacts under the current folder, which is
+        # a throw-away copy of the repo when DVC runs a queued experiment.
+        artifact_location = (repo_root() / DEFAULT_ARTIFACTS_NAME).as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        # Another stage running in parallel may have created it in the meantime.
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _run_tags(stage: str) -> dict[str, str]:
+    tags = {"stage": stage}
+    for variable in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        if os.environ.get(variable):
+            tags[variable] = os.environ[variable]
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit() -> str | None:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    # A repository without commits has no HEAD yet; the run is still worth recording.
+    return result.stdout.strip() if result.returncode == 0 else None
