@@ -98,7 +98,8 @@ def split_dataset(
     seed: int,
 ) -> SplitResult:
     """Group exact duplicates, resolve them, and split train/val/test without straddling groups."""
-    frame = manifest.sort_values("path", ignore_index=True).assign(group=manifest["sha256"])
+    frame = manifest.sort_values("path", ignore_index=True)
+    frame["group"] = frame["sha256"]
     kept, removed, figures = resolve_duplicate_groups(frame)
 
     official_test = kept["split"] == "test"

@@ -1,0 +1,80 @@
+"""Fixtures shared by the tests: tiny images and params written to tmp_path, never ../shared."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from stages.config import Params
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["melanoma", "nevus", "vascular lesion"]
+
+
+def repo_params() -> dict[str, Any]:
+    """The committed params.yaml, as a dict."""
+    return yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+
+def small_params(**sections: dict[str, Any]) -> dict[str, Any]:
+    """The committed params shrunk for tests (3 classes, 32 px), with per-section overrides."""
+    params = copy.deepcopy(repo_params())
+    params["base"].update(classes=CLASSES, image_size=32)
+    for name, values in sections.items():
+        params[name].update(values)
+    return params
+
+
+def as_params(raw: dict[str, Any]) -> Params:
+    """Validate a params dict the way stages do."""
+    return Params.model_validate(raw)
+
+
+def write_image(path: Path, colour: tuple[int, int, int], size: int = 24, seed: int = 0) -> Path:
+    """Write a small noisy JPEG of one colour (noise makes each file's bytes distinct per seed)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=95)
+    return path
+
+
+def make_isic_folder(root: Path, train_per_class: int = 6, test_per_class: int = 0) -> Path:
+    """An ISIC-layout folder: root/Train/<class>/*.jpg and optionally root/Test/<class>/*.jpg."""
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+    for split_index, (split, count) in enumerate((("Train", train_per_class), ("Test", test_per_class))):
+        for index, label in enumerate(CLASSES):
+            for k in range(count):
+                seed = split_index * 100_000 + index * 1000 + k
+                write_image(root / split / label / f"ISIC_{split}_{index}_{k:03d}.jpg", colours[index], seed=seed)
+    return root
+
+
+def manifest_of(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
+    """A raw manifest from (path, label, split, sha256) rows."""
+    frame = pd.DataFrame(rows, columns=["path", "label", "split", "sha256"])
+    return frame.assign(source="test")
+
+
+def assert_no_group_straddles(splits: dict[str, pd.DataFrame], key: str = "group") -> None:
+    """Fail if any group (or any other `key`) appears in more than one split."""
+    seen: dict[str, str] = {}
+    for name, frame in splits.items():
+        for value in frame[key]:
+            assert seen.setdefault(value, name) == name, f"{key} {value} is in {seen[value]} and {name}"
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run the test inside tmp_path, with MLflow pointed at a SQLite file there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    return tmp_path

@@ -1,0 +1,67 @@
+"""params.yaml validation: each bad value stops with one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.config import load_params
+from stages.errors import PipelineError
+from tests.conftest import REPO, small_params
+
+
+def _write(tmp_path: Path, params: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
+    return path
+
+
+def test_committed_params_are_valid() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.base.melanoma_class in params.base.classes
+    assert len(params.base.classes) == 9
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    params = small_params(train={"epoch": 3})
+    with pytest.raises(PipelineError, match=r"params.yaml: train.epoch: Extra inputs"):
+        load_params(_write(tmp_path, params))
+
+
+def test_wrong_type_is_named(tmp_path: Path) -> None:
+    params = small_params(train={"epochs": "many"})
+    with pytest.raises(PipelineError, match=r"train.epochs: Input should be a valid integer"):
+        load_params(_write(tmp_path, params))
+
+
+def test_out_of_range_value_is_named(tmp_path: Path) -> None:
+    params = small_params(split={"val_fraction": 0.9})
+    with pytest.raises(PipelineError, match=r"split.val_fraction: Input should be less than 0.5"):
+        load_params(_write(tmp_path, params))
+
+
+def test_unknown_source_is_named(tmp_path: Path) -> None:
+    params = small_params(download={"source": "ftp"})
+    with pytest.raises(PipelineError, match=r"download.source: Input should be 'local' or 'synthetic'"):
+        load_params(_write(tmp_path, params))
+
+
+def test_melanoma_class_must_be_a_class(tmp_path: Path) -> None:
+    params = small_params(base={"melanoma_class": "melanomas"})
+    with pytest.raises(PipelineError, match=r"base.melanoma_class 'melanomas' is not in base.classes"):
+        load_params(_write(tmp_path, params))
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match=r"nope.yaml: file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("base: [unclosed\n", encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"params.yaml: not valid YAML") as raised:
+        load_params(path)
+    assert "\n" not in str(raised.value)

@@ -1,0 +1,172 @@
+"""download: local folders and zips in ISIC layout, the synthetic set, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from stages.download import (
+    MANIFEST_COLUMNS,
+    copy_images,
+    extract_zip_safely,
+    fetch_local,
+    generate_synthetic,
+    list_local_images,
+)
+from stages.errors import PipelineError
+from tests.conftest import CLASSES, REPO, as_params, make_isic_folder, small_params
+
+
+def _zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                handle.write(path, prefix + path.relative_to(folder).as_posix())
+    return archive
+
+
+def test_local_folder_keeps_train_and_test_splits(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=3, test_per_class=2)
+    images = list_local_images(root, CLASSES)
+    assert len(images) == 15
+    assert {(image.split, image.label) for image in images} == {
+        (split, label) for split in ("train", "test") for label in CLASSES
+    }
+
+
+def test_copy_images_writes_files_and_manifest(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
+    manifest = copy_images(list_local_images(root, CLASSES), tmp_path / "out", source="local")
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    first = manifest.iloc[0]
+    copied = tmp_path / "out" / first["path"]
+    assert copied.read_bytes() == (root / "Train" / first["label"] / copied.name).read_bytes()
+    assert first["path"] == f"train/{first['label']}/{copied.name}"
+    assert len(first["sha256"]) == 64
+
+
+def test_unknown_class_folder_is_named(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
+    (root / "Train" / "melanom").mkdir()
+    with pytest.raises(PipelineError, match=r"melanom: unknown class 'melanom'; base.classes has melanoma"):
+        list_local_images(root, CLASSES)
+
+
+def test_empty_class_folder_is_named(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
+    for path in (root / "Train" / "nevus").iterdir():
+        path.unlink()
+    with pytest.raises(PipelineError, match=r"Train/nevus: class folder has no images"):
+        list_local_images(root, CLASSES)
+
+
+def test_missing_path_is_named(tmp_path: Path) -> None:
+    params = as_params(small_params(download={"path": str(tmp_path / "absent")}))
+    with pytest.raises(PipelineError, match=r"download.path: .*absent does not exist"):
+        fetch_local(params, tmp_path / "out")
+
+
+def test_folder_without_train_is_named(tmp_path: Path) -> None:
+    (tmp_path / "isic" / "train").mkdir(parents=True)
+    params = as_params(small_params(download={"path": str(tmp_path / "isic")}))
+    with pytest.raises(PipelineError, match=r"download.path: .*isic has no Train/ folder"):
+        fetch_local(params, tmp_path / "out")
+
+
+def test_file_that_is_not_a_zip_is_named(tmp_path: Path) -> None:
+    (tmp_path / "data.tar").write_bytes(b"not a zip")
+    params = as_params(small_params(download={"path": str(tmp_path / "data.tar")}))
+    with pytest.raises(PipelineError, match=r"download.path: .*data.tar is a file but not a .zip"):
+        fetch_local(params, tmp_path / "out")
+
+
+def test_corrupt_zip_is_named(tmp_path: Path) -> None:
+    (tmp_path / "data.zip").write_bytes(b"PK but not really")
+    params = as_params(small_params(download={"path": str(tmp_path / "data.zip")}))
+    with pytest.raises(PipelineError, match=r"data.zip is not a valid zip"):
+        fetch_local(params, tmp_path / "out")
+
+
+def test_zip_with_wrapping_folder_is_read(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2, test_per_class=1)
+    archive = _zip_folder(root, tmp_path / "isic.zip", prefix="Skin cancer ISIC/")
+    params = as_params(small_params(download={"path": str(archive)}))
+    manifest = fetch_local(params, tmp_path / "out")
+    assert len(manifest) == 9
+    assert sorted(set(manifest["split"])) == ["test", "train"]
+
+
+@pytest.mark.parametrize("name", ["../evil.jpg", "/etc/evil.jpg", "Train/../../evil.jpg"])
+def test_zip_with_unsafe_path_is_refused(tmp_path: Path, name: str) -> None:
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr(name, b"x")
+    with pytest.raises(PipelineError, match=r"evil.zip has unsafe entry"):
+        extract_zip_safely(archive, tmp_path / "out", max_bytes=2**20)
+    assert not (tmp_path / "evil.jpg").exists()
+
+
+def test_zip_with_symlink_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "link.zip"
+    entry = zipfile.ZipInfo("Train/melanoma/link.jpg")
+    entry.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr(entry, "/etc/passwd")
+    with pytest.raises(PipelineError, match=r"link.zip has symbolic link 'Train/melanoma/link.jpg'"):
+        extract_zip_safely(archive, tmp_path / "out", max_bytes=2**20)
+
+
+def test_oversized_zip_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
+        handle.writestr("Train/melanoma/a.jpg", b"\0" * (2 * 2**20))
+    with pytest.raises(PipelineError, match=r"big.zip unpacks to more than download.max_extract_mb=1 MiB"):
+        extract_zip_safely(archive, tmp_path / "out", max_bytes=2**20)
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_set_is_deterministic(tmp_path: Path) -> None:
+    first = generate_synthetic(tmp_path / "a", CLASSES, images_per_class=3, size=32, seed=7)
+    second = generate_synthetic(tmp_path / "b", CLASSES, images_per_class=3, size=32, seed=7)
+    assert first == second
+    assert len(first) == 9
+
+
+def test_synthetic_classes_differ_in_colour(tmp_path: Path) -> None:
+    rows = generate_synthetic(tmp_path, CLASSES, images_per_class=4, size=32, seed=1)
+    centre_colour = {}
+    for path, label, *_ in rows:
+        with Image.open(tmp_path / path) as image:
+            centre = np.asarray(image)[12:20, 12:20].reshape(-1, 3).mean(axis=0)
+        centre_colour.setdefault(label, []).append(centre)
+    means = [np.mean(centre_colour[label], axis=0) for label in CLASSES]
+    gaps = [np.abs(a - b).sum() for i, a in enumerate(means) for b in means[i + 1 :]]
+    assert min(gaps) > 40
+
+
+def test_stage_cli_reports_bad_path_in_one_line(tmp_path: Path) -> None:
+    params = small_params(download={"path": str(tmp_path / "absent")})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_ROOT": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.download", "--out", "data/raw"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"ERROR stages: download.path: {tmp_path / 'absent'} does not exist"
+    assert not (tmp_path / "data" / "raw").exists()
