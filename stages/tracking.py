@@ -18,6 +18,7 @@ from stages.config import BaseParams
 # Embedded default: a SQLite store and an artifact folder at the repository root, no server needed.
 DEFAULT_DB_NAME = "mlflow.db"
 DEFAULT_ARTIFACTS_NAME = "mlartifacts"
+SERVER_SCHEMES = ("http://", "https://", "databricks")
 
 
 def repo_root() -> Path:
@@ -63,9 +64,9 @@ def _experiment_id(name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        # Without this, SQLite-backed experiments put artifacts under the current folder, which is
-        # a throw-away copy of the repo when DVC runs a queued experiment.
+    if not tracking_uri().startswith(SERVER_SCHEMES):
+        # A server picks its own artifact store. A local store would put artifacts under the current
+        # folder, which is a throw-away copy of the repo when DVC runs a queued experiment.
         artifact_location = (repo_root() / DEFAULT_ARTIFACTS_NAME).as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=artifact_location)

@@ -53,7 +53,9 @@ def make_isic_folder(root: Path, train_per_class: int = 6, test_per_class: int =
         for index, label in enumerate(CLASSES):
             for k in range(count):
                 seed = split_index * 100_000 + index * 1000 + k
-                write_image(root / split / label / f"ISIC_{split}_{index}_{k:03d}.jpg", colours[index], seed=seed)
+                write_image(
+                    root / split / label / f"ISIC_{split}_{index}_{k:03d}.jpg", colours[index], seed=seed
+                )
     return root
 
 

@@ -1,0 +1,107 @@
+"""Shared plumbing: atomic outputs, manifests, image decoding, label mapping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from stages.common import (
+    atomic_output_dir,
+    class_indices,
+    load_images,
+    load_rgb,
+    read_manifest,
+    write_csv_atomic,
+)
+from stages.errors import PipelineError
+from tests.conftest import write_image
+
+
+def test_atomic_dir_appears_only_when_complete(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    with atomic_output_dir(final) as tmp:
+        (tmp / "a.txt").write_text("new")
+        assert not final.exists()
+    assert (final / "a.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_dir_failure_keeps_old_output_and_no_temp(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "a.txt").write_text("old")
+
+    def write_half_then_die() -> None:
+        with atomic_output_dir(final) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        write_half_then_die()
+    assert (final / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_dir_replaces_old_output_whole(tmp_path: Path) -> None:
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "stale.txt").write_text("old")
+    with atomic_output_dir(final) as tmp:
+        (tmp / "fresh.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["fresh.txt"]
+
+
+def test_atomic_dir_clears_temp_left_by_a_killed_run(tmp_path: Path) -> None:
+    (tmp_path / ".out.tmp-crashed").mkdir()
+    with atomic_output_dir(tmp_path / "out"):
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_manifest_missing_column_is_named(tmp_path: Path) -> None:
+    write_csv_atomic(tmp_path / "m.csv", pd.DataFrame({"path": ["a.jpg"]}))
+    with pytest.raises(PipelineError, match=r"m.csv: manifest lacks column\(s\) label"):
+        read_manifest(tmp_path / "m.csv", ["path", "label"])
+
+
+def test_missing_manifest_is_named(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match=r"absent.csv: manifest not found"):
+        read_manifest(tmp_path / "absent.csv", ["path"])
+
+
+def test_load_rgb_resizes_and_converts(tmp_path: Path) -> None:
+    path = tmp_path / "grey.png"
+    Image.new("L", (40, 20), color=128).save(path)
+    pixels = load_rgb(path, size=16)
+    assert pixels.shape == (16, 16, 3)
+    assert pixels.dtype == np.uint8
+    assert (pixels == 128).all()
+
+
+def test_load_rgb_names_an_undecodable_file(tmp_path: Path) -> None:
+    path = tmp_path / "note.jpg"
+    path.write_text("not an image")
+    with pytest.raises(PipelineError, match=r"note.jpg: cannot decode image"):
+        load_rgb(path, size=16)
+
+
+def test_load_images_stacks_in_order(tmp_path: Path) -> None:
+    red = write_image(tmp_path / "r.jpg", (250, 0, 0), size=8)
+    blue = write_image(tmp_path / "b.jpg", (0, 0, 250), size=8)
+    batch = load_images([red, blue], size=8)
+    assert batch.shape == (2, 8, 8, 3)
+    assert batch[0, ..., 0].mean() > 200
+    assert batch[1, ..., 2].mean() > 200
+
+
+def test_class_indices_follow_class_order() -> None:
+    assert class_indices(["b", "a", "b"], ["a", "b"], source="x").tolist() == [1, 0, 1]
+
+
+def test_unknown_label_is_named() -> None:
+    with pytest.raises(PipelineError, match=r"val.csv: unknown class 'c'; base.classes has a, b"):
+        class_indices(["a", "c"], ["a", "b"], source="val.csv")

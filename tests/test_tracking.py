@@ -1,0 +1,68 @@
+"""MLflow plumbing: the embedded SQLite default, the team server override, run tags and params."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from stages.tracking import flatten_params, repo_root, stage_run, tracking_uri
+from tests.conftest import as_params, small_params
+
+
+def test_default_store_is_sqlite_at_dvc_root(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(in_tmp / "parent"))
+    assert repo_root() == in_tmp / "parent"
+    assert tracking_uri() == f"sqlite:///{in_tmp / 'parent' / 'mlflow.db'}"
+
+
+def test_team_server_overrides_default(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_flatten_params_uses_dotted_keys() -> None:
+    nested = {"train": {"epochs": 3, "opt": {"lr": 0.1}}, "base": {"classes": ["a"]}}
+    assert flatten_params(nested) == {"train.epochs": 3, "train.opt.lr": 0.1, "base.classes": ["a"]}
+
+
+def test_stage_run_tags_and_logs_params(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+        check=True,
+    )
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-exp")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    params = as_params(small_params())
+
+    with stage_run("split", params.base, params.split) as run:
+        run_id = run.info.run_id
+
+    logged = mlflow.get_run(run_id)
+    assert logged.data.tags["stage"] == "split"
+    assert logged.data.tags["DVC_EXP_NAME"] == "brisk-exp"
+    assert logged.data.tags["DVC_EXP_BASELINE_REV"] == "abc123"
+    assert logged.data.tags["mlflow.source.git.commit"] == commit.strip()
+    assert logged.data.params["split.val_fraction"] == str(params.split.val_fraction)
+    assert logged.data.params["base.seed"] == str(params.base.seed)
+    experiment = mlflow.get_experiment(logged.info.experiment_id)
+    assert experiment.name == params.base.experiment_name
+    assert experiment.artifact_location == (in_tmp / "mlartifacts").as_uri()
+
+
+def test_failed_stage_marks_run_failed(in_tmp: Path) -> None:
+    params = as_params(small_params())
+    run_ids = []
+
+    def fail_inside_run() -> None:
+        with stage_run("train", params.base, params.train) as run:
+            run_ids.append(run.info.run_id)
+            raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        fail_inside_run()
+    assert mlflow.get_run(run_ids[0]).info.status == "FAILED"
