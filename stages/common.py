@@ -98,16 +98,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_rgb(path: Path, size: int) -> np.ndarray:
-    """Decode an image file to a (size, size, 3) uint8 RGB array, honouring EXIF rotation."""
+def decode_rgb(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """Fully decode an image file to RGB, honouring EXIF rotation; refuse it if over max_pixels."""
     try:
         with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as err:
+            if max_pixels is not None and opened.width * opened.height > max_pixels:
+                raise PipelineError(
+                    f"{path}: {opened.width}x{opened.height} pixels is over split.max_pixels={max_pixels}"
+                )
+            return ImageOps.exif_transpose(opened).convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise PipelineError(f"{path}: cannot decode image ({err})") from err
+
+
+def load_rgb(path: Path, size: int) -> np.ndarray:
+    """Decode an image file to a (size, size, 3) uint8 RGB array, honouring EXIF rotation."""
+    image = decode_rgb(path)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def load_images(paths: Sequence[str | Path], size: int) -> np.ndarray:

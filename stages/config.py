@@ -39,6 +39,8 @@ class SyntheticParams(_Section):
 class DownloadParams(_Section):
     source: Literal["local", "synthetic"]
     path: str
+    metadata: str
+    lesion_column: str = Field(min_length=1)
     max_extract_mb: int = Field(ge=1)
     synthetic: SyntheticParams
 
@@ -46,6 +48,11 @@ class DownloadParams(_Section):
 class SplitParams(_Section):
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
+    on_bad_image: Literal["skip", "error"]
+    max_pixels: int = Field(ge=1)
+    near_duplicate_distance: int = Field(ge=-1, le=32)
+    group_distance: int = Field(ge=-1, le=32)
+    conflicts: Literal["drop", "majority", "error"]
 
 
 class RebalanceParams(_Section):

@@ -40,7 +40,7 @@ from stages.tracking import stage_run
 log = logging.getLogger("stages.download")
 
 MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "source"]
+MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "source", "isic_id", "lesion_id"]
 # Folder names of the public ISIC dataset's official splits, and the split names we give them.
 OFFICIAL_SPLITS = {"Train": "train", "Test": "test"}
 SYNTHETIC_NOTICE = (
@@ -88,7 +88,11 @@ def fetch_local(params: Params, out: Path) -> pd.DataFrame:
             extract_zip_safely(root, Path(scratch), params.download.max_extract_mb * 2**20)
             root = find_dataset_root(Path(scratch), label=str(params.download.path))
         images = list_local_images(root, params.base.classes)
-        return copy_images(images, out, source="local")
+        manifest = copy_images(images, out, source="local")
+        if params.download.metadata:
+            lesions = read_lesion_ids(root / params.download.metadata, params.download.lesion_column)
+            manifest["lesion_id"] = manifest["isic_id"].map(lesions).fillna("")
+        return manifest
 
 
 def fetch_synthetic(params: Params, out: Path) -> pd.DataFrame:
@@ -173,20 +177,33 @@ def list_local_images(root: Path, classes: Sequence[str]) -> list[_Image]:
 
 
 def copy_images(images: Sequence[_Image], out: Path, source: str) -> pd.DataFrame:
-    """Copy images to out/<split>/<class>/<name> and return their manifest rows."""
+    """Copy images to out/<split>/<class>/<name>; return their manifest rows, lesion ids still empty."""
     rows = []
     for image in images:
         relative = Path(image.split) / image.label / image.source_path.name
         target = out / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(image.source_path, target)
-        rows.append((relative.as_posix(), image.label, image.split, sha256_file(target), source))
+        digest = sha256_file(target)
+        rows.append((relative.as_posix(), image.label, image.split, digest, source, relative.stem, ""))
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def read_lesion_ids(path: Path, column: str) -> pd.Series:
+    """Lesion id per isic_id from a metadata CSV (such as the ISIC dataset's index.csv)."""
+    if not path.is_file():
+        raise PipelineError(f"download.metadata: {path} not found")
+    metadata = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for needed in ("isic_id", column):
+        if needed not in metadata.columns:
+            raise PipelineError(f"download.metadata: {path} has no column {needed!r}")
+    known = metadata[metadata[column] != ""].drop_duplicates("isic_id")
+    return known.set_index("isic_id")[column]
 
 
 def generate_synthetic(
     out: Path, classes: Sequence[str], images_per_class: int, size: int, seed: int
-) -> list[tuple[str, str, str, str, str]]:
+) -> list[tuple[str, ...]]:
     """Draw a learnable image set: each class has its own hue and shape on a noisy skin tone."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -198,7 +215,8 @@ def generate_synthetic(
             image = _draw_synthetic(rng, hue, shape=class_index % 3, size=size)
             relative = Path("train") / label / f"synthetic_{class_index:02d}_{image_index:04d}.png"
             image.save(out / relative)
-            rows.append((relative.as_posix(), label, "train", sha256_file(out / relative), "synthetic"))
+            digest = sha256_file(out / relative)
+            rows.append((relative.as_posix(), label, "train", digest, "synthetic", relative.stem, ""))
     return rows
 
 

@@ -1,35 +1,48 @@
-"""Stage `split`: a seeded, stratified, grouped train/val/test split with no leakage between splits.
+"""Stage `split`: validate images, resolve duplicates, and split train/val/test with no leakage.
 
-Images that share a group never land in two splits. Today a group is the set of byte-identical files
-(the public ISIC dataset files the same image under two classes and repeats Train images in Test):
-- a group whose members carry different labels is dropped, since its true label is unknown;
-- a group with an official test member keeps that one test image and drops every other copy;
-- any other group keeps one image.
-The official Test folder is the test set when the source has one; otherwise one is carved out.
+1. Validate: every image is decoded; unusable ones (not an image, truncated, empty, over
+   split.max_pixels) are rejected with a reason (split.on_bad_image: skip records them, error stops).
+2. Duplicates: the same bytes, the same decoded pixels, or perceptual hashes at most
+   split.near_duplicate_distance bits apart make a duplicate group (on the ISIC data, pairs 2 bits
+   apart are re-encoded copies; from 4 bits on, some pairs are different lesions). A group whose members carry
+   different labels is a label conflict, resolved by split.conflicts. Each group then keeps one image:
+   its official test member if it has one.
+3. Groups: duplicates, photos of the same lesion (lesion_id from download) and look-alikes (hashes
+   at most split.group_distance bits apart, mostly other photos of one lesion) form one group, and a
+   group never straddles two splits; grouping itself removes nothing. The official Test folder, when
+   there is one, stays the test set, and every train image sharing a group with a test image is removed.
+4. Split: stratified by class and grouped (sklearn's StratifiedGroupKFold), seeded by base.seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import imagehash
 import mlflow
+import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from stages.common import (
     atomic_output_dir,
     class_indices,
+    decode_rgb,
     read_manifest,
     run_cli,
     write_csv_atomic,
     write_json_atomic,
+    write_text_atomic,
 )
-from stages.config import load_params
+from stages.config import SplitParams, load_params
 from stages.download import MANIFEST_COLUMNS, MANIFEST_NAME
 from stages.errors import PipelineError
 from stages.tracking import stage_run
@@ -37,8 +50,9 @@ from stages.tracking import stage_run
 log = logging.getLogger("stages.split")
 
 SPLIT_NAMES = ("train", "val", "test")
-SPLIT_COLUMNS = ["path", "label", "split", "sha256", "group"]
-REMOVED_COLUMNS = ["path", "label", "split", "sha256", "reason"]
+SPLIT_COLUMNS = ["path", "label", "split", "sha256", "lesion_id", "group"]
+REMOVED_COLUMNS = ["path", "label", "split", "category", "reason"]
+_HASH_CHUNK = 1024  # rows of the pairwise Hamming-distance matrix computed at once
 
 
 @dataclass(frozen=True)
@@ -51,11 +65,12 @@ class SplitResult:
 
 
 def main() -> None:
-    """Read the raw manifest, split it, write the split manifests and the data report."""
+    """Read the raw manifest, validate and split it, write the manifests and the data report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, required=True, help="download output (data/raw)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (data/split)")
     parser.add_argument("--report", type=Path, required=True, help="data report JSON")
+    parser.add_argument("--report-md", type=Path, required=True, help="readable data report")
     parser.add_argument("--counts", type=Path, required=True, help="folder of class-count plots")
     args = parser.parse_args()
     params = load_params()
@@ -64,99 +79,235 @@ def main() -> None:
     class_indices(manifest["label"], params.base.classes, source=str(args.raw / MANIFEST_NAME))
 
     with stage_run("split", params.base, params.split):
+        features = inspect_images(manifest["path"], params.split.max_pixels)
         result = split_dataset(
-            manifest,
-            classes=params.base.classes,
-            val_fraction=params.split.val_fraction,
-            test_fraction=params.split.test_fraction,
-            seed=params.base.seed,
+            pd.concat([manifest, features], axis=1), params.base.classes, params.split, params.base.seed
         )
         with atomic_output_dir(args.out) as tmp:
             for name, frame in result.splits.items():
                 write_csv_atomic(tmp / f"{name}.csv", frame[SPLIT_COLUMNS])
             write_csv_atomic(tmp / "removed.csv", result.removed[REMOVED_COLUMNS])
         write_json_atomic(args.report, result.report)
+        write_text_atomic(args.report_md, render_report(result))
         with atomic_output_dir(args.counts) as tmp:
             for name, counts in result.report["class_counts"].items():
                 rows = pd.DataFrame({"label": list(counts), "count": list(counts.values())})
                 write_csv_atomic(tmp / f"{name}.csv", rows)
         mlflow.log_metrics({key: value for key, value in result.report.items() if isinstance(value, int)})
         mlflow.log_dict(result.report, "data_report.json")
-        mlflow.log_artifact(str(args.out / "removed.csv"))
+        for path in (args.report_md, args.out / "removed.csv"):
+            mlflow.log_artifact(str(path))
     log.info(
-        "split: %s; removed %d",
+        "split: %s; removed %d (report: %s)",
         ", ".join(f"{name} {len(frame)}" for name, frame in result.splits.items()),
         len(result.removed),
+        args.report_md,
     )
 
 
-def split_dataset(
-    manifest: pd.DataFrame,
-    classes: Sequence[str],
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-) -> SplitResult:
-    """Group exact duplicates, resolve them, and split train/val/test without straddling groups."""
-    frame = manifest.sort_values("path", ignore_index=True)
-    frame["group"] = frame["sha256"]
-    kept, removed, figures = resolve_duplicate_groups(frame)
+def inspect_images(paths: Iterable[str], max_pixels: int) -> pd.DataFrame:
+    """Decode every image: its rejection reason ('' if usable), decoded-pixel hash, perceptual hash."""
+    rows = []
+    for path in paths:
+        try:
+            image = decode_rgb(Path(path), max_pixels=max_pixels)
+        except PipelineError as err:
+            rows.append((str(err).removeprefix(f"{path}: "), "", ""))
+            continue
+        pixels = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
+        rows.append(("", pixels, str(imagehash.phash(image))))
+    return pd.DataFrame(rows, columns=["rejected", "pixel_sha256", "phash"])
+
+
+def split_dataset(frame: pd.DataFrame, classes: Sequence[str], params: SplitParams, seed: int) -> SplitResult:
+    """Reject bad images, resolve duplicates and leakage, and split the rest train/val/test."""
+    frame = frame.sort_values("path", ignore_index=True)
+    bad = frame["rejected"] != ""
+    if bad.any() and params.on_bad_image == "error":
+        first = frame[bad].iloc[0]
+        raise PipelineError(
+            f"{first['path']}: {first['rejected']} (split.on_bad_image=error; {bad.sum()} bad image(s))"
+        )
+    removed = [_removed(row, "rejected", row["rejected"]) for _, row in frame[bad].iterrows()]
+    valid = frame[~bad].reset_index(drop=True)
+
+    exact_pairs = _pairs_sharing(valid, "sha256") + _pairs_sharing(valid, "pixel_sha256")
+    near_pairs = _near_pairs(valid["phash"], params.near_duplicate_distance)
+    valid["duplicate_of"] = _components(len(valid), exact_pairs + near_pairs)
+    exact_groups = _components(len(valid), exact_pairs)
+    lesion_pairs = _pairs_sharing(valid[valid["lesion_id"] != ""], "lesion_id")
+    similar_pairs = _near_pairs(valid["phash"], params.group_distance)
+    groups = _components(len(valid), exact_pairs + similar_pairs + lesion_pairs)
+    valid["group"] = [f"g{g:05d}" for g in groups]
+
+    keep, dropped, figures = resolve_duplicates(valid, exact_groups, params.conflicts)
+    removed += dropped
+    kept, leaked = remove_test_leakage(valid.loc[keep])
+    removed += leaked
+    figures["leakage_removed"] += len(leaked)
 
     official_test = kept["split"] == "test"
     if official_test.any():
         test, rest = kept[official_test], kept[~official_test]
     else:
-        rest, test = _carve(kept, test_fraction, seed, what="split.test_fraction")
-    train, val = _carve(rest, val_fraction, seed, what="split.val_fraction")
+        rest, test = _carve(kept, params.test_fraction, seed, what="split.test_fraction")
+    train, val = _carve(rest, params.val_fraction, seed, what="split.val_fraction")
     splits = {
         name: part.assign(split=name).reset_index(drop=True)
         for name, part in zip(SPLIT_NAMES, (train, val, test), strict=True)
     }
+    removed_frame = pd.DataFrame(removed, columns=REMOVED_COLUMNS)
     report = {
-        "images_in": len(manifest),
-        "images_removed": len(removed),
+        "images_in": len(frame),
+        "images_rejected": int(bad.sum()),
         **figures,
+        "images_removed": len(removed_frame),
         "class_counts": {
             name: {label: int((part["label"] == label).sum()) for label in classes}
             for name, part in splits.items()
         },
     }
-    return SplitResult(splits=splits, removed=removed, report=report)
+    return SplitResult(splits=splits, removed=removed_frame, report=report)
 
 
-def resolve_duplicate_groups(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Keep one image per group, dropping label conflicts and train copies of test images."""
+def resolve_duplicates(
+    valid: pd.DataFrame, exact_groups: np.ndarray, conflicts: str
+) -> tuple[list[int], list[dict[str, str]], dict[str, int]]:
+    """Settle label conflicts by policy and keep one image per duplicate group (a test one if any)."""
     keep: list[int] = []
     removed: list[dict[str, str]] = []
-    figures = {"duplicate_groups": 0, "label_conflicts": 0, "leakage_removed": 0}
-    for _, members in frame.groupby("group", sort=True):
-        if len(members) == 1:
-            keep.append(members.index[0])
+    figures = {"duplicate_groups": 0, "near_duplicate_groups": 0, "label_conflicts": 0, "leakage_removed": 0}
+    for _, group in valid.groupby("duplicate_of", sort=True):
+        if len(group) == 1:
+            keep.append(group.index[0])
             continue
         figures["duplicate_groups"] += 1
-        labels = sorted(set(members["label"]))
+        figures["near_duplicate_groups"] += int(len(set(exact_groups[group.index])) > 1)
+        labels = group["label"].value_counts()
+        members = group
         if len(labels) > 1:
             figures["label_conflicts"] += 1
-            reason = f"label conflict: same image filed as {' and '.join(labels)}"
-            removed += [dict(row, reason=reason) for row in members.to_dict("records")]
-            continue
+            members, conflicting = _settle_conflict(group, labels, conflicts)
+            removed += conflicting
+            if members.empty:
+                continue
         in_test = members[members["split"] == "test"]
-        keeper = in_test.index[0] if len(in_test) else members.index[0]
+        keeper = (in_test if len(in_test) else members).index[0]
         keep.append(keeper)
         for _, row in members.drop(index=keeper).iterrows():
-            leak = row["split"] != "test" and len(in_test) > 0
-            figures["leakage_removed"] += int(leak)
-            reason = "copy of a test image" if leak else "duplicate"
-            removed.append(dict(row, reason=f"{reason}: {frame.at[keeper, 'path']}"))
-    kept = frame.loc[sorted(keep)]
-    return kept, pd.DataFrame(removed, columns=[*frame.columns, "reason"]), figures
+            if len(in_test) and row["split"] != "test":
+                figures["leakage_removed"] += 1
+                removed.append(_removed(row, "leakage", f"copy of test image {valid.at[keeper, 'path']}"))
+            else:
+                removed.append(_removed(row, "duplicate", f"duplicate of {valid.at[keeper, 'path']}"))
+    return sorted(keep), removed, figures
+
+
+def remove_test_leakage(kept: pd.DataFrame) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Remove train images whose group (same lesion, look-alike or copy) holds a test image."""
+    test_groups = kept.loc[kept["split"] == "test"].groupby("group")["path"].first()
+    leaks = (kept["split"] != "test") & kept["group"].isin(test_groups.index)
+    removed = [
+        _removed(row, "leakage", f"same lesion as test image {test_groups[row['group']]}")
+        for _, row in kept[leaks].iterrows()
+    ]
+    return kept[~leaks], removed
+
+
+def render_report(result: SplitResult) -> str:
+    """A readable Markdown data report: the figures, then every removed image with its reason."""
+    report = result.report
+    lines = ["# Data report", "", "| figure | value |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in report.items() if isinstance(value, int)]
+    lines += ["", "## Images per class and split", ""]
+    classes = list(next(iter(report["class_counts"].values())))
+    lines += ["| class | " + " | ".join(report["class_counts"]) + " |", "| --- |" + " --- |" * 3]
+    for label in classes:
+        counts = [str(report["class_counts"][name][label]) for name in report["class_counts"]]
+        lines.append(f"| {label} | " + " | ".join(counts) + " |")
+    titles = {
+        "rejected": "Rejected images",
+        "label_conflict": "Label conflicts",
+        "leakage": "Removed to prevent test leakage",
+        "duplicate": "Duplicates removed",
+    }
+    for category, title in titles.items():
+        rows = result.removed[result.removed["category"] == category]
+        lines += ["", f"## {title} ({len(rows)})", ""]
+        lines += [f"- `{row.path}` ({row.label}, {row.split}): {row.reason}" for row in rows.itertuples()]
+    return "\n".join(lines) + "\n"
+
+
+def _settle_conflict(
+    members: pd.DataFrame, labels: pd.Series, policy: str
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    described = " and ".join(f"{label} ({count})" for label, count in sorted(labels.items()))
+    if policy == "error":
+        first = members.iloc[0]
+        other = members[members["label"] != first["label"]].iloc[0]
+        raise PipelineError(
+            f"{first['path']} ({first['label']}) and {other['path']} ({other['label']}) "
+            "are the same image (split.conflicts=error)"
+        )
+    has_majority = len(labels) > 1 and labels.iloc[0] > labels.iloc[1]
+    if policy == "majority" and has_majority:
+        majority = labels.index[0]
+        minority = members[members["label"] != majority]
+        reason = f"label conflict: filed as {described}; kept the majority label {majority}"
+        return members[members["label"] == majority], [
+            _removed(row, "label_conflict", reason) for _, row in minority.iterrows()
+        ]
+    reason = f"label conflict: the same image is filed as {described}"
+    return members.iloc[0:0], [_removed(row, "label_conflict", reason) for _, row in members.iterrows()]
+
+
+def _removed(row: pd.Series, category: str, reason: str) -> dict[str, str]:
+    return {
+        "path": row["path"],
+        "label": row["label"],
+        "split": row["split"],
+        "category": category,
+        "reason": reason,
+    }
+
+
+def _pairs_sharing(frame: pd.DataFrame, column: str) -> list[tuple[int, int]]:
+    # Linking every member to the first is enough for connected components.
+    pairs = []
+    for _, members in frame.groupby(column, sort=False):
+        first = members.index[0]
+        pairs += [(first, other) for other in members.index[1:]]
+    return pairs
+
+
+def _near_pairs(phashes: pd.Series, max_distance: int) -> list[tuple[int, int]]:
+    if max_distance < 0 or phashes.empty:
+        return []
+    hashes = np.array([int(value, 16) for value in phashes], dtype=np.uint64)
+    pairs = []
+    for start in range(0, len(hashes), _HASH_CHUNK):
+        distances = np.bitwise_count(hashes[start : start + _HASH_CHUNK, None] ^ hashes[None, :])
+        rows, cols = np.nonzero(distances <= max_distance)
+        rows += start
+        upper = cols > rows
+        pairs += list(zip(rows[upper].tolist(), cols[upper].tolist(), strict=True))
+    return pairs
+
+
+def _components(count: int, pairs: list[tuple[int, int]]) -> np.ndarray:
+    # scipy's connected components turn pairwise links (duplicates, shared lesions) into groups.
+    if not pairs:
+        return np.arange(count)
+    rows, cols = zip(*pairs, strict=True)
+    graph = coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(count, count))
+    return connected_components(graph, directed=False)[1]
 
 
 def _carve(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     # StratifiedGroupKFold is sklearn's stratified *and* grouped splitter; one of its k folds is the
     # held-out part, so the fraction is realised as 1/k.
     n_splits = max(2, round(1 / fraction))
-    if frame["label"].value_counts().max() < n_splits:
+    if frame["group"].nunique() < n_splits or frame["label"].value_counts().max() < n_splits:
         raise PipelineError(
             f"{what}={fraction}: too few images per class ({len(frame)} in all) to hold out 1/{n_splits}"
         )

@@ -27,6 +27,7 @@ def small_params(**sections: dict[str, Any]) -> dict[str, Any]:
     """The committed params shrunk for tests (3 classes, 32 px), with per-section overrides."""
     params = copy.deepcopy(repo_params())
     params["base"].update(classes=CLASSES, image_size=32)
+    params["download"].update(metadata="")
     for name, values in sections.items():
         params[name].update(values)
     return params
@@ -59,10 +60,24 @@ def make_isic_folder(root: Path, train_per_class: int = 6, test_per_class: int =
     return root
 
 
-def manifest_of(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
-    """A raw manifest from (path, label, split, sha256) rows."""
+def manifest_of(rows: list[tuple[str, str, str, str]], lesions: dict[str, str] | None = None) -> pd.DataFrame:
+    """A raw manifest plus image features from (path, label, split, sha256) rows.
+
+    Every distinct sha256 gets its own random perceptual hash (random 64-bit hashes sit about 32 bits
+    apart), so only rows that share a sha256 are duplicates.
+    """
     frame = pd.DataFrame(rows, columns=["path", "label", "split", "sha256"])
-    return frame.assign(source="test")
+    rng = np.random.default_rng(0)
+    phash = {digest: f"{int(rng.integers(0, 2**63)):016x}" for digest in sorted(set(frame["sha256"]))}
+    lesions = lesions or {}
+    return frame.assign(
+        source="test",
+        isic_id=[Path(path).stem for path in frame["path"]],
+        lesion_id=[lesions.get(path, "") for path in frame["path"]],
+        rejected="",
+        pixel_sha256=frame["sha256"],
+        phash=frame["sha256"].map(phash),
+    )
 
 
 def assert_no_group_straddles(splits: dict[str, pd.DataFrame], key: str = "group") -> None:

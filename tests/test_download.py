@@ -99,7 +99,7 @@ def test_corrupt_zip_is_named(tmp_path: Path) -> None:
 def test_zip_with_wrapping_folder_is_read(tmp_path: Path) -> None:
     root = make_isic_folder(tmp_path / "isic", train_per_class=2, test_per_class=1)
     archive = _zip_folder(root, tmp_path / "isic.zip", prefix="Skin cancer ISIC/")
-    params = as_params(small_params(download={"path": str(archive)}))
+    params = as_params(small_params(download={"path": str(archive), "metadata": ""}))
     manifest = fetch_local(params, tmp_path / "out")
     assert len(manifest) == 9
     assert sorted(set(manifest["split"])) == ["test", "train"]
@@ -170,3 +170,33 @@ def test_stage_cli_reports_bad_path_in_one_line(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"ERROR stages: download.path: {tmp_path / 'absent'} does not exist"
     assert not (tmp_path / "data" / "raw").exists()
+
+
+def _with_index(root: Path, rows: str) -> Path:
+    (root / "index.csv").write_text("isic_id,label,split,ham_lesion_id\n" + rows, encoding="utf-8")
+    return root
+
+
+def test_metadata_attaches_lesion_ids_by_isic_id(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
+    _with_index(root, "ISIC_Train_0_000,melanoma,train,HAM_1\nISIC_Train_1_001,nevus,train,\n")
+    params = as_params(small_params(download={"path": str(root), "metadata": "index.csv"}))
+    manifest = fetch_local(params, tmp_path / "out").set_index("isic_id")
+    assert manifest.loc["ISIC_Train_0_000", "lesion_id"] == "HAM_1"
+    assert manifest.loc["ISIC_Train_1_001", "lesion_id"] == ""
+    assert (manifest["lesion_id"] != "").sum() == 1
+
+
+def test_missing_metadata_file_is_named(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
+    params = as_params(small_params(download={"path": str(root), "metadata": "index.csv"}))
+    with pytest.raises(PipelineError, match=r"download.metadata: .*index.csv not found"):
+        fetch_local(params, tmp_path / "out")
+
+
+def test_metadata_without_lesion_column_is_named(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
+    (root / "index.csv").write_text("isic_id,label\n", encoding="utf-8")
+    params = as_params(small_params(download={"path": str(root), "metadata": "index.csv"}))
+    with pytest.raises(PipelineError, match=r"index.csv has no column 'ham_lesion_id'"):
+        fetch_local(params, tmp_path / "out")
