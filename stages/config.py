@@ -61,13 +61,41 @@ class RebalanceParams(_Section):
     operations: dict[str, dict[str, Any]]
 
 
+class AugmentParams(_Section):
+    flip: bool
+    rotation: float = Field(ge=0, le=0.5)
+    zoom: float = Field(ge=0, lt=1)
+    contrast: float = Field(ge=0, le=1)
+    brightness: float = Field(ge=0, le=1)
+
+
+PRETRAINABLE_ARCHS = ("efficientnet_b0", "mobilenet_v3_small")
+
+
 class TrainParams(_Section):
-    arch: Literal["baseline_cnn"]
+    arch: Literal["baseline_cnn", "resnet_small", "efficientnet_b0", "mobilenet_v3_small"]
+    weights: Literal["none", "imagenet"]
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
+    schedule: Literal["constant", "cosine"]
+    label_smoothing: float = Field(ge=0, lt=1)
+    class_weight: Literal["none", "balanced"]
+    use_rebalanced: bool
+    early_stopping_patience: int = Field(ge=0)
     dropout: float = Field(ge=0, lt=1)
+    augment: AugmentParams
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"]
+    distribution: Literal["none", "data_parallel"]
     deterministic: bool
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> TrainParams:
+        if self.weights != "none" and self.arch not in PRETRAINABLE_ARCHS:
+            raise ValueError(
+                f"train.weights={self.weights} needs train.arch in {', '.join(PRETRAINABLE_ARCHS)}"
+            )
+        return self
 
 
 class EvaluateParams(_Section):

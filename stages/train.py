@@ -1,16 +1,23 @@
-"""Stage `train`: fit a Keras 3 CNN on the train split plus its augmented images, validated on val.
+"""Stage `train`: fit a Keras 3 CNN on the train split (plus its augmented images), validated on val.
 
 Runs on whatever Keras backend KERAS_BACKEND names (TensorFlow by default) and on a GPU when one is
-visible; the device used is recorded in the stage's metrics. Per-epoch curves go to DVCLive (for
-`dvc plots show`) and MLflow; the model is saved to models/ and logged with the mlflow.keras flavor.
+visible; the device used is recorded in the stage's metrics. Images are decoded once into a uint8
+cache that later runs with the same inputs reuse. Each epoch's loss and accuracy, and the validation
+balanced accuracy that early stopping watches, go to DVCLive (for `dvc plots show`) and MLflow; the
+best epoch's model is saved to models/ and logged with the mlflow.keras flavor.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import importlib.metadata
 import logging
+import math
+import os
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,8 @@ import numpy as np
 import pandas as pd
 from dvclive import Live
 from mlflow.models import infer_signature
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.utils.class_weight import compute_class_weight
 
 from stages.architectures import build_model
 from stages.common import (
@@ -30,13 +39,15 @@ from stages.common import (
     write_json_atomic,
 )
 from stages.config import BaseParams, TrainParams, load_params
+from stages.errors import PipelineError
 from stages.rebalance import MANIFEST_COLUMNS as REBALANCED_COLUMNS
 from stages.split import SPLIT_COLUMNS
-from stages.tracking import stage_run
+from stages.tracking import repo_root, stage_run
 
 log = logging.getLogger("stages.train")
 
 MLFLOW_MODEL_NAME = "model"  # the model's name inside its MLflow run
+MONITOR = "val_balanced_accuracy"
 
 
 def main() -> None:
@@ -44,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", type=Path, required=True, help="folder of split manifests")
     parser.add_argument("--rebalanced", type=Path, required=True, help="rebalance manifest")
+    parser.add_argument("--cache", type=Path, required=True, help="decoded-image cache folder")
     parser.add_argument("--model", type=Path, required=True, help="where to save the .keras model")
     parser.add_argument("--model-info", type=Path, required=True, help="MLflow model reference")
     parser.add_argument("--metrics", type=Path, required=True, help="train metrics JSON")
@@ -52,17 +64,16 @@ def main() -> None:
     params = load_params()
     base = params.base
 
-    train_rows = pd.concat(
-        [
-            read_manifest(args.split / "train.csv", SPLIT_COLUMNS)[["path", "label"]],
-            read_manifest(args.rebalanced, REBALANCED_COLUMNS)[["path", "label"]],
-        ],
-        ignore_index=True,
-    )
+    frames = [read_manifest(args.split / "train.csv", SPLIT_COLUMNS)[["path", "label"]]]
+    if params.train.use_rebalanced:
+        frames.append(read_manifest(args.rebalanced, REBALANCED_COLUMNS)[["path", "label"]])
+    train_rows = pd.concat(frames, ignore_index=True)
     val_rows = read_manifest(args.split / "val.csv", SPLIT_COLUMNS)
-    x_train = load_images(train_rows["path"].tolist(), base.image_size)
+    # Queued experiments run in throw-away copies of the repo; the cache lives in the real one.
+    cache = repo_root() / args.cache
+    x_train = load_cached_images(train_rows["path"].tolist(), base.image_size, cache)
     y_train = class_indices(train_rows["label"], base.classes, source=str(args.split))
-    x_val = load_images(val_rows["path"].tolist(), base.image_size)
+    x_val = load_cached_images(val_rows["path"].tolist(), base.image_size, cache)
     y_val = class_indices(val_rows["label"], base.classes, source=str(args.split / "val.csv"))
     log.info("training on %d images, validating on %d", len(x_train), len(x_val))
 
@@ -83,7 +94,14 @@ def main() -> None:
         )
         write_json_atomic(args.model_info, {"run_id": run.info.run_id, "model_uri": info.model_uri})
         write_json_atomic(args.metrics, summary)
-    log.info("trained %s on %s in %.0f s", params.train.arch, summary["device"], summary["seconds"])
+    log.info(
+        "trained %s on %s in %.0f s; best epoch %d, val balanced accuracy %.3f",
+        params.train.arch,
+        summary["device"],
+        summary["seconds"],
+        summary["best_epoch"],
+        summary["best_val_balanced_accuracy"],
+    )
 
 
 def train_model(
@@ -95,38 +113,130 @@ def train_model(
     train: TrainParams,
     callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
-    """Build and fit the configured model; return it with a summary of the run."""
+    """Build and fit the configured model, keeping the epoch with the best val balanced accuracy."""
     configure_determinism(base.seed, train.deterministic)
-    model = build_model(train.arch, base.image_size, len(base.classes), train.dropout)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=train.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
+    keras.mixed_precision.set_dtype_policy(train.precision)
+    num_classes = len(base.classes)
+    steps = math.ceil(len(x_train) / train.batch_size) * train.epochs
+    with distribution_scope(train.distribution):
+        model = build_model(
+            train.arch, base.image_size, num_classes, train.dropout, train.augment, train.weights
+        )
+        learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = train.learning_rate
+        if train.schedule == "cosine":
+            learning_rate = keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=steps)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        )
+    # The validation pass comes first so that the callbacks after it see its metrics.
+    all_callbacks: list[keras.callbacks.Callback] = [ValidationMetrics(x_val, y_val, train.batch_size)]
+    if train.early_stopping_patience:
+        all_callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=MONITOR, mode="max", patience=train.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    all_callbacks += callbacks or []
     started = time.perf_counter()
     history = model.fit(
         x_train,
-        y_train,
-        validation_data=(x_val, y_val),
+        keras.utils.to_categorical(y_train, num_classes),
         epochs=train.epochs,
         batch_size=train.batch_size,
         shuffle=True,
-        callbacks=callbacks or [],
+        class_weight=_class_weights(y_train) if train.class_weight == "balanced" else None,
+        callbacks=all_callbacks,
         verbose=2,
     )
     seconds = time.perf_counter() - started
-    epochs_run = len(history.history["loss"])
+    scores = history.history[MONITOR]
     summary = {
+        "arch": train.arch,
+        "precision": train.precision,
         "backend": keras.backend.backend(),
         "device": detect_device(),
-        "epochs": epochs_run,
+        "epochs": len(scores),
+        "best_epoch": int(np.argmax(scores)) + 1,
+        "best_val_balanced_accuracy": float(np.max(scores)),
         "seconds": round(seconds, 2),
-        "images_per_second": round(epochs_run * len(x_train) / seconds, 2),
+        "images_per_second": round(len(scores) * len(x_train) / seconds, 2),
         "train_images": len(x_train),
         "val_images": len(x_val),
-        **{key: float(values[-1]) for key, values in history.history.items()},
+        **{key: float(values[-1]) for key, values in history.history.items() if key != "learning_rate"},
     }
     return model, summary
+
+
+def load_cached_images(paths: Sequence[str], size: int, cache_dir: Path) -> np.ndarray:
+    """Decoded (n, size, size, 3) uint8 images, from the cache when these exact files were seen before."""
+    cache_file = cache_dir / f"decoded-{size}px-{_content_key(paths, size)}.npy"
+    if cache_file.is_file():
+        log.info("reusing decoded images from %s", cache_file)
+        return np.load(cache_file)
+    images = load_images(paths, size)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.stem}.tmp-{os.getpid()}.npy")
+    np.save(tmp, images)
+    tmp.replace(cache_file)
+    log.info("decoded %d images into %s", len(images), cache_file)
+    return images
+
+
+def _content_key(paths: Sequence[str], size: int) -> str:
+    # Hashing the files' bytes is cheap next to decoding them, and it is what the cache depends on.
+    digest = hashlib.sha256(f"{size}\n".encode())
+    for path in paths:
+        digest.update(path.encode() + b"\0")
+        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return digest.hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def distribution_scope(kind: str) -> Iterator[None]:
+    """Build and compile under data parallelism over all visible devices when asked to."""
+    if kind == "none":
+        yield
+        return
+    backend = keras.backend.backend()
+    if backend == "jax":
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(None)
+    elif backend == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415 - only this backend needs its own strategy
+
+        with tf.distribute.MirroredStrategy().scope():
+            yield
+    else:
+        raise PipelineError(f"train.distribution={kind}: not supported on the {backend} backend")
+
+
+class ValidationMetrics(keras.callbacks.Callback):
+    """One pass over the validation set per epoch: val_loss, val_accuracy, val_balanced_accuracy."""
+
+    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, batch_size: int) -> None:
+        super().__init__()
+        self.x_val, self.y_val, self.batch_size = x_val, y_val, batch_size
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        """Add the validation metrics to this epoch's logs."""
+        probabilities = np.asarray(self.model.predict(self.x_val, batch_size=self.batch_size, verbose=0))
+        predicted = probabilities.argmax(axis=1)
+        picked = probabilities[np.arange(len(self.y_val)), self.y_val]
+        if logs is not None:
+            logs["val_loss"] = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
+            logs["val_accuracy"] = float((predicted == self.y_val).mean())
+            logs[MONITOR] = float(balanced_accuracy_score(self.y_val, predicted))
+
+
+def _class_weights(y: np.ndarray) -> dict[int, float]:
+    present = np.unique(y)
+    weights = compute_class_weight("balanced", classes=present, y=y)
+    return {int(k): float(w) for k, w in zip(present, weights, strict=True)}
 
 
 class EpochLogger(keras.callbacks.Callback):
