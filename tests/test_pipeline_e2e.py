@@ -126,7 +126,9 @@ def test_changing_train_params_reruns_only_train_and_evaluate(project: Path, fir
 
 
 def test_queued_experiments_land_in_mlflow(project: Path, first_repro: str) -> None:
-    for rate in ("0.002", "0.0005"):
+    default = repo_params()["train"]["learning_rate"]
+    rates = [str(default * 2), str(default / 2)]  # both differ from the baseline, so both must run
+    for rate in rates:
         _run(project, "dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={rate}")
     before = len(_mlflow_client(project).search_model_versions(f"name='{_model_name()}'"))
     _run(project, "dvc", "queue", "start", "-j", "2")
@@ -139,7 +141,7 @@ def test_queued_experiments_land_in_mlflow(project: Path, first_repro: str) -> N
     for version in versions:
         mlflow.pyfunc.load_model(f"models:/{_model_name()}/{version.version}")
     runs = _mlflow_runs(project)
-    queued_train = runs[runs["params.train.learning_rate"].isin(["0.002", "0.0005"])]
+    queued_train = runs[runs["params.train.learning_rate"].isin(rates)]
     assert len(queued_train) == 2
     names = set(queued_train["tags.DVC_EXP_NAME"])
     assert len(names) == 2
