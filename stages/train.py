@@ -152,6 +152,8 @@ def train_model(
     )
     seconds = time.perf_counter() - started
     scores = history.history[MONITOR]
+    # With early stopping the model holds the best epoch's weights, else the last epoch's.
+    kept = int(np.argmax(scores)) if train.early_stopping_patience else len(scores) - 1
     summary = {
         "arch": train.arch,
         "precision": train.precision,
@@ -160,11 +162,12 @@ def train_model(
         "epochs": len(scores),
         "best_epoch": int(np.argmax(scores)) + 1,
         "best_val_balanced_accuracy": float(np.max(scores)),
+        "kept_epoch": kept + 1,
         "seconds": round(seconds, 2),
         "images_per_second": round(len(scores) * len(x_train) / seconds, 2),
         "train_images": len(x_train),
         "val_images": len(x_val),
-        **{key: float(values[-1]) for key, values in history.history.items() if key != "learning_rate"},
+        **{key: float(values[kept]) for key, values in history.history.items() if key != "learning_rate"},
     }
     return model, summary
 
