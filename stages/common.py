@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -98,8 +98,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def decode_rgb(path: Path, max_pixels: int | None = None) -> Image.Image:
-    """Fully decode an image file to RGB, honouring EXIF rotation; refuse it if over max_pixels."""
+def decode_rgb(path: Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Fully decode an image file (path or open binary file) to RGB, honouring EXIF rotation.
+
+    Refuses images over max_pixels before decoding them (decompression bombs).
+    """
     try:
         with Image.open(path) as opened:
             if max_pixels is not None and opened.width * opened.height > max_pixels:

@@ -100,6 +100,15 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: int = Field(ge=1)
+    target_sensitivity: float = Field(gt=0, le=1)
+    bootstrap: int = Field(ge=0)
+    calibration_bins: int = Field(ge=2, le=100)
+    worst_examples: int = Field(ge=0, le=64)
+    promote: Literal["manual", "auto"]
+    promote_metric: Literal[
+        "balanced_accuracy", "accuracy", "macro_auc", "melanoma_auc", "melanoma_auc_sens_80"
+    ]
+    promote_margin: float = Field(ge=0)
 
 
 class Params(_Section):

@@ -90,7 +90,7 @@ def main() -> None:
             model,
             name=MLFLOW_MODEL_NAME,
             signature=infer_signature(x_val[:2], model.predict(x_val[:2], verbose=0)),
-            pip_requirements=_pip_requirements(),
+            pip_requirements=pip_requirements(),
         )
         write_json_atomic(args.model_info, {"run_id": run.info.run_id, "model_uri": info.model_uri})
         write_json_atomic(args.metrics, summary)
@@ -300,7 +300,8 @@ def save_model_atomic(model: keras.Model, path: Path) -> None:
     tmp.replace(path)
 
 
-def _pip_requirements() -> list[str]:
+def pip_requirements() -> list[str]:
+    """Pinned requirements of a logged model: Keras, its backend, NumPy, Pillow as installed."""
     # Pinning what is installed is exact and skips MLflow's slow requirement inference, which loads
     # the model again in a subprocess. The backend's package is named like the backend.
     requirements = []

@@ -1,4 +1,4 @@
-"""evaluate: metrics against values worked out by hand, plots data, and registration."""
+"""evaluate: metrics against hand computation and the official ISIC scorer, threshold, promotion."""
 
 from __future__ import annotations
 
@@ -7,9 +7,25 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
+from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 
-from stages.evaluate import compute_metrics, confusion_rows, register_version, roc_rows
+from stages.config import EvaluateParams
+from stages.errors import PipelineError
+from stages.evaluate import (
+    auc_above_sensitivity,
+    bootstrap_intervals,
+    choose_threshold,
+    compute_metrics,
+    decide_promotion,
+    expected_calibration_error,
+    operating_point,
+    pr_rows,
+    register_version,
+    roc_rows,
+)
+from tests.conftest import repo_params
 
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
 # Six test images, two per class. Predictions: 0 right, 1 missed melanoma (said nevus),
@@ -25,6 +41,7 @@ PROBS = np.array(
         [0.2, 0.1, 0.7],
     ]
 )
+SETTINGS = EvaluateParams.model_validate(repo_params()["evaluate"])
 
 
 def test_headline_metrics_match_hand_computation() -> None:
@@ -38,13 +55,22 @@ def test_headline_metrics_match_hand_computation() -> None:
 
 def test_melanoma_metrics_match_hand_computation() -> None:
     melanoma = compute_metrics(Y_TRUE, PROBS, CLASSES, melanoma=0)["melanoma"]
-    assert melanoma == {"sensitivity": 0.5, "specificity": 0.75, "auc": 7 / 8}
+    assert melanoma["sensitivity"] == 0.5
+    assert melanoma["specificity"] == 0.75
+    assert melanoma["auc"] == 7 / 8
 
 
 def test_per_class_metrics_match_hand_computation() -> None:
     per_class = compute_metrics(Y_TRUE, PROBS, CLASSES, melanoma=0)["per_class"]
-    assert per_class["melanoma"] == {"precision": 0.5, "recall": 0.5, "auc": 7 / 8, "support": 2}
-    assert per_class["vascular lesion"] == {"precision": 1.0, "recall": 1.0, "auc": 1.0, "support": 2}
+    assert per_class["melanoma"] == {
+        "precision": 0.5,
+        "sensitivity": 0.5,
+        "specificity": 0.75,
+        "auc": 7 / 8,
+        "support": 2,
+    }
+    assert per_class["nevus"]["specificity"] == 0.75  # row 1 said nevus
+    assert per_class["vascular lesion"]["sensitivity"] == per_class["vascular lesion"]["specificity"] == 1.0
 
 
 def test_class_absent_from_test_has_undefined_metrics() -> None:
@@ -52,38 +78,153 @@ def test_class_absent_from_test_has_undefined_metrics() -> None:
     metrics = compute_metrics(Y_TRUE[keep], PROBS[keep], CLASSES, melanoma=0)
     absent = metrics["per_class"]["vascular lesion"]
     assert absent["support"] == 0
-    assert absent["recall"] is None
+    assert absent["sensitivity"] is None
     assert absent["auc"] is None
-    assert metrics["macro_auc"] == pytest.approx(
-        np.mean([a["auc"] for a in list(metrics["per_class"].values())[:2]])
+    assert metrics["balanced_accuracy"] == pytest.approx(0.5)  # mean over the classes present
+
+
+def test_metrics_agree_with_the_official_isic_scorer() -> None:
+    rng = np.random.default_rng(3)
+    y_true = rng.integers(0, 3, 200)
+    logits = rng.normal(size=(200, 3)) + 1.5 * np.eye(3)[y_true]
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    truth = pd.DataFrame(np.eye(3)[y_true], columns=CLASSES)
+    predicted = pd.DataFrame(probabilities, columns=CLASSES)
+    weights = pd.DataFrame({"score_weight": 1.0, "validation_weight": 1.0}, index=truth.index)
+    official = ClassificationScore(truth, predicted, weights, ClassificationMetric.BALANCED_ACCURACY)
+
+    ours = compute_metrics(y_true, probabilities, CLASSES, melanoma=0)
+    assert ours["balanced_accuracy"] == pytest.approx(official.aggregate["balanced_accuracy"])
+    for name in CLASSES:
+        assert ours["per_class"][name]["auc"] == pytest.approx(official.per_category.loc[name, "auc"])
+    assert ours["melanoma"]["auc_sens_80"] == pytest.approx(
+        official.per_category.loc["melanoma", "auc_sens_80"]
     )
 
 
-def test_confusion_rows_name_actual_and_predicted() -> None:
-    rows = confusion_rows(Y_TRUE, PROBS, CLASSES)
-    assert rows.iloc[1].to_dict() == {"actual": "melanoma", "predicted": "nevus"}
-    assert rows.iloc[3].to_dict() == {"actual": "nevus", "predicted": "melanoma"}
+def test_partial_auc_integrates_tpr_where_it_reaches_the_sensitivity() -> None:
+    is_positive = np.array([True, True, False, False])
+    # Perfect ranking: TPR is 1 over the whole FPR range.
+    assert auc_above_sensitivity(is_positive, np.array([0.9, 0.8, 0.2, 0.1]), 0.8) == pytest.approx(1.0)
+    # One positive ranked last: TPR reaches 0.8 only at FPR 1, so nothing is above it.
+    assert auc_above_sensitivity(is_positive, np.array([0.9, 0.05, 0.2, 0.1]), 0.8) == pytest.approx(0.0)
 
 
-def test_roc_rows_run_from_origin_to_corner() -> None:
+def test_threshold_is_the_highest_that_reaches_the_target() -> None:
+    is_positive = np.array([True] * 5 + [False] * 3)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.5, 0.3, 0.1])
+    assert choose_threshold(is_positive, scores, 0.8) == 0.6  # 4 of 5 melanomas at or above
+    assert choose_threshold(is_positive, scores, 0.81) == 0.2  # needs all 5
+    assert choose_threshold(is_positive, scores, 0.2) == 0.9
+
+
+def test_threshold_needs_melanoma_in_validation() -> None:
+    with pytest.raises(
+        PipelineError, match=r"evaluate.target_sensitivity: the validation split has no melanoma"
+    ):
+        choose_threshold(np.zeros(4, dtype=bool), np.linspace(0, 1, 4), 0.9)
+
+
+def test_operating_point_counts_alerts() -> None:
+    is_positive = np.array([True, True, False, False, False])
+    point = operating_point(is_positive, np.array([0.9, 0.4, 0.6, 0.2, 0.1]), threshold=0.5)
+    assert point == {"threshold": 0.5, "sensitivity": 0.5, "specificity": 2 / 3, "alerts_per_100": 40.0}
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 3, 120)
+    probabilities = rng.dirichlet([1, 1, 1], 120) + 0.8 * np.eye(3)[y_true]
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    first = bootstrap_intervals(y_true, probabilities, 0, 0.5, resamples=200, seed=1)
+    again = bootstrap_intervals(y_true, probabilities, 0, 0.5, resamples=200, seed=1)
+    assert first == again
+    low, high = first["balanced_accuracy"]
+    assert low < compute_metrics(y_true, probabilities, CLASSES, 0)["balanced_accuracy"] < high
+    assert 0 <= first["melanoma_auc"][0] < first["melanoma_auc"][1] <= 1
+
+
+def test_calibration_error_matches_hand_computation() -> None:
+    probabilities = np.array([[0.9, 0.1], [0.6, 0.4]])
+    # Bin 9 holds a right answer at 0.9, bin 6 a wrong one at 0.6.
+    assert expected_calibration_error(np.array([0, 1]), probabilities, bins=10) == pytest.approx(0.35)
+
+
+def test_curves_are_empty_without_positives() -> None:
+    assert roc_rows(np.zeros(4, dtype=bool), np.linspace(0, 1, 4)).empty
+    assert pr_rows(np.zeros(4, dtype=bool), np.linspace(0, 1, 4)).empty
     roc = roc_rows(Y_TRUE == 0, PROBS[:, 0])
-    assert (roc["fpr"].iloc[0], roc["tpr"].iloc[0]) == (0.0, 0.0)
     assert (roc["fpr"].iloc[-1], roc["tpr"].iloc[-1]) == (1.0, 1.0)
 
 
-def test_roc_rows_empty_without_positives() -> None:
-    assert roc_rows(np.zeros(4, dtype=bool), np.linspace(0, 1, 4)).empty
+# --- registry and promotion ---------------------------------------------------------------------
 
 
-def test_register_version_sets_challenger_alias(in_tmp: Path) -> None:
-    mlflow.set_tracking_uri(f"sqlite:///{in_tmp / 'mlflow.db'}")
+@pytest.fixture
+def registry(in_tmp: Path) -> str:
+    """A SQLite registry in tmp_path holding one logged model; returns its URI."""
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
     with mlflow.start_run():
-        info = mlflow.keras.log_model(model, name="model", pip_requirements=["keras"])
-    first = register_version(info.model_uri, "lesions", tags={"test_accuracy": "0.5"})
-    second = register_version(info.model_uri, "lesions", tags={"test_accuracy": "0.6"})
+        return mlflow.keras.log_model(model, name="model", pip_requirements=["keras"]).model_uri
+
+
+def _register(model_uri: str, accuracy: float, split: str = "s1") -> str:
+    tags = {"test_balanced_accuracy": str(accuracy), "test_split": split}
+    return register_version(model_uri, "lesions", tags=tags, description="card")
+
+
+def _metrics(accuracy: float) -> dict:
+    return {
+        "balanced_accuracy": accuracy,
+        "accuracy": accuracy,
+        "macro_auc": None,
+        "melanoma": {"auc": None, "auc_sens_80": None},
+    }
+
+
+def test_register_version_sets_challenger_alias_and_description(registry: str) -> None:
+    first, second = _register(registry, 0.5), _register(registry, 0.6)
+    challenger = mlflow.MlflowClient().get_model_version_by_alias("lesions", "challenger")
+    assert (first, second, str(challenger.version)) == ("1", "2", "2")
+    assert challenger.tags["test_balanced_accuracy"] == "0.6"
+    assert challenger.description == "card"
+
+
+def test_manual_promotion_never_moves_champion(registry: str) -> None:
+    version = _register(registry, 0.9)
+    promoted, reason = decide_promotion(
+        mlflow.MlflowClient(), "lesions", version, _metrics(0.9), "s1", SETTINGS
+    )
+    assert not promoted
+    assert "manual" in reason
+
+
+def test_auto_promotion_takes_the_first_champion(registry: str) -> None:
+    auto = SETTINGS.model_copy(update={"promote": "auto"})
+    version = _register(registry, 0.5)
+    promoted, reason = decide_promotion(mlflow.MlflowClient(), "lesions", version, _metrics(0.5), "s1", auto)
+    assert promoted
+    assert reason.startswith("no champion yet")
+
+
+def test_auto_promotion_needs_a_win_by_the_margin_on_the_same_split(registry: str) -> None:
     client = mlflow.MlflowClient()
-    assert (first, second) == ("1", "2")
-    challenger = client.get_model_version_by_alias("lesions", "challenger")
-    assert str(challenger.version) == "2"
-    assert challenger.tags["test_accuracy"] == "0.6"
+    auto = SETTINGS.model_copy(update={"promote": "auto", "promote_margin": 0.05})
+    client.set_registered_model_alias("lesions", "champion", _register(registry, 0.60))
+
+    small_win = _register(registry, 0.62)
+    assert decide_promotion(client, "lesions", small_win, _metrics(0.62), "s1", auto) == (
+        False,
+        "balanced_accuracy 0.6200 does not beat champion version 1 (0.6000) by more than 0.05",
+    )
+    big_win = _register(registry, 0.70)
+    promoted, reason = decide_promotion(client, "lesions", big_win, _metrics(0.70), "s1", auto)
+    assert promoted
+    assert "beats champion version 1" in reason
+    other_split = _register(registry, 0.90, split="s2")
+    promoted, reason = decide_promotion(client, "lesions", other_split, _metrics(0.90), "s2", auto)
+    assert not promoted
+    assert "another test split" in reason

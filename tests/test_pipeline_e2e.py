@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -80,7 +81,11 @@ def test_dvc_knows_the_metrics_and_plots(project: Path, first_repro: str) -> Non
     plots = json.loads(_run(project, "dvc", "plots", "show", "--json"))["data"]
     assert {
         "metrics/evaluate/confusion.csv",
-        "metrics/evaluate/roc_melanoma.csv",
+        "metrics/evaluate/confusion_normalized.csv",
+        "metrics/evaluate/roc/melanoma.csv",
+        "metrics/evaluate/pr_melanoma.csv",
+        "metrics/evaluate/reliability.csv",
+        "metrics/evaluate/worst_misclassified.png",
         "metrics/train/plots/metrics/val_accuracy.tsv",
         "metrics/class_counts/train.csv",
     } <= plots.keys()
@@ -99,11 +104,18 @@ def test_every_stage_logged_an_mlflow_run(project: Path, first_repro: str) -> No
 
 def test_model_is_registered_as_challenger(project: Path, first_repro: str) -> None:
     client = _mlflow_client(project)
-    version = client.get_model_version_by_alias(repo_params()["base"]["model_name"], "challenger")
+    version = client.get_model_version_by_alias(_model_name(), "challenger")
     assert str(version.version) == "1"
-    model = mlflow.pyfunc.load_model(f"models:/{repo_params()['base']['model_name']}@challenger")
-    probabilities = np.asarray(model.predict(np.zeros((2, 32, 32, 3), dtype=np.uint8)))
-    assert probabilities.shape == (2, 9)
+    assert version.description.startswith(f"# Model card: {_model_name()}")
+    assert float(version.tags["melanoma_threshold"]) > 0
+    assert "manual" in version.tags["promotion"]
+    model = mlflow.pyfunc.load_model(f"models:/{_model_name()}@challenger")
+    image = next((project / "data" / "raw" / "train" / "melanoma").iterdir())
+    encoded = base64.b64encode(image.read_bytes()).decode()
+    predictions = model.predict(pd.DataFrame({"image": [encoded, encoded]}))
+    assert len(predictions) == 2
+    assert {"predicted_label", "p_melanoma", "melanoma_alert"} <= set(predictions.columns)
+    assert (project / "metrics" / "model_card.md").read_text().startswith("# Model card")
 
 
 def test_second_repro_runs_nothing(project: Path, first_repro: str) -> None:

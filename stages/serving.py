@@ -1,0 +1,103 @@
+"""The registered model: an MLflow pyfunc that turns image bytes into class probabilities and an alert.
+
+It carries the class names, the image size and the melanoma threshold (chosen on the validation split
+by `evaluate`), so every consumer of `models:/<name>@champion` preprocesses and alerts the same way:
+the predict command, `mlflow.pyfunc.load_model`, and `mlflow models serve`.
+
+Input: a DataFrame with a column `image` of base64-encoded image files (JPEG, PNG, ...).
+Output: one row per image: `predicted_label`, `p_<class>` per class, `p_melanoma`, `melanoma_alert`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from PIL import Image
+
+from stages.common import decode_rgb
+from stages.errors import PipelineError
+
+IMAGE_COLUMN = "image"
+MAX_IMAGE_BYTES = 20 * 2**20  # one uploaded image; larger payloads get a 400
+MAX_PIXELS = 50_000_000
+
+
+def probability_column(label: str) -> str:
+    """The output column holding P(label): `p_` and the label with spaces as underscores."""
+    return "p_" + label.replace(" ", "_")
+
+
+def prediction_frame(
+    probabilities: np.ndarray, classes: Sequence[str], melanoma_class: str, threshold: float
+) -> pd.DataFrame:
+    """Class probabilities, the predicted label, P(melanoma) and the alert, one row per image."""
+    frame = pd.DataFrame(
+        probabilities.astype(float), columns=[probability_column(label) for label in classes]
+    )
+    frame.insert(0, "predicted_label", np.asarray(classes)[probabilities.argmax(axis=1)])
+    frame["p_melanoma"] = frame[probability_column(melanoma_class)]
+    frame["melanoma_alert"] = frame["p_melanoma"] >= threshold
+    return frame
+
+
+def decode_base64_image(text: str, size: int, row: int) -> np.ndarray:
+    """Decode one base64 image to a (size, size, 3) uint8 array, or raise a 400-class error."""
+    if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise _bad_input(f"row {row}: image is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise _bad_input(f"row {row}: not base64 ({err})") from err
+    try:
+        image = decode_rgb(io.BytesIO(data), max_pixels=MAX_PIXELS)
+    except PipelineError as err:
+        raise _bad_input(f"row {row}: {str(err).split(': ', 1)[-1]}") from err
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+class LesionClassifier(mlflow.pyfunc.PythonModel):
+    """Keras CNN plus its preprocessing and melanoma alert logic."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the Keras model (safe mode) and the configuration that travels with it."""
+        import keras  # noqa: PLC0415 - the backend loads only when a model is used
+
+        self.config: dict[str, Any] = dict(context.model_config)
+        self.model = keras.saving.load_model(context.artifacts["keras_model"], safe_mode=True)
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        """Probabilities and the melanoma alert for base64-encoded images in column `image`."""
+        if IMAGE_COLUMN not in model_input.columns:
+            raise _bad_input(f"input needs a column {IMAGE_COLUMN!r} of base64-encoded images")
+        size = int(self.config["image_size"])
+        images = np.stack(
+            [decode_base64_image(str(text), size, row) for row, text in enumerate(model_input[IMAGE_COLUMN])]
+        )
+        probabilities = np.asarray(self.model.predict(images, verbose=0))
+        return prediction_frame(
+            probabilities,
+            self.config["classes"],
+            self.config["melanoma_class"],
+            float(self.config["melanoma_threshold"]),
+        )
+
+
+def _bad_input(message: str) -> MlflowException:
+    # MLflow's scoring server answers INVALID_PARAMETER_VALUE with HTTP 400.
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)

@@ -1,0 +1,232 @@
+"""The registered pyfunc, the predict command, Grad-CAM, and `mlflow models serve` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from stages.architectures import build_model
+from stages.config import AugmentParams
+from stages.errors import PipelineError
+from stages.evaluate import log_servable_model, register_version
+from stages.predict import collect_images, explain_alerts, predict_files, resolve_default_model
+from stages.serving import decode_base64_image
+from tests.conftest import CLASSES, REPO, write_image
+
+SIZE = 32
+NAME = "lesions"
+NO_AUGMENT = AugmentParams(flip=False, rotation=0, zoom=0, contrast=0, brightness=0)
+SERVER_START_S = 180
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite MLflow store with one registered version whose threshold alerts on everything."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
+    keras.utils.set_random_seed(0)
+    model = build_model("baseline_cnn", SIZE, len(CLASSES), 0.0, NO_AUGMENT)
+    model.save(root / "model.keras")
+    with mlflow.start_run(experiment_id=experiment):
+        uri_of_model = log_servable_model(root / "model.keras", CLASSES, SIZE, "melanoma", threshold=0.0)
+    register_version(uri_of_model, NAME, tags={})
+    return root
+
+
+@pytest.fixture
+def tracking(store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """MLFLOW_TRACKING_URI pointed at the store, for code that configures MLflow itself."""
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _folder(tmp_path: Path) -> Path:
+    for k in range(3):
+        write_image(tmp_path / "imgs" / f"ok_{k}.jpg", (60 * k, 90, 120), size=40, seed=k)
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    return tmp_path / "imgs"
+
+
+def test_pyfunc_returns_probabilities_and_alert(tracking: str, tmp_path: Path) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    image = write_image(tmp_path / "a.jpg", (200, 40, 40), size=50)
+    out = model.predict(pd.DataFrame({"image": [_b64(image), _b64(image)]}))
+    columns = ["p_melanoma", "p_nevus", "p_vascular_lesion"]
+    assert list(out.columns) == ["predicted_label", *columns, "melanoma_alert"]
+    np.testing.assert_allclose(out[columns].sum(axis=1), 1.0, rtol=1e-5)
+    assert out["melanoma_alert"].all()  # threshold 0 travels with the model
+
+
+def test_pyfunc_rejects_a_non_image_as_bad_input(tracking: str) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    text = base64.b64encode(b"hello").decode()
+    with pytest.raises(MlflowException, match=r"row 0: cannot decode image") as raised:
+        model.predict(pd.DataFrame({"image": [text]}))
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_oversized_image_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("stages.serving.MAX_IMAGE_BYTES", 10)
+    with pytest.raises(MlflowException, match=r"row 3: image is larger than") as raised:
+        decode_base64_image("A" * 100, SIZE, row=3)
+    assert raised.value.get_http_status_code() == 400
+    assert raised.value.error_code == MlflowException("", error_code=INVALID_PARAMETER_VALUE).error_code
+
+
+def test_predict_folder_keeps_going_past_a_corrupt_file(tracking: str, tmp_path: Path) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    table = predict_files(model, collect_images([_folder(tmp_path)]))
+    assert [Path(p).name for p in table["path"]] == ["broken.jpg", "ok_0.jpg", "ok_1.jpg", "ok_2.jpg"]
+    broken = table.iloc[0]
+    assert broken["error"].startswith("cannot decode image")
+    assert table.iloc[1:]["error"].eq("").all()
+    assert table.iloc[1:]["p_melanoma"].notna().all()
+
+
+def test_default_model_is_the_champion_or_else_the_newest(tracking: str, store: Path) -> None:
+    client = mlflow.MlflowClient()
+    assert resolve_default_model(NAME) == f"models:/{NAME}/1"
+    client.set_registered_model_alias(NAME, "champion", "1")
+    try:
+        assert resolve_default_model(NAME) == f"models:/{NAME}@champion"
+    finally:
+        client.delete_registered_model_alias(NAME, "champion")
+
+
+def test_predict_command_writes_csv_and_alert_lines(tracking: str, tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.predict",
+            str(folder),
+            "--model",
+            f"models:/{NAME}/1",
+            "--output",
+            "p.csv",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": tracking},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert list(table.columns)[:2] == ["path", "predicted_label"]
+    assert {"p_melanoma", "melanoma_alert", "error"} <= set(table.columns)
+    assert result.stdout.count("MELANOMA ALERT") == 3
+    assert "ERROR " in result.stdout
+    assert "4 images, 3 melanoma alerts, 1 unreadable" in result.stdout
+
+
+def test_no_registered_model_is_a_clear_error(in_tmp: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{in_tmp / 'empty.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{in_tmp / 'empty.db'}")
+    with pytest.raises(PipelineError, match=r"no registered model 'lesions'"):
+        resolve_default_model(NAME)
+
+
+def test_grad_cam_overlays_are_written_for_alerts(tracking: str, tmp_path: Path) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    table = predict_files(model, collect_images([_folder(tmp_path)]))
+    explain_alerts(model, table, tmp_path / "cams")
+    written = sorted(path.name for path in (tmp_path / "cams").iterdir())
+    assert written == ["ok_0_gradcam.png", "ok_1_gradcam.png", "ok_2_gradcam.png"]
+
+
+@pytest.mark.slow
+def test_served_model_answers_on_localhost(tracking: str, tmp_path: Path) -> None:
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}/1",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", server)
+        image = write_image(tmp_path / "x.jpg", (150, 60, 60), size=40)
+        status, body = _post(port, [[_b64(image)]])
+        assert status == 200, body
+        prediction = json.loads(body)["predictions"][0]
+        assert prediction["melanoma_alert"] is True
+        assert prediction["predicted_label"] in CLASSES
+        status, body = _post(port, [[base64.b64encode(b"not an image").decode()]])
+        assert status == 400, body
+        assert "cannot decode image" in body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(url: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "mlflow models serve exited early"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(1)
+    pytest.fail(f"server did not answer {url} within {SERVER_START_S} s")
+
+
+def _post(port: int, rows: list[list[str]]) -> tuple[int, str]:
+    payload = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=payload, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
