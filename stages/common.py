@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.errors import PipelineError
+from stages.tracking import check_tracking_server
 
 log = logging.getLogger("stages")
 
@@ -25,9 +26,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def run_cli(main: Callable[[], None]) -> int:
-    """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1."""
+    """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1.
+
+    A tracking server that does not answer stops the stage before it does any work.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_tracking_server()
         main()
     except PipelineError as err:
         log.error("%s", err)
@@ -109,9 +114,18 @@ def decode_rgb(path: Path | BinaryIO, max_pixels: int | None = None) -> Image.Im
                 raise PipelineError(
                     f"{path}: {opened.width}x{opened.height} pixels is over split.max_pixels={max_pixels}"
                 )
-            return ImageOps.exif_transpose(opened).convert("RGB")
+            return _to_8bit(ImageOps.exif_transpose(opened)).convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise PipelineError(f"{path}: cannot decode image ({err})") from err
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    # Pillow's convert("RGB") clips 16-bit and 32-bit grey values to 255 instead of scaling them.
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    full_scale = 255.0 if pixels.max() <= 255 else 65535.0
+    return Image.fromarray(np.uint8(np.clip(pixels / full_scale * 255.0, 0, 255).round()), "L")
 
 
 def load_rgb(path: Path, size: int) -> np.ndarray:

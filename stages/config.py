@@ -50,6 +50,7 @@ class SplitParams(_Section):
     test_fraction: float = Field(gt=0, lt=0.5)
     on_bad_image: Literal["skip", "error"]
     max_pixels: int = Field(ge=1)
+    min_side: int = Field(ge=1)
     near_duplicate_distance: int = Field(ge=-1, le=32)
     group_distance: int = Field(ge=-1, le=32)
     conflicts: Literal["drop", "majority", "error"]

@@ -1,7 +1,8 @@
 """Stage `split`: validate images, resolve duplicates, and split train/val/test with no leakage.
 
 1. Validate: every image is decoded; unusable ones (not an image, truncated, empty, over
-   split.max_pixels) are rejected with a reason (split.on_bad_image: skip records them, error stops).
+   split.max_pixels, under split.min_side) are rejected with a reason (split.on_bad_image: skip
+   records them, error stops).
 2. Duplicates: the same bytes, the same decoded pixels, or perceptual hashes at most
    split.near_duplicate_distance bits apart make a duplicate group (on the ISIC data, pairs 2 bits
    apart are re-encoded copies; from 4 bits on, some pairs are different lesions). A group whose members carry
@@ -79,7 +80,7 @@ def main() -> None:
     class_indices(manifest["label"], params.base.classes, source=str(args.raw / MANIFEST_NAME))
 
     with stage_run("split", params.base, params.split):
-        features = inspect_images(manifest["path"], params.split.max_pixels)
+        features = inspect_images(manifest["path"], params.split.max_pixels, params.split.min_side)
         result = split_dataset(
             pd.concat([manifest, features], axis=1), params.base.classes, params.split, params.base.seed
         )
@@ -105,7 +106,7 @@ def main() -> None:
     )
 
 
-def inspect_images(paths: Iterable[str], max_pixels: int) -> pd.DataFrame:
+def inspect_images(paths: Iterable[str], max_pixels: int, min_side: int = 1) -> pd.DataFrame:
     """Decode every image: its rejection reason ('' if usable), decoded-pixel hash, perceptual hash."""
     rows = []
     for path in paths:
@@ -113,6 +114,9 @@ def inspect_images(paths: Iterable[str], max_pixels: int) -> pd.DataFrame:
             image = decode_rgb(Path(path), max_pixels=max_pixels)
         except PipelineError as err:
             rows.append((str(err).removeprefix(f"{path}: "), "", ""))
+            continue
+        if min(image.size) < min_side:
+            rows.append((f"{image.width}x{image.height} pixels is under split.min_side={min_side}", "", ""))
             continue
         pixels = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
         rows.append(("", pixels, str(imagehash.phash(image))))

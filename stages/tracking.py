@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from stages.config import BaseParams
+from stages.errors import PipelineError
 
 # Embedded default: a SQLite store and an artifact folder at the repository root, no server needed.
 DEFAULT_DB_NAME = "mlflow.db"
@@ -29,6 +33,30 @@ def repo_root() -> Path:
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set (a team's server), else the SQLite file at the repo root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DEFAULT_DB_NAME}"
+
+
+def check_tracking_server(timeout_s: float = 5.0) -> None:
+    """Fail at once, naming the URI, when MLFLOW_TRACKING_URI is a server that does not answer."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            pass
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        raise PipelineError(
+            f"MLFLOW_TRACKING_URI={redact(uri)}: tracking server not reachable ({reason})"
+        ) from err
+
+
+def redact(uri: str) -> str:
+    """The URI without any password in it, fit for messages and logs."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def configure_mlflow() -> None:

@@ -12,6 +12,7 @@ from PIL import Image
 from stages.common import (
     atomic_output_dir,
     class_indices,
+    decode_rgb,
     load_images,
     load_rgb,
     read_manifest,
@@ -105,3 +106,34 @@ def test_class_indices_follow_class_order() -> None:
 def test_unknown_label_is_named() -> None:
     with pytest.raises(PipelineError, match=r"val.csv: unknown class 'c'; base.classes has a, b"):
         class_indices(["a", "c"], ["a", "b"], source="val.csv")
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    pixels = load_rgb(tmp_path / "ramp16.png", size=64)
+    assert pixels[0, 0, 0] == 0
+    assert pixels[-1, -1, 0] == 255
+    assert 120 < pixels.mean() < 135
+
+
+@pytest.mark.parametrize(
+    ("mode", "colour", "expected"),
+    [
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("RGBA", (10, 200, 30, 0), (10, 200, 30)),
+        ("L", 77, (77, 77, 77)),
+    ],
+)
+def test_other_colour_modes_become_rgb(tmp_path: Path, mode: str, colour: object, expected: tuple) -> None:
+    path = tmp_path / ("image.jpg" if mode == "CMYK" else "image.png")
+    Image.new(mode, (8, 8), colour).save(path)
+    assert tuple(load_rgb(path, size=8)[0, 0]) == expected
+
+
+def test_exif_rotation_is_applied(tmp_path: Path) -> None:
+    image = Image.new("RGB", (40, 20), (200, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert decode_rgb(tmp_path / "rotated.jpg").size == (20, 40)

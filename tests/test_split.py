@@ -282,3 +282,9 @@ def test_markdown_report_lists_every_removal(tmp_path: Path) -> None:
     for path in result.removed["path"]:
         assert f"`{path}`" in report
     assert "## Label conflicts (2)" in report
+
+
+def test_inspect_rejects_images_too_small_to_show_a_lesion(tmp_path: Path) -> None:
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    features = inspect_images([str(tmp_path / "dot.png")], max_pixels=10**6, min_side=16)
+    assert features.loc[0, "rejected"] == "1x1 pixels is under split.min_side=16"

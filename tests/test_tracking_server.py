@@ -1,0 +1,111 @@
+"""A real MLflow tracking server on 127.0.0.1, and what happens when it cannot be reached."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from stages.errors import PipelineError
+from stages.tracking import check_tracking_server, redact, stage_run
+from tests.conftest import REPO, as_params, small_params
+
+SERVER_START_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_unreachable_server_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(
+        PipelineError, match=r"MLFLOW_TRACKING_URI=http://127.0.0.1:\d+: tracking server not reachable"
+    ):
+        check_tracking_server(timeout_s=2)
+
+
+def test_passwords_are_redacted_from_messages() -> None:
+    assert redact("https://ana:s3cret@mlflow.example:8443/") == "https://ana:***@mlflow.example:8443/"
+    assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_stage_stops_before_any_work_when_server_is_down(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()), encoding="utf-8")
+    uri = f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.download", "--out", "data/raw"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"ERROR stages: MLFLOW_TRACKING_URI={uri}: tracking")
+    )
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_stage_runs_land_on_a_real_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root", (tmp_path / "artifacts").as_uri(),
+            "--host", "127.0.0.1", "--port", str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(f"{uri}/health", server)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "never-logged-secret")
+        monkeypatch.setenv("DVC_EXP_NAME", "on-server")
+        check_tracking_server()
+        params = as_params(small_params())
+        with stage_run("split", params.base, params.split) as run:
+            mlflow.log_metric("images_in", 3)
+        logged = mlflow.MlflowClient(uri).get_run(run.info.run_id)
+        assert logged.data.tags["stage"] == "split"
+        assert logged.data.tags["DVC_EXP_NAME"] == "on-server"
+        assert logged.data.metrics["images_in"] == 3
+        everything = str(logged.data.params) + str(logged.data.tags)
+        assert "never-logged-secret" not in everything
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _wait_for(url: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "mlflow server exited early"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(1)
+    pytest.fail(f"mlflow server did not answer within {SERVER_START_S} s")
