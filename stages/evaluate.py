@@ -305,7 +305,7 @@ def worst_misclassified_grid(
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != y_true)
     worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:count]
-    tile, caption, columns = 128, 30, 4
+    tile, caption, columns = 128, 30, 4  # a tile's width holds about 21 caption characters
     grid = Image.new(
         "RGB", (columns * tile, max(1, math.ceil(len(worst) / columns)) * (tile + caption)), "white"
     )
@@ -315,9 +315,9 @@ def worst_misclassified_grid(
         with Image.open(rows["path"].iloc[index]) as image:
             grid.paste(image.convert("RGB").resize((tile, tile)), (x, y))
         confidence = probabilities[index, predicted[index]]
-        draw.text((x + 2, y + tile + 2), f"true: {classes[y_true[index]][:20]}", fill="black")
+        draw.text((x + 2, y + tile + 2), f"true: {classes[y_true[index]][:15]}", fill="black")
         draw.text(
-            (x + 2, y + tile + 15), f"said: {classes[predicted[index]][:14]} {confidence:.2f}", fill="red"
+            (x + 2, y + tile + 15), f"said: {classes[predicted[index]][:10]} {confidence:.2f}", fill="red"
         )
     return grid
 
