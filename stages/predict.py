@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import logging
 import sys
 from collections.abc import Iterable, Sequence
@@ -102,8 +101,8 @@ def predict_files(model: mlflow.pyfunc.PyFuncModel, files: Sequence[Path]) -> pd
     encoded, errors = {}, {}
     for path in files:
         try:
+            decode_rgb(path, max_pixels=MAX_PIXELS)  # from the path, so errors name the file
             data = path.read_bytes()
-            decode_rgb(io.BytesIO(data), max_pixels=MAX_PIXELS)
         except (OSError, PipelineError) as err:
             errors[path] = str(err).split(": ", 1)[-1] if isinstance(err, PipelineError) else str(err)
             continue
@@ -171,7 +170,7 @@ def grad_cam(model: object, image: np.ndarray, class_index: int) -> np.ndarray:
 
     probe = keras.Model(model.inputs, [feature_layer.output, model.output])
     with tf.GradientTape() as tape:
-        features, probabilities = probe(image[None], training=False)
+        features, probabilities = probe([image[None]], training=False)
         score = probabilities[:, class_index]
     gradients = tape.gradient(score, features)
     weights = tf.reduce_mean(tf.cast(gradients, tf.float32), axis=(1, 2))
