@@ -6,10 +6,8 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,7 +26,7 @@ from stages.errors import PipelineError
 from stages.evaluate import log_servable_model, register_version
 from stages.predict import collect_images, explain_alerts, predict_files, resolve_default_model
 from stages.serving import decode_base64_image
-from tests.conftest import CLASSES, REPO, write_image
+from tests.conftest import CLASSES, REPO, free_port, wait_for_http, write_image
 
 SIZE = 32
 NAME = "lesions"
@@ -166,7 +164,7 @@ def test_grad_cam_overlays_are_written_for_alerts(tracking: str, tmp_path: Path)
 
 @pytest.mark.slow
 def test_served_model_answers_on_localhost(tracking: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             "mlflow",
@@ -187,7 +185,7 @@ def test_served_model_answers_on_localhost(tracking: str, tmp_path: Path) -> Non
         start_new_session=True,
     )
     try:
-        _wait_for(f"http://127.0.0.1:{port}/ping", server)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, SERVER_START_S)
         image = write_image(tmp_path / "x.jpg", (150, 60, 60), size=40)
         status, body = _post(port, [[_b64(image)]])
         assert status == 200, body
@@ -200,24 +198,6 @@ def test_served_model_answers_on_localhost(tracking: str, tmp_path: Path) -> Non
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "mlflow models serve exited early"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(1)
-    pytest.fail(f"server did not answer {url} within {SERVER_START_S} s")
 
 
 def _post(port: int, rows: list[list[str]]) -> tuple[int, str]:

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -18,19 +15,13 @@ import yaml
 
 from stages.errors import PipelineError
 from stages.tracking import check_tracking_server, redact, stage_run
-from tests.conftest import REPO, as_params, small_params
+from tests.conftest import REPO, as_params, free_port, small_params, wait_for_http
 
 SERVER_START_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_unreachable_server_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(
         PipelineError, match=r"MLFLOW_TRACKING_URI=http://127.0.0.1:\d+: tracking server not reachable"
     ):
@@ -44,7 +35,7 @@ def test_passwords_are_redacted_from_messages() -> None:
 
 def test_stage_stops_before_any_work_when_server_is_down(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()), encoding="utf-8")
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "stages.download", "--out", "data/raw"],
@@ -66,7 +57,7 @@ def test_stage_stops_before_any_work_when_server_is_down(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_stage_runs_land_on_a_real_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable, "-m", "mlflow", "server",
@@ -80,7 +71,7 @@ def test_stage_runs_land_on_a_real_server(tmp_path: Path, monkeypatch: pytest.Mo
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(f"{uri}/health", server)
+        wait_for_http(f"{uri}/health", server, SERVER_START_S)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "never-logged-secret")
         monkeypatch.setenv("DVC_EXP_NAME", "on-server")
@@ -97,15 +88,3 @@ def test_stage_runs_land_on_a_real_server(tmp_path: Path, monkeypatch: pytest.Mo
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-
-
-def _wait_for(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "mlflow server exited early"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(1)
-    pytest.fail(f"mlflow server did not answer within {SERVER_START_S} s")
