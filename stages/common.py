@@ -128,9 +128,9 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.uint8(np.clip(pixels / full_scale * 255.0, 0, 255).round()), "L")
 
 
-def load_rgb(path: Path, size: int) -> np.ndarray:
+def load_rgb(path: Path | BinaryIO, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file to a (size, size, 3) uint8 RGB array, honouring EXIF rotation."""
-    image = decode_rgb(path)
+    image = decode_rgb(path, max_pixels=max_pixels)
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)

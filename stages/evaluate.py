@@ -53,7 +53,7 @@ from stages.common import (
 )
 from stages.config import EvaluateParams, Params, load_params
 from stages.errors import PipelineError
-from stages.serving import IMAGE_COLUMN, LesionClassifier, prediction_frame
+from stages.serving import CHAMPION_ALIAS, IMAGE_COLUMN, LesionClassifier, prediction_frame
 from stages.split import SPLIT_COLUMNS
 from stages.tracking import flatten_params, stage_run
 from stages.train import pip_requirements
@@ -61,7 +61,6 @@ from stages.train import pip_requirements
 log = logging.getLogger("stages.evaluate")
 
 NEW_VERSION_ALIAS = "challenger"
-CHAMPION_ALIAS = "champion"
 PARTIAL_AUC_SENSITIVITY = 0.8  # the ISIC challenges' "AUC above 80 % sensitivity"
 
 
@@ -122,12 +121,13 @@ def main() -> None:
                 **{f"test_{key}": str(value) for key, value in headline(metrics).items()},
             },
         )
+        client = MlflowClient()
         promoted, reason = decide_promotion(
-            MlflowClient(), base.model_name, version, metrics, test_fingerprint, settings
+            client, base.model_name, version, metrics, test_fingerprint, settings
         )
         if promoted:
-            MlflowClient().set_registered_model_alias(base.model_name, CHAMPION_ALIAS, version)
-        MlflowClient().set_model_version_tag(base.model_name, version, "promotion", reason)
+            client.set_registered_model_alias(base.model_name, CHAMPION_ALIAS, version)
+        client.set_model_version_tag(base.model_name, version, "promotion", reason)
         mlflow.set_tags({"registered_version": version, "promotion": reason})
         metrics["model_version"] = int(version)
         write_json_atomic(args.metrics, metrics)
@@ -162,13 +162,11 @@ def compute_metrics(
             "support": int(is_k.sum()),
         }
     aucs = [scores["auc"] for scores in per_class.values() if scores["auc"] is not None]
-    recalls = [scores["sensitivity"] for scores in per_class.values() if scores["sensitivity"] is not None]
     melanoma_scores = per_class[classes[melanoma]]
     return {
         "test_images": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        # The ISIC definition: the mean sensitivity over the classes present in the test split.
-        "balanced_accuracy": float(np.mean(recalls)),
+        "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
         "macro_auc": float(np.mean(aucs)) if aucs else None,
         "melanoma": {
             "sensitivity": melanoma_scores["sensitivity"],
@@ -462,6 +460,7 @@ def render_model_card(params: Params, metrics: dict[str, Any], data: dict[str, A
 
 
 def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    # The ISIC definition: the mean sensitivity over the classes present in y_true.
     present = np.unique(y_true)
     return float(np.mean([(y_pred[y_true == k] == k).mean() for k in present]))
 

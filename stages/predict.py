@@ -25,15 +25,14 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from stages.common import IMAGE_SUFFIXES, decode_rgb, run_cli, write_csv_atomic
+from stages.common import IMAGE_SUFFIXES, decode_rgb, load_rgb, run_cli, write_csv_atomic
 from stages.config import load_params
 from stages.errors import PipelineError
-from stages.serving import IMAGE_COLUMN, MAX_PIXELS
+from stages.serving import CHAMPION_ALIAS, IMAGE_COLUMN, MAX_PIXELS
 from stages.tracking import configure_mlflow, tracking_uri
 
 log = logging.getLogger("stages.predict")
 
-CHAMPION_ALIAS = "champion"
 BATCH_SIZE = 32
 TABLE_ROWS = 20  # rows of the terminal table; the CSV has them all
 
@@ -141,10 +140,10 @@ def explain_alerts(model: mlflow.pyfunc.PyFuncModel, predictions: pd.DataFrame, 
     melanoma = config["classes"].index(config["melanoma_class"])
     folder.mkdir(parents=True, exist_ok=True)
     for row in predictions[predictions["melanoma_alert"].fillna(False).astype(bool)].itertuples():
-        image = decode_rgb(Path(row.path)).resize((config["image_size"],) * 2, Image.Resampling.BILINEAR)
-        heatmap = grad_cam(keras_model, np.asarray(image, dtype=np.uint8), melanoma)
+        pixels = load_rgb(Path(row.path), config["image_size"])
+        heatmap = grad_cam(keras_model, pixels, melanoma)
         target = folder / f"{Path(row.path).stem}_gradcam.png"
-        overlay_heatmap(image, heatmap).save(target)
+        overlay_heatmap(Image.fromarray(pixels), heatmap).save(target)
         log.info("Grad-CAM for %s: %s", row.path, target)
 
 

@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from PIL import Image
 
-from stages.common import decode_rgb
+from stages.common import load_rgb
 from stages.errors import PipelineError
 
 IMAGE_COLUMN = "image"
+CHAMPION_ALIAS = "champion"  # the registry alias of the version people rely on
 MAX_IMAGE_BYTES = 20 * 2**20  # one uploaded image; larger payloads get a 400
 MAX_PIXELS = 50_000_000
 
@@ -58,12 +58,9 @@ def decode_base64_image(text: str, size: int, row: int) -> np.ndarray:
     except (binascii.Error, ValueError) as err:
         raise _bad_input(f"row {row}: not base64 ({err})") from err
     try:
-        image = decode_rgb(io.BytesIO(data), max_pixels=MAX_PIXELS)
+        return load_rgb(io.BytesIO(data), size, max_pixels=MAX_PIXELS)
     except PipelineError as err:
         raise _bad_input(f"row {row}: {str(err).split(': ', 1)[-1]}") from err
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
 
 
 class LesionClassifier(mlflow.pyfunc.PythonModel):

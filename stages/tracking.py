@@ -22,7 +22,8 @@ from stages.errors import PipelineError
 # Embedded default: a SQLite store and an artifact folder at the repository root, no server needed.
 DEFAULT_DB_NAME = "mlflow.db"
 DEFAULT_ARTIFACTS_NAME = "mlartifacts"
-SERVER_SCHEMES = ("http://", "https://", "databricks")
+HTTP_SCHEMES = ("http://", "https://")
+SERVER_SCHEMES = (*HTTP_SCHEMES, "databricks")
 
 
 def repo_root() -> Path:
@@ -38,7 +39,7 @@ def tracking_uri() -> str:
 def check_tracking_server(timeout_s: float = 5.0) -> None:
     """Fail at once, naming the URI, when MLFLOW_TRACKING_URI is a server that does not answer."""
     uri = tracking_uri()
-    if not uri.startswith(("http://", "https://")):
+    if not uri.startswith(HTTP_SCHEMES):
         return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
