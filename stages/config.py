@@ -37,7 +37,21 @@ class SyntheticParams(_Section):
 
 
 class DownloadParams(_Section):
-    source: Literal["local", "synthetic"]
+    source: Literal["isic", "local", "synthetic"]
+    # isic: the ISIC Archive API
+    mode: Literal["manifest", "query"]
+    api_url: str = Field(pattern=r"^https?://")
+    manifest: str = Field(min_length=1)
+    queries: dict[str, str]
+    max_per_class: int = Field(ge=1)
+    workers: int = Field(ge=1, le=64)
+    max_side: int = Field(ge=0)
+    retries: int = Field(ge=1, le=50)
+    backoff_s: float = Field(ge=0)
+    max_backoff_s: float = Field(ge=0)
+    connect_timeout_s: float = Field(gt=0)
+    read_timeout_s: float = Field(gt=0)
+    # local: a folder or .zip
     path: str
     metadata: str
     lesion_column: str = Field(min_length=1)
@@ -119,6 +133,18 @@ class Params(_Section):
     rebalance: RebalanceParams
     train: TrainParams
     evaluate: EvaluateParams
+
+    @model_validator(mode="after")
+    def _check_queries(self) -> Params:
+        if self.download.source != "isic" or self.download.mode != "query":
+            return self
+        unknown = sorted(set(self.download.queries) - set(self.base.classes))
+        if unknown:
+            raise ValueError(f"download.queries has {unknown[0]!r}, which is not in base.classes")
+        missing = sorted(set(self.base.classes) - set(self.download.queries))
+        if missing:
+            raise ValueError(f"download.queries has no query for class {missing[0]!r}")
+        return self
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

@@ -1,10 +1,13 @@
 """Stage `download`: gather the labelled images into data/raw/ with a manifest of path, label, split, sha256.
 
 Sources (`download.source`):
+- isic: the ISIC Archive API, either every image of `download.manifest` by id (its labels and splits
+  kept) or one search per class (`download.queries`); also writes metadata.csv, attribution.txt and the
+  licence texts, as the archive asks of anyone who redistributes its images;
 - local: a folder <root>/Train/<class>/*.jpg with an optional <root>/Test/<class>/*.jpg, or a .zip of one
   (the layout of the public 9-class ISIC dataset);
 - synthetic: generated shapes for smoke runs and tests; not dermoscopic images.
-A new source is one function that returns manifest rows, added to SOURCES.
+A new source is one function (params, output folder, download cache) -> manifest rows, added to SOURCES.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ import shutil
 import stat
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import mlflow
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
+from tqdm import tqdm
 
 from stages.common import (
     IMAGE_SUFFIXES,
@@ -35,7 +41,14 @@ from stages.common import (
 )
 from stages.config import Params, load_params
 from stages.errors import PipelineError
-from stages.tracking import stage_run
+from stages.isic_archive import (
+    ArchiveClient,
+    ArchiveError,
+    RetryPolicy,
+    fetch_to_cache,
+    remove_partial_files,
+)
+from stages.tracking import repo_root, stage_run
 
 log = logging.getLogger("stages.download")
 
@@ -60,12 +73,15 @@ def main() -> None:
     """Read params, fetch the images from the configured source into the output folder."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (data/raw)")
+    parser.add_argument("--cache", type=Path, required=True, help="download cache folder (resumable)")
     args = parser.parse_args()
     params = load_params()
     fetch = SOURCES[params.download.source]
+    # Queued experiments run in throw-away copies of the repo; the cache lives in the real one.
+    cache = repo_root() / args.cache
     with stage_run("download", params.base, params.download):
         with atomic_output_dir(args.out) as tmp:
-            manifest = fetch(params, tmp)
+            manifest = fetch(params, tmp, cache)
             # Paths in every manifest are relative to the repository root, where stages run.
             manifest["path"] = [(args.out / path).as_posix() for path in manifest["path"]]
             write_csv_atomic(tmp / MANIFEST_NAME, manifest)
@@ -76,7 +92,7 @@ def main() -> None:
     log.info("%d images from source %r into %s", len(manifest), params.download.source, args.out)
 
 
-def fetch_local(params: Params, out: Path) -> pd.DataFrame:
+def fetch_local(params: Params, out: Path, cache: Path | None = None) -> pd.DataFrame:
     """Copy a local ISIC-layout folder (or .zip of one) into `out`; return the manifest."""
     root = Path(params.download.path)
     if not root.exists():
@@ -95,7 +111,7 @@ def fetch_local(params: Params, out: Path) -> pd.DataFrame:
         return manifest
 
 
-def fetch_synthetic(params: Params, out: Path) -> pd.DataFrame:
+def fetch_synthetic(params: Params, out: Path, cache: Path | None = None) -> pd.DataFrame:
     """Generate the synthetic image set into `out`; return the manifest."""
     log.warning("download.source is 'synthetic': these are generated shapes, not skin lesions")
     rows = generate_synthetic(
@@ -109,10 +125,188 @@ def fetch_synthetic(params: Params, out: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
-SOURCES: dict[str, Callable[[Params, Path], pd.DataFrame]] = {
+def fetch_isic(params: Params, out: Path, cache: Path) -> pd.DataFrame:
+    """Fetch images from the ISIC Archive through the download cache into `out`; return the manifest."""
+    settings = params.download
+    client = ArchiveClient(
+        settings.api_url,
+        RetryPolicy(
+            attempts=settings.retries,
+            backoff_s=settings.backoff_s,
+            max_backoff_s=settings.max_backoff_s,
+            connect_timeout_s=settings.connect_timeout_s,
+            read_timeout_s=settings.read_timeout_s,
+        ),
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(cache)
+    if settings.mode == "manifest":
+        wanted = read_isic_manifest(Path(settings.manifest), params.base.classes)
+        found: dict[str, dict] = {}
+    else:
+        wanted, found = search_archive(client, settings.queries, settings.max_per_class)
+    records = download_all(client, cache, wanted, found, settings.workers)
+    metadata = place_images(wanted, records, cache, out, settings.max_side)
+    write_csv_atomic(out / "metadata.csv", metadata.drop(columns="path"))
+    write_text_atomic(out / "attribution.txt", attribution_text(metadata["attribution"]))
+    for name in sorted(set(metadata["copyright_license"])):
+        write_text_atomic(out / "licenses" / f"{name}.txt", _license_text(client, cache, name))
+    return metadata.assign(source="isic")[MANIFEST_COLUMNS]
+
+
+SOURCES: dict[str, Callable[[Params, Path, Path], pd.DataFrame]] = {
+    "isic": fetch_isic,
     "local": fetch_local,
     "synthetic": fetch_synthetic,
 }
+
+ISIC_MANIFEST_SPLITS = ("train", "test")
+
+
+def read_isic_manifest(path: Path, classes: Sequence[str]) -> pd.DataFrame:
+    """Rows of isic_id, label, split, lesion_id, sha256 from a manifest CSV, checked line by line."""
+    if not path.is_file():
+        raise PipelineError(f"download.manifest: {path} not found")
+    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [column for column in ("isic_id", "label", "split") if column not in manifest.columns]
+    if missing:
+        raise PipelineError(f"download.manifest: {path} has no column(s) {', '.join(missing)}")
+    for optional in ("lesion_id", "sha256"):
+        if optional not in manifest.columns:
+            manifest[optional] = ""
+    if manifest.empty:
+        raise PipelineError(f"download.manifest: {path} lists no images")
+    for line, row in enumerate(manifest.itertuples(), start=2):
+        if not row.isic_id.startswith("ISIC_"):
+            raise PipelineError(f"{path}, line {line}: {row.isic_id!r} is not an ISIC id")
+        if row.label not in classes:
+            raise PipelineError(f"{path}, line {line}: unknown class {row.label!r}; see base.classes")
+        if row.split not in ISIC_MANIFEST_SPLITS:
+            raise PipelineError(f"{path}, line {line}: split {row.split!r} is not train or test")
+    repeated = manifest.duplicated(["isic_id", "label", "split"])
+    if repeated.any():
+        first = manifest[repeated].iloc[0]
+        raise PipelineError(f"download.manifest: {path} lists {first.isic_id} as {first.label!r} twice")
+    columns = ["isic_id", "label", "split", "lesion_id", "sha256"]
+    return manifest[columns].sort_values(["split", "label", "isic_id"], ignore_index=True)
+
+
+def search_archive(
+    client: ArchiveClient, queries: dict[str, str], max_per_class: int
+) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Run one archive search per class; return the wanted rows (all train) and the records found."""
+    rows, records = [], {}
+    for label, query in sorted(queries.items()):
+        try:
+            found = list(client.search(query, max_per_class))
+        except ArchiveError as err:
+            raise PipelineError(f"download.queries[{label!r}]: search failed: {err}") from err
+        if not found:
+            raise PipelineError(f"download.queries[{label!r}]: the archive has no image for {query!r}")
+        log.info("%s: %d images for %s", label, len(found), query)
+        for record in found:
+            records[record["isic_id"]] = record
+            rows.append((record["isic_id"], label, "train", "", ""))
+    wanted = pd.DataFrame(rows, columns=["isic_id", "label", "split", "lesion_id", "sha256"])
+    return wanted.sort_values(["split", "label", "isic_id"], ignore_index=True), records
+
+
+def download_all(
+    client: ArchiveClient, cache: Path, wanted: pd.DataFrame, found: dict[str, dict], workers: int
+) -> dict[str, dict]:
+    """Fetch every wanted image into the cache with `workers` threads; fail naming every id not got."""
+    expected = dict(zip(wanted["isic_id"], wanted["sha256"], strict=True))
+    ids = sorted(expected)
+    records: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = {
+            pool.submit(fetch_to_cache, client, cache, isic_id, found.get(isic_id), sha256): isic_id
+            for isic_id, sha256 in sorted(expected.items())
+        }
+        with tqdm(total=len(ids), unit="img", desc="download", mininterval=1.0) as progress:
+            for future in as_completed(futures):
+                isic_id = futures[future]
+                try:
+                    records[isic_id] = future.result()
+                except ArchiveError as err:
+                    failures[isic_id] = str(err)
+                progress.update()
+    finally:
+        # On Ctrl-C, drop the queued downloads instead of waiting for all of them.
+        pool.shutdown(wait=True, cancel_futures=True)
+    if failures:
+        details = "; ".join(f"{isic_id}: {failures[isic_id]}" for isic_id in sorted(failures))
+        raise PipelineError(
+            f"download: could not get {len(failures)} of {len(ids)} images "
+            f"({', '.join(sorted(failures))}). {details}"
+        )
+    return records
+
+
+def place_images(
+    wanted: pd.DataFrame, records: dict[str, dict], cache: Path, out: Path, max_side: int
+) -> pd.DataFrame:
+    """Copy (or downsize) each cached image to out/<split>/<class>/<isic_id>.<ext>; return the metadata."""
+    rows = []
+    for row in wanted.itertuples():
+        record = records[row.isic_id]
+        source = cache / record["file"]
+        relative = Path(row.split) / row.label / source.name
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        original_size, size = _copy_or_downsize(source, target, max_side)
+        clinical = record.get("metadata", {}).get("clinical", {})
+        rows.append(
+            {
+                "path": relative.as_posix(),
+                "isic_id": row.isic_id,
+                "label": row.label,
+                "split": row.split,
+                "copyright_license": record.get("copyright_license", ""),
+                "attribution": record.get("attribution", ""),
+                **{key: value for key, value in sorted(clinical.items()) if key.startswith("diagnosis")},
+                "lesion_id": row.lesion_id or clinical.get("lesion_id") or "",
+                "archive_lesion_id": clinical.get("lesion_id") or "",
+                "original_sha256": record["sha256"],
+                "original_size": original_size,
+                "size": size,
+                "sha256": sha256_file(target),
+            }
+        )
+    return pd.DataFrame(rows).fillna("")
+
+
+def attribution_text(attributions: pd.Series) -> str:
+    """The archive's attribution list: most images first, then by name, Anonymous last (as isic-cli)."""
+    counts = Counter(attributions)
+    ordered = sorted(counts, key=lambda name: (name == "Anonymous", -counts[name], name))
+    return "\n\n".join(ordered) + "\n"
+
+
+def _copy_or_downsize(source: Path, target: Path, max_side: int) -> tuple[str, str]:
+    with Image.open(source) as image:
+        original = f"{image.width}x{image.height}"
+        if not max_side or max(image.size) <= max_side:
+            shutil.copyfile(source, target)
+            return original, original
+        # Rotating per EXIF before resizing, because the re-encoded file carries no EXIF.
+        upright = ImageOps.exif_transpose(image)
+        upright.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        options = {"quality": 95} if image.format == "JPEG" else {}
+        upright.save(target, format=image.format, icc_profile=image.info.get("icc_profile"), **options)
+        return original, f"{upright.width}x{upright.height}"
+
+
+def _license_text(client: ArchiveClient, cache: Path, name: str) -> str:
+    cached = cache / "licenses" / f"{name}.txt"
+    if not cached.is_file():
+        try:
+            write_text_atomic(cached, client.license_text(name))
+        except ArchiveError as err:
+            raise PipelineError(f"download: licence text {name} could not be fetched: {err}") from err
+    return cached.read_text(encoding="utf-8")
 
 
 def extract_zip_safely(archive_path: Path, dest: Path, max_bytes: int) -> None:

@@ -1,4 +1,8 @@
-"""End to end: `dvc repro` on the synthetic source in a temporary git repo, then experiments."""
+"""End to end: `dvc repro` in a temporary git repo from a stand-in ISIC Archive, then experiments.
+
+The stand-in serves the synthetic image set (learnable shapes) under ISIC ids, so the default
+`download.source: isic` runs as it would against the real archive.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -16,7 +21,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from stages.download import generate_synthetic
 from tests.conftest import REPO, repo_params
+from tests.isic_standin import StandinArchive, serve
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +32,31 @@ QUEUE_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git + DVC repo holding this project's pipeline, set to a small synthetic run."""
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, StandinArchive, pd.DataFrame]]:
+    """A stand-in ISIC Archive serving 20 synthetic images per class; yields its URL, itself, a manifest."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    rows = generate_synthetic(folder, repo_params()["base"]["classes"], images_per_class=20, size=32, seed=3)
+    ids = [f"ISIC_{number:07d}" for number in range(1, len(rows) + 1)]
+    images = {isic_id: (folder / row[0]).read_bytes() for isic_id, row in zip(ids, rows, strict=True)}
+    manifest = pd.DataFrame({"isic_id": ids, "label": [row[1] for row in rows], "split": "train"})
+    archive = StandinArchive(images=images)
+    with serve(archive) as api_url:
+        yield api_url, archive, manifest
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, standin: tuple) -> Path:
+    """A git + DVC repo holding this project's pipeline, set to a small run against the stand-in."""
+    api_url, _, manifest = standin
     root = tmp_path_factory.mktemp("project")
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     params = repo_params()
     params["base"]["image_size"] = 32
-    params["download"].update(source="synthetic", path="stages/download.py")
-    params["download"]["synthetic"]["images_per_class"] = 20
+    params["download"].update(api_url=api_url, workers=4, backoff_s=0.05)
+    (root / params["download"]["manifest"]).parent.mkdir(parents=True)
+    manifest.to_csv(root / params["download"]["manifest"], index=False)
     params["rebalance"]["samples_per_class"] = 16
     params["train"].update(epochs=6, batch_size=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
@@ -71,7 +93,7 @@ def test_repro_writes_metrics_that_beat_chance(project: Path, first_repro: str) 
     assert data["images_in"] == 9 * 20
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert train["device"] == "cpu"
-    assert (project / "data" / "raw" / "SYNTHETIC_DATA.txt").is_file()
+    assert (project / "data" / "raw" / "attribution.txt").is_file()
 
 
 def test_dvc_knows_the_metrics_and_plots(project: Path, first_repro: str) -> None:
