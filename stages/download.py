@@ -46,6 +46,7 @@ from stages.isic_archive import (
     ArchiveError,
     RetryPolicy,
     fetch_to_cache,
+    read_cached,
     remove_partial_files,
 )
 from stages.tracking import repo_root, stage_run
@@ -143,7 +144,10 @@ def fetch_isic(params: Params, out: Path, cache: Path) -> pd.DataFrame:
     if settings.mode == "manifest":
         wanted = read_isic_manifest(Path(settings.manifest), params.base.classes)
         found: dict[str, dict] = {}
+        if not all_cached(cache, wanted):
+            _probe(client, settings.api_url)
     else:
+        _probe(client, settings.api_url)
         wanted, found = search_archive(client, settings.queries, settings.max_per_class)
     records = download_all(client, cache, wanted, found, settings.workers)
     metadata = place_images(wanted, records, cache, out, settings.max_side)
@@ -209,6 +213,12 @@ def search_archive(
             rows.append((record["isic_id"], label, "train", "", ""))
     wanted = pd.DataFrame(rows, columns=["isic_id", "label", "split", "lesion_id", "sha256"])
     return wanted.sort_values(["split", "label", "isic_id"], ignore_index=True), records
+
+
+def all_cached(cache: Path, wanted: pd.DataFrame) -> bool:
+    """True when the cache already holds every wanted image, complete and verified (no network needed)."""
+    expected = dict(zip(wanted["isic_id"], wanted["sha256"], strict=True))
+    return all(read_cached(cache, isic_id, sha256) is not None for isic_id, sha256 in expected.items())
 
 
 def download_all(
@@ -297,6 +307,17 @@ def _copy_or_downsize(source: Path, target: Path, max_side: int) -> tuple[str, s
         options = {"quality": 95} if image.format == "JPEG" else {}
         upright.save(target, format=image.format, icc_profile=image.info.get("icc_profile"), **options)
         return original, f"{upright.width}x{upright.height}"
+
+
+def _probe(client: ArchiveClient, api_url: str) -> None:
+    # Thousands of ids each retried against an archive that cannot be reached would take hours.
+    try:
+        client.probe()
+    except ArchiveError as err:
+        raise PipelineError(
+            f"download.api_url: {api_url} does not answer ({err}); without internet, "
+            "use download.source: local with a copy of the dataset"
+        ) from err
 
 
 def _license_text(client: ArchiveClient, cache: Path, name: str) -> str:

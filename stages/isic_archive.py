@@ -72,6 +72,11 @@ class ArchiveClient:
         self.policy = policy
         self._local = threading.local()
 
+    def probe(self) -> None:
+        """Check that the API answers, trying a few times only, so that an offline run fails fast."""
+        url = urljoin(self.api_url, "images/search/")
+        self._retrying(self._get_json, url, {"limit": 1}, attempts=min(3, self.policy.attempts))
+
     def image(self, isic_id: str) -> dict[str, Any]:
         """The archive's record of one image (`GET images/{isic_id}/`)."""
         return self._retrying(self._get_json, urljoin(self.api_url, f"images/{isic_id}/"))
@@ -98,10 +103,11 @@ class ArchiveClient:
         """Stream the image's full file to `dest` through a temp name; return its sha256."""
         return self._retrying(self._download_once, record, Path(dest), expected_sha256)
 
-    def _retrying(self, call: Any, *args: Any) -> Any:
+    def _retrying(self, call: Any, *args: Any, attempts: int | None = None) -> Any:
+        attempts = attempts or self.policy.attempts
         retrying = Retrying(
             retry=retry_if_exception_type(_TransientError),
-            stop=stop_after_attempt(self.policy.attempts),
+            stop=stop_after_attempt(attempts),
             wait=self._wait_s,
             before_sleep=_log_retry,
             reraise=True,
@@ -109,7 +115,7 @@ class ArchiveClient:
         try:
             return retrying(call, *args)
         except _TransientError as err:
-            raise ArchiveError(f"{err} (gave up after {self.policy.attempts} attempts)") from err
+            raise ArchiveError(f"{err} (gave up after {attempts} attempts)") from err
 
     def _wait_s(self, state: RetryCallState) -> float:
         # Exponential backoff, unless the server said how long to wait: then at least that.

@@ -94,6 +94,9 @@ def make_images(count: int, size: int = 64, start: int = 1) -> dict[str, bytes]:
 class _Handler(BaseHTTPRequestHandler):
     archive: StandinArchive
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle's algorithm on, each response would
+    # wait for the client's delayed ACK (about 40 ms), which real servers do not.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:
         """Keep test output quiet."""
@@ -124,13 +127,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _search(self, query: dict[str, list[str]]) -> None:
         self.archive.count("search")
-        ids = self.archive.searches.get(query["query"][0], [])
+        text = query.get("query", [""])[0]
+        ids = self.archive.searches.get(text, sorted(self.archive.images) if not text else [])
         limit = min(int(query.get("limit", ["100"])[0]), self.archive.page_size)
         cursor = int(query.get("cursor", ["0"])[0])
         page = ids[cursor : cursor + limit]
         following = None
         if cursor + limit < len(ids):
-            params = urlencode({"query": query["query"][0], "limit": limit, "cursor": cursor + limit})
+            params = urlencode({"query": text, "limit": limit, "cursor": cursor + limit})
             following = f"{self.archive.base_url}{API_PREFIX}images/search/?{params}"
         body = {
             "count": len(ids),

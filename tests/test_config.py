@@ -44,7 +44,8 @@ def test_out_of_range_value_is_named(tmp_path: Path) -> None:
 
 def test_unknown_source_is_named(tmp_path: Path) -> None:
     params = small_params(download={"source": "ftp"})
-    with pytest.raises(PipelineError, match=r"download.source: Input should be 'local' or 'synthetic'"):
+    expected = r"download.source: Input should be 'isic', 'local' or 'synthetic'"
+    with pytest.raises(PipelineError, match=expected):
         load_params(_write(tmp_path, params))
 
 

@@ -154,12 +154,12 @@ def test_synthetic_classes_differ_in_colour(tmp_path: Path) -> None:
 
 
 def test_stage_cli_reports_bad_path_in_one_line(tmp_path: Path) -> None:
-    params = small_params(download={"path": str(tmp_path / "absent")})
+    params = small_params(download={"source": "local", "path": str(tmp_path / "absent")})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_ROOT": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(
-        [sys.executable, "-m", "stages.download", "--out", "data/raw"],
+        [sys.executable, "-m", "stages.download", "--out", "data/raw", "--cache", "data/cache/isic"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
