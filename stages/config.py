@@ -103,6 +103,7 @@ class TrainParams(_Section):
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"]
     distribution: Literal["none", "data_parallel"]
     deterministic: bool
+    resume: bool
 
     @model_validator(mode="after")
     def _check_weights(self) -> TrainParams:

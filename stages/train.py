@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import logging
 import math
 import os
@@ -77,10 +78,24 @@ def main() -> None:
     y_val = class_indices(val_rows["label"], base.classes, source=str(args.split / "val.csv"))
     log.info("training on %d images, validating on %d", len(x_train), len(x_val))
 
+    checkpoint_dir = None
+    if params.train.resume:
+        # One checkpoint folder per (inputs, params): a resumed run only ever continues the same training.
+        key = _content_key([*train_rows["path"], *val_rows["path"]], base.image_size)
+        settings = hashlib.sha256(f"{base.model_dump_json()}{params.train.model_dump_json()}".encode())
+        checkpoint_dir = cache / "checkpoints" / f"{key}-{settings.hexdigest()[:12]}"
+
     with stage_run("train", base, params.train) as run:
         live = Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None)
         model, summary = train_model(
-            x_train, y_train, x_val, y_val, base, params.train, callbacks=[EpochLogger(live)]
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            base,
+            params.train,
+            callbacks=[EpochLogger(live)],
+            checkpoint_dir=checkpoint_dir,
         )
         live.end()
         mlflow.log_metrics({key: v for key, v in summary.items() if isinstance(v, (int, float))})
@@ -112,8 +127,12 @@ def train_model(
     base: BaseParams,
     train: TrainParams,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
-    """Build and fit the configured model, keeping the epoch with the best val balanced accuracy."""
+    """Build and fit the configured model, keeping the epoch with the best val balanced accuracy.
+
+    With `checkpoint_dir`, every epoch is checkpointed there and a killed run resumes from the last one.
+    """
     configure_determinism(base.seed, train.deterministic)
     keras.mixed_precision.set_dtype_policy(train.precision)
     num_classes = len(base.classes)
@@ -132,12 +151,16 @@ def train_model(
         )
     # The validation pass comes first so that the callbacks after it see its metrics.
     all_callbacks: list[keras.callbacks.Callback] = [ValidationMetrics(x_val, y_val, train.batch_size)]
+    early_stopping = None
     if train.early_stopping_patience:
-        all_callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=MONITOR, mode="max", patience=train.early_stopping_patience, restore_best_weights=True
-            )
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor=MONITOR, mode="max", patience=train.early_stopping_patience, restore_best_weights=True
         )
+        all_callbacks.append(early_stopping)
+    recorder = None
+    if checkpoint_dir:
+        recorder = ResumableCheckpoint(checkpoint_dir, early_stopping, callbacks or [])
+        all_callbacks.append(recorder)
     all_callbacks += callbacks or []
     started = time.perf_counter()
     history = model.fit(
@@ -151,7 +174,11 @@ def train_model(
         verbose=2,
     )
     seconds = time.perf_counter() - started
-    scores = history.history[MONITOR]
+    # A resumed fit's History only holds the epochs it ran; the checkpoint recorded the earlier ones.
+    epochs_run = history.history
+    if recorder:
+        epochs_run = recorder.history
+    scores = epochs_run[MONITOR]
     # With early stopping the model holds the best epoch's weights, else the last epoch's.
     kept = int(np.argmax(scores)) if train.early_stopping_patience else len(scores) - 1
     summary = {
@@ -164,10 +191,10 @@ def train_model(
         "best_val_balanced_accuracy": float(np.max(scores)),
         "kept_epoch": kept + 1,
         "seconds": round(seconds, 2),
-        "images_per_second": round(len(scores) * len(x_train) / seconds, 2),
+        "images_per_second": round(len(history.history[MONITOR]) * len(x_train) / seconds, 2),
         "train_images": len(x_train),
         "val_images": len(x_val),
-        **{key: float(values[kept]) for key, values in history.history.items() if key != "learning_rate"},
+        **{key: float(values[kept]) for key, values in epochs_run.items() if key != "learning_rate"},
     }
     return model, summary
 
@@ -234,6 +261,74 @@ class ValidationMetrics(keras.callbacks.Callback):
             logs["val_loss"] = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
             logs["val_accuracy"] = float((predicted == self.y_val).mean())
             logs[MONITOR] = float(balanced_accuracy_score(self.y_val, predicted))
+
+
+class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore (weights, optimizer, epoch) plus what it leaves out.
+
+    It also keeps each epoch's logs and the early-stopping state, so that a resumed run stops, keeps
+    its best epoch and reports its history exactly as an uninterrupted one would, and replays the
+    earlier epochs to `replay_to` (the DVCLive and MLflow loggers) before carrying on.
+    """
+
+    STATE_FILE = "resume_state.json"
+    BEST_WEIGHTS_FILE = "best_weights.npz"
+
+    def __init__(
+        self,
+        backup_dir: Path,
+        early_stopping: keras.callbacks.EarlyStopping | None,
+        replay_to: Sequence[keras.callbacks.Callback],
+    ) -> None:
+        super().__init__(backup_dir=str(backup_dir), save_freq="epoch", delete_checkpoint=True)
+        self.backup_path = Path(backup_dir)
+        self.early_stopping = early_stopping
+        self.replay_to = list(replay_to)
+        self.history: dict[str, list[float]] = {}
+
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        """Restore the last checkpoint, if any, and replay its epochs to the loggers."""
+        super().on_train_begin(logs)
+        start_epoch = self.model._initial_epoch or 0
+        state_path = self.backup_path / self.STATE_FILE
+        if not start_epoch or not state_path.is_file():
+            return
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if state["epoch"] != start_epoch:
+            raise PipelineError(f"{self.backup_path}: checkpoint is inconsistent; delete it to retrain")
+        self.history = state["history"]
+        if self.early_stopping is not None:
+            for name in ("wait", "best", "best_epoch"):
+                setattr(self.early_stopping, name, state["early_stopping"][name])
+            with np.load(self.backup_path / self.BEST_WEIGHTS_FILE) as stored:
+                self.early_stopping.best_weights = [stored[f"w{i}"] for i in range(len(stored.files))]
+        log.info("resuming from the checkpoint of epoch %d in %s", start_epoch, self.backup_path)
+        for epoch in range(start_epoch):
+            epoch_logs = {name: values[epoch] for name, values in self.history.items()}
+            for callback in self.replay_to:
+                callback.on_epoch_end(epoch, epoch_logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        """Record the epoch's logs, then checkpoint."""
+        for name, value in (logs or {}).items():
+            self.history.setdefault(name, []).append(float(value))
+        super().on_epoch_end(epoch, logs)
+
+    def _save_model(self) -> None:
+        # Keras writes the weights, then the epoch; our state goes first, stamped with the epoch it
+        # belongs to, so that a kill between the writes is detected instead of mixing epochs.
+        self.backup_path.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] = {"epoch": self._current_epoch, "history": self.history}
+        if self.early_stopping is not None:
+            stopping = self.early_stopping
+            best = None if stopping.best is None else float(stopping.best)
+            state["early_stopping"] = {"wait": stopping.wait, "best": best, "best_epoch": stopping.best_epoch}
+            weights = {f"w{i}": array for i, array in enumerate(stopping.best_weights or [])}
+            tmp = self.backup_path / f".{self.BEST_WEIGHTS_FILE}.tmp.npz"
+            np.savez(tmp, **weights)
+            tmp.replace(self.backup_path / self.BEST_WEIGHTS_FILE)
+        write_json_atomic(self.backup_path / self.STATE_FILE, state)
+        super()._save_model()
 
 
 def _class_weights(y: np.ndarray) -> dict[int, float]:

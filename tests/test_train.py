@@ -21,6 +21,7 @@ from stages.config import TrainParams
 from stages.train import (
     MONITOR,
     EpochLogger,
+    ResumableCheckpoint,
     detect_device,
     load_cached_images,
     save_model_atomic,
@@ -135,6 +136,80 @@ def test_same_seed_gives_same_weights() -> None:
     second, _ = train_model(x, y, x, y, params.base, params.train)
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class _KillAfter(keras.callbacks.Callback):
+    """Stands in for kill -9: aborts training after an epoch, before Keras can clean up."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch + 1 == self.epochs:
+            raise KeyboardInterrupt
+
+
+class _Epochs(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, float]] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seen.append((epoch, logs[MONITOR]))
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
+    x, y = _data(n=48)
+    x_val, y_val = _data(n=24, seed=1)
+    params = _params(epochs=5, early_stopping_patience=5)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(x, y, x_val, y_val, params.base, params.train, [_KillAfter(3)], checkpoint_dir=tmp_path)
+    logged = _Epochs()
+    _, summary = train_model(x, y, x_val, y_val, params.base, params.train, [logged], tmp_path)
+    # Epochs 0-2 come back from the checkpoint (replayed to the loggers); only 3 and 4 are trained.
+    assert [epoch for epoch, _ in logged.seen] == [0, 1, 2, 3, 4]
+    assert summary["epochs"] == 5
+    scores = [score for _, score in logged.seen]
+    assert summary["best_epoch"] == int(np.argmax(scores)) + 1
+    assert not tmp_path.exists()  # a finished run deletes its checkpoint
+
+
+def test_resumed_run_restores_early_stopping_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = _data(n=48)
+    x_val, y_val = _data(n=24, seed=1)
+    params = _params(epochs=4, early_stopping_patience=4, learning_rate=0.05, schedule="constant")
+    weights: list[list[np.ndarray]] = []
+
+    class RecordWeights(_Epochs):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            super().on_epoch_end(epoch, logs)
+            weights.append([w.copy() for w in self.model.get_weights()])
+
+    first = RecordWeights()
+    with pytest.raises(KeyboardInterrupt):
+        train_model(x, y, x_val, y_val, params.base, params.train, [first, _KillAfter(2)], tmp_path)
+    restored: dict = {}
+    original = ResumableCheckpoint.on_train_begin
+
+    def spy(self: ResumableCheckpoint, logs: dict | None = None) -> None:
+        original(self, logs)
+        restored.update(best=self.early_stopping.best, weights=self.early_stopping.best_weights)
+
+    monkeypatch.setattr(ResumableCheckpoint, "on_train_begin", spy)
+    train_model(x, y, x_val, y_val, params.base, params.train, [], checkpoint_dir=tmp_path)
+    scores = [score for _, score in first.seen]
+    assert restored["best"] == pytest.approx(max(scores))
+    for got, expected in zip(restored["weights"], weights[int(np.argmax(scores))], strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_without_a_checkpoint_dir_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    x, y = _data()
+    params = _params(epochs=1)
+    train_model(x, y, x, y, params.base, params.train)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_epoch_logger_writes_dvclive_and_mlflow(in_tmp: Path) -> None:
