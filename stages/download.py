@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import logging
+import os
 import shutil
 import stat
 import tempfile
@@ -373,17 +374,17 @@ def list_local_images(root: Path, classes: Sequence[str]) -> list[_Image]:
         if not split_dir.is_dir():
             continue
         for class_dir in sorted(child for child in split_dir.iterdir() if child.is_dir()):
+            # Unknown classes are kept here so that `split` rejects them with a reason in the report
+            # (or stops, in strict mode) instead of them vanishing without trace.
             if class_dir.name not in classes:
-                raise PipelineError(
-                    f"{class_dir}: unknown class {class_dir.name!r}; base.classes has {', '.join(classes)}"
-                )
+                log.warning("%s: class not in base.classes; split will reject its images", class_dir)
             files = sorted(
                 path
                 for path in class_dir.iterdir()
                 if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
             )
             if not files:
-                raise PipelineError(f"{class_dir}: class folder has no images")
+                log.warning("%s: class folder has no images", class_dir)
             images.extend(_Image(path, class_dir.name, split) for path in files)
     missing = sorted(set(classes) - {image.label for image in images})
     if missing:
@@ -395,13 +396,21 @@ def copy_images(images: Sequence[_Image], out: Path, source: str) -> pd.DataFram
     """Copy images to out/<split>/<class>/<name>; return their manifest rows, lesion ids still empty."""
     rows = []
     for image in images:
-        relative = Path(image.split) / image.label / image.source_path.name
+        relative = Path(image.split) / image.label / _utf8_name(image.source_path.name)
         target = out / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(image.source_path, target)
         digest = sha256_file(target)
         rows.append((relative.as_posix(), image.label, image.split, digest, source, relative.stem, ""))
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+
+
+def _utf8_name(name: str) -> str:
+    # A name whose bytes are not UTF-8 cannot go into the UTF-8 manifest: its bad bytes become %xNN.
+    utf8 = os.fsencode(name).decode("utf-8", errors="backslashreplace").replace("\\", "%")
+    if utf8 != name:
+        log.warning("file name %r is not UTF-8; stored as %r", name, utf8)
+    return utf8
 
 
 def read_lesion_ids(path: Path, column: str) -> pd.Series:

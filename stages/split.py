@@ -35,7 +35,6 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from stages.common import (
     atomic_output_dir,
-    class_indices,
     decode_rgb,
     read_manifest,
     run_cli,
@@ -77,7 +76,6 @@ def main() -> None:
     params = load_params()
 
     manifest = read_manifest(args.raw / MANIFEST_NAME, MANIFEST_COLUMNS)
-    class_indices(manifest["label"], params.base.classes, source=str(args.raw / MANIFEST_NAME))
 
     with stage_run("split", params.base, params.split):
         features = inspect_images(manifest["path"], params.split.max_pixels, params.split.min_side)
@@ -126,6 +124,9 @@ def inspect_images(paths: Iterable[str], max_pixels: int, min_side: int = 1) -> 
 def split_dataset(frame: pd.DataFrame, classes: Sequence[str], params: SplitParams, seed: int) -> SplitResult:
     """Reject bad images, resolve duplicates and leakage, and split the rest train/val/test."""
     frame = frame.sort_values("path", ignore_index=True)
+    unknown = ~frame["label"].isin(classes) & (frame["rejected"] == "")
+    reasons = [f"class {label!r} is not in base.classes" for label in frame.loc[unknown, "label"]]
+    frame.loc[unknown, "rejected"] = reasons
     bad = frame["rejected"] != ""
     if bad.any() and params.on_bad_image == "error":
         first = frame[bad].iloc[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 import zipfile
@@ -17,7 +16,6 @@ from PIL import Image
 from stages.download import (
     MANIFEST_COLUMNS,
     copy_images,
-    extract_zip_safely,
     fetch_local,
     generate_synthetic,
     list_local_images,
@@ -54,21 +52,6 @@ def test_copy_images_writes_files_and_manifest(tmp_path: Path) -> None:
     assert len(first["sha256"]) == 64
 
 
-def test_unknown_class_folder_is_named(tmp_path: Path) -> None:
-    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
-    (root / "Train" / "melanom").mkdir()
-    with pytest.raises(PipelineError, match=r"melanom: unknown class 'melanom'; base.classes has melanoma"):
-        list_local_images(root, CLASSES)
-
-
-def test_empty_class_folder_is_named(tmp_path: Path) -> None:
-    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
-    for path in (root / "Train" / "nevus").iterdir():
-        path.unlink()
-    with pytest.raises(PipelineError, match=r"Train/nevus: class folder has no images"):
-        list_local_images(root, CLASSES)
-
-
 def test_missing_path_is_named(tmp_path: Path) -> None:
     params = as_params(small_params(download={"path": str(tmp_path / "absent")}))
     with pytest.raises(PipelineError, match=r"download.path: .*absent does not exist"):
@@ -103,35 +86,6 @@ def test_zip_with_wrapping_folder_is_read(tmp_path: Path) -> None:
     manifest = fetch_local(params, tmp_path / "out")
     assert len(manifest) == 9
     assert sorted(set(manifest["split"])) == ["test", "train"]
-
-
-@pytest.mark.parametrize("name", ["../evil.jpg", "/etc/evil.jpg", "Train/../../evil.jpg"])
-def test_zip_with_unsafe_path_is_refused(tmp_path: Path, name: str) -> None:
-    archive = tmp_path / "evil.zip"
-    with zipfile.ZipFile(archive, "w") as handle:
-        handle.writestr(name, b"x")
-    with pytest.raises(PipelineError, match=r"evil.zip has unsafe entry"):
-        extract_zip_safely(archive, tmp_path / "out", max_bytes=2**20)
-    assert not (tmp_path / "evil.jpg").exists()
-
-
-def test_zip_with_symlink_is_refused(tmp_path: Path) -> None:
-    archive = tmp_path / "link.zip"
-    entry = zipfile.ZipInfo("Train/melanoma/link.jpg")
-    entry.external_attr = (stat.S_IFLNK | 0o777) << 16
-    with zipfile.ZipFile(archive, "w") as handle:
-        handle.writestr(entry, "/etc/passwd")
-    with pytest.raises(PipelineError, match=r"link.zip has symbolic link 'Train/melanoma/link.jpg'"):
-        extract_zip_safely(archive, tmp_path / "out", max_bytes=2**20)
-
-
-def test_oversized_zip_is_refused(tmp_path: Path) -> None:
-    archive = tmp_path / "big.zip"
-    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
-        handle.writestr("Train/melanoma/a.jpg", b"\0" * (2 * 2**20))
-    with pytest.raises(PipelineError, match=r"big.zip unpacks to more than download.max_extract_mb=1 MiB"):
-        extract_zip_safely(archive, tmp_path / "out", max_bytes=2**20)
-    assert not (tmp_path / "out").exists()
 
 
 def test_synthetic_set_is_deterministic(tmp_path: Path) -> None:

@@ -18,14 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from stages.architectures import build_model
 from stages.config import AugmentParams
 from stages.errors import PipelineError
 from stages.evaluate import log_servable_model, register_version
 from stages.predict import collect_images, explain_alerts, predict_files, resolve_default_model
-from stages.serving import decode_base64_image
 from tests.conftest import CLASSES, REPO, free_port, wait_for_http, write_image
 
 SIZE = 32
@@ -88,14 +86,6 @@ def test_pyfunc_rejects_a_non_image_as_bad_input(tracking: str) -> None:
     with pytest.raises(MlflowException, match=r"row 0: cannot decode image") as raised:
         model.predict(pd.DataFrame({"image": [text]}))
     assert raised.value.error_code == "INVALID_PARAMETER_VALUE"
-
-
-def test_oversized_image_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("stages.serving.MAX_IMAGE_BYTES", 10)
-    with pytest.raises(MlflowException, match=r"row 3: image is larger than") as raised:
-        decode_base64_image("A" * 100, SIZE, row=3)
-    assert raised.value.get_http_status_code() == 400
-    assert raised.value.error_code == MlflowException("", error_code=INVALID_PARAMETER_VALUE).error_code
 
 
 def test_predict_folder_keeps_going_past_a_corrupt_file(tracking: str, tmp_path: Path) -> None:
