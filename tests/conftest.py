@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +125,30 @@ def wait_for_http(url: str, server: subprocess.Popen, timeout_s: float) -> None:
         except (urllib.error.URLError, ConnectionError):
             time.sleep(1)
     pytest.fail(f"{url} did not answer within {timeout_s} s")
+
+
+SERVER_START_S = 120
+
+
+@contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifact root); yields its URI."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+            "--default-artifact-root", (folder / "artifacts").as_uri(),
+            "--host", "127.0.0.1", "--port", str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health", server, SERVER_START_S)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -103,6 +103,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         """Route one GET like the archive would."""
+        try:
+            self._route()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away (tests kill it on purpose)
+
+    def _route(self) -> None:
         url = urlparse(self.path)
         path = url.path
         if path.startswith("/files/"):

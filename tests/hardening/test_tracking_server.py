@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,9 +14,7 @@ import yaml
 
 from stages.errors import PipelineError
 from stages.tracking import check_tracking_server, redact, stage_run
-from tests.conftest import REPO, as_params, free_port, small_params, wait_for_http
-
-SERVER_START_S = 120
+from tests.conftest import REPO, as_params, free_port, mlflow_server, small_params
 
 
 def test_unreachable_server_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,21 +54,7 @@ def test_stage_stops_before_any_work_when_server_is_down(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_stage_runs_land_on_a_real_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-            "--default-artifact-root", (tmp_path / "artifacts").as_uri(),
-            "--host", "127.0.0.1", "--port", str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{uri}/health", server, SERVER_START_S)
+    with mlflow_server(tmp_path) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "never-logged-secret")
         monkeypatch.setenv("DVC_EXP_NAME", "on-server")
@@ -85,6 +68,3 @@ def test_stage_runs_land_on_a_real_server(tmp_path: Path, monkeypatch: pytest.Mo
         assert logged.data.metrics["images_in"] == 3
         everything = str(logged.data.params) + str(logged.data.tags)
         assert "never-logged-secret" not in everything
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)

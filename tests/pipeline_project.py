@@ -1,0 +1,117 @@
+"""A throw-away git + DVC project of this pipeline, fed by a stand-in ISIC Archive, for the slow tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from stages.download import generate_synthetic
+from tests.conftest import REPO, repo_params
+from tests.isic_standin import StandinArchive
+
+STAGES = ["download", "split", "rebalance", "train", "evaluate"]
+QUEUE_TIMEOUT_S = 600
+
+
+def synthetic_archive(folder: Path, images_per_class: int = 20) -> tuple[StandinArchive, pd.DataFrame]:
+    """A stand-in archive serving the synthetic set (learnable shapes) under ISIC ids, and its manifest."""
+    rows = generate_synthetic(
+        folder, repo_params()["base"]["classes"], images_per_class=images_per_class, size=32, seed=3
+    )
+    ids = [f"ISIC_{number:07d}" for number in range(1, len(rows) + 1)]
+    images = {isic_id: (folder / row[0]).read_bytes() for isic_id, row in zip(ids, rows, strict=True)}
+    manifest = pd.DataFrame({"isic_id": ids, "label": [row[1] for row in rows], "split": "train"})
+    return StandinArchive(images=images), manifest
+
+
+def make_project(root: Path, api_url: str, manifest: pd.DataFrame, **sections: dict[str, Any]) -> Path:
+    """Copy the pipeline into a fresh git + DVC repo at `root`, set to a small run against `api_url`."""
+    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    params = repo_params()
+    params["base"]["image_size"] = 32
+    params["download"].update(api_url=api_url, workers=4, backoff_s=0.05)
+    (root / params["download"]["manifest"]).parent.mkdir(parents=True)
+    manifest.to_csv(root / params["download"]["manifest"], index=False)
+    params["rebalance"]["samples_per_class"] = 16
+    params["train"].update(epochs=6, batch_size=16)
+    for name, values in sections.items():
+        params[name].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    run(root, "git", "init", "-q")
+    run(root, "dvc", "init", "-q")
+    run(root, "dvc", "config", "core.analytics", "false")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-q", "-m", "pipeline")
+    return root
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """The environment for dvc and git in a project: this venv first, no inherited MLflow or DVC state."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+    for variable in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        env.pop(variable, None)
+    return {**env, **extra}
+
+
+def run(cwd: Path, *command: str, env: dict[str, str] | None = None) -> str:
+    """Run a command in the project, failing the test with its output if it fails."""
+    result = subprocess.run(
+        command, cwd=cwd, env=env or command_env(), capture_output=True, text=True, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
+    return output
+
+
+def model_name() -> str:
+    """The registered model's name."""
+    return repo_params()["base"]["model_name"]
+
+
+def wait_for_queue(project: Path, env: dict[str, str] | None = None) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; return the last status."""
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = run(project, "dvc", "queue", "status", env=env)
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    pytest.fail(f"queued experiments still running after {QUEUE_TIMEOUT_S} s:\n{status}")
+
+
+def mlflow_client(uri: str) -> mlflow.MlflowClient:
+    """A client of the tracking and registry store at `uri`."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def mlflow_runs(uri: str) -> pd.DataFrame:
+    """Every run in the store at `uri`."""
+    mlflow_client(uri)
+    return mlflow.search_runs(search_all_experiments=True)
+
+
+def sqlite_uri(project: Path) -> str:
+    """The embedded store of a project."""
+    return f"sqlite:///{project / 'mlflow.db'}"
