@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from stages.config import Params
 
@@ -55,6 +55,33 @@ def write_image(path: Path, colour: tuple[int, int, int], size: int = 24, seed: 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, quality=95)
     return path
+
+
+def draw_lesion(seed: int, size: int = 64, mode: str = "RGB") -> Image.Image:
+    """A lesion-like picture, unique per seed: a few coloured blobs on a skin tone."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), (225, 180, 160))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x, y = rng.integers(0, size, 2)
+        r = int(rng.integers(size // 8, size // 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(30, 200, 3)))
+    return image.convert(mode)
+
+
+def run_stage(cwd: Path, module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `python -m stages.<module>` in `cwd` as DVC would: DVC_ROOT there, the embedded MLflow store."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "DVC_ROOT": str(cwd)}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{module}", *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def make_isic_folder(root: Path, train_per_class: int = 6, test_per_class: int = 0) -> Path:

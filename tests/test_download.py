@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from stages.download import (
     list_local_images,
 )
 from stages.errors import PipelineError
-from tests.conftest import CLASSES, REPO, as_params, make_isic_folder, small_params
+from tests.conftest import CLASSES, as_params, make_isic_folder, run_stage, small_params
 
 
 def _zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
@@ -110,16 +107,7 @@ def test_synthetic_classes_differ_in_colour(tmp_path: Path) -> None:
 def test_stage_cli_reports_bad_path_in_one_line(tmp_path: Path) -> None:
     params = small_params(download={"source": "local", "path": str(tmp_path / "absent")})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_ROOT": str(tmp_path)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.download", "--out", "data/raw", "--cache", "data/cache/isic"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_stage(tmp_path, "download", "--out", "data/raw", "--cache", "data/cache/isic")
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"ERROR stages: download.path: {tmp_path / 'absent'} does not exist"

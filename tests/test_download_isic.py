@@ -23,7 +23,7 @@ from stages.isic_archive import (
     fetch_to_cache,
     remove_partial_files,
 )
-from tests.conftest import CLASSES, REPO, as_params, small_params
+from tests.conftest import CLASSES, as_params, run_stage, small_params
 from tests.isic_standin import StandinArchive, make_images, serve
 
 FAST_RETRIES = {"retries": 4, "backoff_s": 0.01, "max_backoff_s": 0.05, "read_timeout_s": 5}
@@ -281,19 +281,10 @@ def test_unreachable_archive_fails_after_retries(tmp_path: Path) -> None:
 def test_stage_cli_downloads_into_data_raw(tmp_path: Path) -> None:
     archive = StandinArchive(images=make_images(3))
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_ROOT": str(tmp_path)}
-    env.pop("MLFLOW_TRACKING_URI", None)
     with serve(archive) as api_url:
         params = small_params(download={"source": "isic", "api_url": api_url, "manifest": str(manifest)})
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-        result = subprocess.run(
-            [sys.executable, "-m", "stages.download", "--out", "data/raw", "--cache", "data/cache/isic"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = run_stage(tmp_path, "download", "--out", "data/raw", "--cache", "data/cache/isic")
     assert result.returncode == 0, result.stderr
     written = pd.read_csv(tmp_path / "data" / "raw" / "manifest.csv")
     assert written["path"].str.startswith("data/raw/train/").all()

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 from stages.config import SplitParams
 from stages.errors import PipelineError
 from stages.split import inspect_images, render_report, split_dataset
-from tests.conftest import CLASSES, assert_no_group_straddles, manifest_of, repo_params
+from tests.conftest import CLASSES, assert_no_group_straddles, draw_lesion, manifest_of, repo_params
 
 PARAMS = SplitParams.model_validate({**repo_params()["split"], "val_fraction": 0.2, "test_fraction": 0.2})
 
@@ -176,15 +175,8 @@ def test_rejected_image_stops_in_strict_mode() -> None:
 
 
 def _lesion(seed: int, size: int = 128) -> Image.Image:
-    """A smooth, lesion-like picture: a few coloured blobs on a skin tone, unique per seed."""
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (size, size), (225, 180, 160))
-    draw = ImageDraw.Draw(image)
-    for _ in range(4):
-        x, y = rng.integers(0, size, 2)
-        r = int(rng.integers(size // 8, size // 3))
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(30, 200, 3)))
-    return image.filter(ImageFilter.GaussianBlur(3))
+    """A smooth, lesion-like picture, unique per seed (blurred, as photos are)."""
+    return draw_lesion(seed, size).filter(ImageFilter.GaussianBlur(3))
 
 
 def _planted(tmp_path: Path) -> tuple[pd.DataFrame, dict[str, str]]:

@@ -13,25 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from stages.download import fetch_local
 from stages.errors import PipelineError
 from stages.split import SplitResult, inspect_images, split_dataset
-from tests.conftest import CLASSES, as_params, small_params
+from tests.conftest import CLASSES, as_params, draw_lesion, small_params
 
 MAX_PIXELS = 150 * 150
-
-
-def _lesion(seed: int, size: int = 64, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (size, size), (225, 180, 160))
-    draw = ImageDraw.Draw(image)
-    for _ in range(3):
-        x, y = rng.integers(0, size, 2)
-        r = int(rng.integers(size // 6, size // 3))
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(30, 200, 3)))
-    return image.convert(mode)
 
 
 def _jpeg_bytes(image: Image.Image) -> bytes:
@@ -43,11 +32,11 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
 def _exif_rotated(path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    _lesion(901, size=48).crop((0, 0, 48, 32)).save(path, exif=exif)
+    draw_lesion(901, size=48).crop((0, 0, 48, 32)).save(path, exif=exif)
 
 
 def _sixteen_bit(path: Path) -> None:
-    pixels = (np.asarray(_lesion(902, mode="L"), dtype=np.uint16) * 257).astype(np.uint16)
+    pixels = (np.asarray(draw_lesion(902, mode="L"), dtype=np.uint16) * 257).astype(np.uint16)
     Image.fromarray(pixels).save(path.with_suffix(".png"))
 
 
@@ -55,14 +44,14 @@ def _sixteen_bit(path: Path) -> None:
 CASES: dict[str, tuple[Callable[[Path], None], str | None]] = {
     "zero_byte": (lambda path: path.write_bytes(b""), r"cannot decode image"),
     "truncated_jpeg": (
-        lambda path: path.write_bytes(_jpeg_bytes(_lesion(900))[:600]),
+        lambda path: path.write_bytes(_jpeg_bytes(draw_lesion(900))[:600]),
         r"cannot decode image",
     ),
     "text_named_jpg": (lambda path: path.write_text("not an image"), r"cannot decode image"),
-    "png": (lambda path: _lesion(903).save(path.with_suffix(".png")), None),
-    "rgba": (lambda path: _lesion(904, mode="RGBA").save(path.with_suffix(".png")), None),
-    "grayscale": (lambda path: _lesion(905, mode="L").save(path), None),
-    "cmyk": (lambda path: _lesion(906, mode="CMYK").save(path), None),
+    "png": (lambda path: draw_lesion(903).save(path.with_suffix(".png")), None),
+    "rgba": (lambda path: draw_lesion(904, mode="RGBA").save(path.with_suffix(".png")), None),
+    "grayscale": (lambda path: draw_lesion(905, mode="L").save(path), None),
+    "cmyk": (lambda path: draw_lesion(906, mode="CMYK").save(path), None),
     "sixteen_bit": (_sixteen_bit, None),
     "exif_rotated": (_exif_rotated, None),
     "one_pixel": (lambda path: Image.new("RGB", (1, 1)).save(path), r"1x1 pixels is under split.min_side"),
@@ -79,7 +68,7 @@ def _dataset(root: Path) -> Path:
         folder = root / "Train" / label
         folder.mkdir(parents=True, exist_ok=True)
         for k in range(8):
-            _lesion(index * 100 + k).save(folder / f"ISIC_{index}{k:03d}.jpg")
+            draw_lesion(index * 100 + k).save(folder / f"ISIC_{index}{k:03d}.jpg")
     return root
 
 
@@ -124,14 +113,14 @@ def test_bad_image_is_used_or_rejected_with_its_reason(tmp_path: Path, case: str
 def test_non_utf8_file_name_is_used_under_an_escaped_name(tmp_path: Path) -> None:
     root = _dataset(tmp_path / "isic")
     name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not valid UTF-8
-    _lesion(907).save(root / "Train" / "nevus" / name)
+    draw_lesion(907).save(root / "Train" / "nevus" / name)
     assert _outcome(_run(root, tmp_path), "caf%xe9") is None
 
 
 def test_unknown_class_folder_is_rejected_with_its_name(tmp_path: Path) -> None:
     root = _dataset(tmp_path / "isic")
     (root / "Train" / "melanom").mkdir()
-    _lesion(908).save(root / "Train" / "melanom" / "typo.jpg")
+    draw_lesion(908).save(root / "Train" / "melanom" / "typo.jpg")
     assert _outcome(_run(root, tmp_path), "typo") == "class 'melanom' is not in base.classes"
 
 

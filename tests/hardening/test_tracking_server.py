@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import yaml
 
 from stages.errors import PipelineError
 from stages.tracking import check_tracking_server, redact, stage_run
-from tests.conftest import REPO, as_params, free_port, mlflow_server, small_params
+from tests.conftest import as_params, free_port, mlflow_server, run_stage, small_params
 
 
 def test_unreachable_server_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,13 +31,8 @@ def test_stage_stops_before_any_work_when_server_is_down(tmp_path: Path) -> None
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()), encoding="utf-8")
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.download", "--out", "data/raw"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri},
-        capture_output=True,
-        text=True,
-        check=False,
+    result = run_stage(
+        tmp_path, "download", "--out", "data/raw", "--cache", "data/cache/isic", MLFLOW_TRACKING_URI=uri
     )
     assert result.returncode == 1
     assert (
