@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 import mlflow
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from stages.common import (
@@ -154,7 +154,7 @@ def fetch_isic(params: Params, out: Path, cache: Path) -> pd.DataFrame:
     metadata = place_images(wanted, records, cache, out, settings.max_side)
     write_csv_atomic(out / "metadata.csv", metadata.drop(columns="path"))
     write_text_atomic(out / "attribution.txt", attribution_text(metadata["attribution"]))
-    for name in sorted(set(metadata["copyright_license"])):
+    for name in sorted(set(metadata["copyright_license"]) - {""}):
         write_text_atomic(out / "licenses" / f"{name}.txt", _license_text(client, cache, name))
     return metadata.assign(source="isic")[MANIFEST_COLUMNS]
 
@@ -297,7 +297,13 @@ def attribution_text(attributions: pd.Series) -> str:
 
 
 def _copy_or_downsize(source: Path, target: Path, max_side: int) -> tuple[str, str]:
-    with Image.open(source) as image:
+    try:
+        image = Image.open(source)
+    except (UnidentifiedImageError, OSError):
+        # Not an image after all: kept as it came, so that `split` rejects it with its reason.
+        shutil.copyfile(source, target)
+        return "", ""
+    with image:
         original = f"{image.width}x{image.height}"
         if not max_side or max(image.size) <= max_side:
             shutil.copyfile(source, target)

@@ -228,6 +228,16 @@ def test_max_side_downsizes_and_records_sizes(tmp_path: Path) -> None:
     assert set(metadata["size"]) == {"40x40"}
 
 
+def test_archive_file_that_is_not_an_image_is_kept_for_split_to_reject(tmp_path: Path) -> None:
+    archive = StandinArchive(images={**make_images(1), "ISIC_0000002": b"<html>maintenance</html>"})
+    manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
+    with serve(archive) as api_url:
+        rows = fetch_isic(_isic_params(api_url, manifest, max_side=40), tmp_path / "out", tmp_path / "cache")
+    assert len(rows) == 2
+    stored = tmp_path / "out" / rows.set_index("isic_id").loc["ISIC_0000002", "path"]
+    assert stored.read_bytes() == b"<html>maintenance</html>"
+
+
 def test_downsizing_is_deterministic(tmp_path: Path) -> None:
     archive = StandinArchive(images=make_images(3, size=100))
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
