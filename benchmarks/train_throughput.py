@@ -49,7 +49,7 @@ def main() -> None:
     train_paths, train_labels, test_paths, test_labels = _pick(
         args.data, classes, args.per_class, args.holdout, seed
     )
-    x_test = load_cached_images(test_paths, size, Path(tempfile.mkdtemp()))
+    x_test, _ = load_cached_images(test_paths, size, Path(tempfile.mkdtemp()))
     log.info("%d training and %d held-out images, %d epochs", len(train_paths), len(test_paths), args.epochs)
 
     with tempfile.TemporaryDirectory() as folder:
@@ -58,7 +58,7 @@ def main() -> None:
         )
     with tempfile.TemporaryDirectory() as cache:
         started = time.perf_counter()
-        x_train = load_cached_images(train_paths, size, Path(cache))
+        x_train, _ = load_cached_images(train_paths, size, Path(cache))
         recipe = params.train.model_copy(
             update={"arch": "baseline_cnn", "epochs": args.epochs, "early_stopping_patience": 0}
         )
@@ -138,10 +138,7 @@ def _reference(
         folder, class_names=classes, image_size=(size, size), batch_size=32, seed=seed
     )
     dataset = dataset.cache().prefetch(tf.data.AUTOTUNE)
-    augment = load_params(Path(__file__).resolve().parents[1] / "params.yaml").train.augment.model_copy(
-        update={"flip": False, "rotation": 0.0, "zoom": 0.0, "contrast": 0.0, "brightness": 0.0}
-    )
-    model = build_model("baseline_cnn", size, len(classes), 0.25, augment)
+    model = build_model("baseline_cnn", size, len(classes), 0.25)
     model.compile(
         optimizer=keras.optimizers.Adam(0.001),
         loss=keras.losses.SparseCategoricalCrossentropy(),

@@ -1,7 +1,7 @@
 """Build the download stage's default manifest from the 9-class ISIC dataset's index.csv.
 
-The ids, labels, splits and HAM10000 lesion ids are facts about a public dataset, so the manifest is
-committed; rerun this only if the index changes:
+The ids, labels, splits, HAM10000 lesion ids and diagnoses are facts about a public dataset, so the
+manifest is committed; rerun this only if the index changes:
 
     python scripts/make_isic_manifest.py ../shared/data/isic-9class/index.csv data/manifests/isic-9class.csv
 """
@@ -15,13 +15,14 @@ import pandas as pd
 
 
 def build_manifest(index: pd.DataFrame) -> pd.DataFrame:
-    """Rows of isic_id, label, split, lesion_id; an image filed under two classes keeps both rows."""
+    """Rows of isic_id, label, split, lesion_id, diagnosis; an image filed under two classes keeps both."""
     manifest = pd.DataFrame(
         {
             "isic_id": index["isic_id"],
             "label": index["label"],
             "split": index["split"].str.lower(),
             "lesion_id": index["ham_lesion_id"],
+            "diagnosis": index["ham_dx"],
         }
     )
     return manifest.sort_values(["split", "label", "isic_id"], ignore_index=True)

@@ -1,53 +1,105 @@
 """Keras 3 model architectures, selected by `train.arch`. Backend-agnostic: Keras layers and ops only.
 
-Every model takes uint8 RGB images of shape (image_size, image_size, 3) and returns class
-probabilities in float32. Augmentation layers sit inside the model, so they run on the accelerator
-during training and do nothing at inference.
+`build_model` makes the classifier that is saved and served: RGB pixel values 0..255 in, class
+probabilities in float32 out. `with_augmentation` puts random augmentation layers in front of it for
+training; they run on the accelerator with the model and are not part of the saved model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import keras
-from keras import layers
+from keras import layers, ops
 
 from stages.config import AugmentParams
 
 
 def build_model(
-    arch: str,
-    image_size: int,
-    num_classes: int,
-    dropout: float,
-    augment: AugmentParams,
-    weights: str = "none",
+    arch: str, image_size: int, num_classes: int, dropout: float, weights: str = "none"
 ) -> keras.Model:
-    """Input, augmentation, the `train.arch` backbone, and a float32 softmax head."""
-    inputs = keras.Input(shape=(image_size, image_size, 3), dtype="uint8", name="image")
+    """Input, the `train.arch` backbone, and a float32 softmax head."""
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     x = layers.Rescaling(1.0, name="to_float")(inputs)  # a cast to the compute dtype, values 0..255
-    augmentation = _augmentation_steps(augment)
-    if augmentation:
-        x = keras.Sequential(augmentation, name="augment")(x)
     x = BACKBONES[arch](x, dropout, weights)
     # float32 softmax so that probabilities stay exact under mixed precision too.
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
     return keras.Model(inputs, outputs, name=arch)
 
 
-def _augmentation_steps(augment: AugmentParams) -> list[layers.Layer]:
+def with_augmentation(model: keras.Model, augment: AugmentParams) -> keras.Model:
+    """`model` behind the configured random augmentation (training only); both share their weights."""
     steps: list[layers.Layer] = []
-    if augment.flip:
-        steps.append(layers.RandomFlip("horizontal_and_vertical"))  # lesions have no up or left
-    if augment.rotation:
-        steps.append(layers.RandomRotation(augment.rotation, fill_mode="reflect"))
-    if augment.zoom:
-        steps.append(layers.RandomZoom(augment.zoom, fill_mode="reflect"))
+    if augment.flip or augment.rotation or augment.zoom:
+        steps.append(RandomAffine(augment.flip, augment.rotation, augment.zoom))
     if augment.contrast:
         steps.append(layers.RandomContrast(augment.contrast, value_range=(0, 255)))
     if augment.brightness:
         steps.append(layers.RandomBrightness(augment.brightness, value_range=(0, 255)))
-    return steps
+    if not steps:
+        return model
+    # uint8 in, like the decoded image cache, so that batches stay small until they reach the model.
+    inputs = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="image")
+    augmented = keras.Sequential(steps, name="augment")(inputs)
+    return keras.Model(inputs, model(augmented), name=f"{model.name}_augmented")
+
+
+class RandomAffine(layers.Layer):
+    """Random flips (both axes), rotation and zoom of each image, resampled once, in training only.
+
+    Keras's RandomFlip, RandomRotation and RandomZoom each resample the whole batch; composing the
+    three into one affine transform costs about 40 % of their time (22 vs 53 ms per batch of 32 at
+    180 px on a 2-core CPU), which Keras has no layer for. `rotation` is a fraction of a full turn and
+    `zoom` a fraction of the size, as in RandomRotation and RandomZoom; lesions have no up or left,
+    so any flip is as plausible as the original.
+    """
+
+    def __init__(self, flip: bool, rotation: float, zoom: float, seed: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.flip, self.rotation, self.zoom, self.seed = flip, rotation, zoom, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: Any, training: bool | None = None) -> Any:
+        """The images transformed at random when training, else unchanged."""
+        images = ops.cast(images, self.compute_dtype)
+        if not training:
+            return images
+        count = ops.shape(images)[0]
+        height, width = images.shape[1], images.shape[2]
+        angle = self._uniform(count, self.rotation) * 2 * math.pi
+        scale = 1 + self._uniform(count, self.zoom)
+        flip_x, flip_y = (self._random_sign(count), self._random_sign(count)) if self.flip else (1.0, 1.0)
+        # Output pixel (x, y) samples the input at centre + scale * rotation @ flips @ ((x, y) - centre).
+        a0, a1 = scale * ops.cos(angle) * flip_x, -scale * ops.sin(angle) * flip_y
+        b0, b1 = scale * ops.sin(angle) * flip_x, scale * ops.cos(angle) * flip_y
+        cx, cy = (width - 1) / 2, (height - 1) / 2
+        zeros = ops.zeros_like(a0)
+        transform = ops.stack(
+            [a0, a1, cx - a0 * cx - a1 * cy, b0, b1, cy - b0 * cx - b1 * cy, zeros, zeros], axis=1
+        )
+        return ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="reflect")
+
+    def _uniform(self, count: Any, bound: float) -> Any:
+        return keras.random.uniform((count,), -bound, bound, seed=self.seed_generator)
+
+    def _random_sign(self, count: Any) -> Any:
+        return ops.where(self._uniform(count, 1.0) < 0, -1.0, 1.0)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        """Same shape as the input."""
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, for Keras serialisation."""
+        return {
+            **super().get_config(),
+            "flip": self.flip,
+            "rotation": self.rotation,
+            "zoom": self.zoom,
+            "seed": self.seed,
+        }
 
 
 def _baseline_cnn(x: keras.KerasTensor, dropout: float, _weights: str) -> keras.KerasTensor:

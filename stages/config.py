@@ -55,6 +55,7 @@ class DownloadParams(_Section):
     path: str
     metadata: str
     lesion_column: str = Field(min_length=1)
+    diagnosis_column: str
     max_extract_mb: int = Field(ge=1)
     synthetic: SyntheticParams
 
@@ -67,7 +68,8 @@ class SplitParams(_Section):
     min_side: int = Field(ge=1)
     near_duplicate_distance: int = Field(ge=-1, le=32)
     group_distance: int = Field(ge=-1, le=32)
-    conflicts: Literal["drop", "majority", "error"]
+    conflicts: Literal["diagnosis", "drop", "majority", "error"]
+    diagnosis_classes: dict[str, list[str]]
 
 
 class RebalanceParams(_Section):
@@ -134,6 +136,16 @@ class Params(_Section):
     rebalance: RebalanceParams
     train: TrainParams
     evaluate: EvaluateParams
+
+    @model_validator(mode="after")
+    def _check_diagnosis_classes(self) -> Params:
+        for diagnosis, labels in self.split.diagnosis_classes.items():
+            unknown = sorted(set(labels) - set(self.base.classes))
+            if unknown:
+                raise ValueError(
+                    f"split.diagnosis_classes[{diagnosis!r}] has {unknown[0]!r}, which is not in base.classes"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_queries(self) -> Params:

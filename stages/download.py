@@ -55,7 +55,7 @@ from stages.tracking import repo_root, stage_run
 log = logging.getLogger("stages.download")
 
 MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "source", "isic_id", "lesion_id"]
+MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "source", "isic_id", "lesion_id", "diagnosis"]
 # Folder names of the public ISIC dataset's official splits, and the split names we give them.
 OFFICIAL_SPLITS = {"Train": "train", "Test": "test"}
 SYNTHETIC_NOTICE = (
@@ -107,9 +107,13 @@ def fetch_local(params: Params, out: Path, cache: Path | None = None) -> pd.Data
             root = find_dataset_root(Path(scratch), label=str(params.download.path))
         images = list_local_images(root, params.base.classes)
         manifest = copy_images(images, out, source="local")
-        if params.download.metadata:
-            lesions = read_lesion_ids(root / params.download.metadata, params.download.lesion_column)
-            manifest["lesion_id"] = manifest["isic_id"].map(lesions).fillna("")
+        settings = params.download
+        if settings.metadata:
+            columns = {"lesion_id": settings.lesion_column, "diagnosis": settings.diagnosis_column}
+            columns = {ours: theirs for ours, theirs in columns.items() if theirs}
+            known = read_metadata(root / settings.metadata, list(columns.values()))
+            for ours, theirs in columns.items():
+                manifest[ours] = manifest["isic_id"].map(known[theirs]).fillna("")
         return manifest
 
 
@@ -142,15 +146,16 @@ def fetch_isic(params: Params, out: Path, cache: Path) -> pd.DataFrame:
     )
     cache.mkdir(parents=True, exist_ok=True)
     remove_partial_files(cache)
-    if settings.mode == "manifest":
-        wanted = read_isic_manifest(Path(settings.manifest), params.base.classes)
-        found: dict[str, dict] = {}
-        if not all_cached(cache, wanted):
-            _probe(client, settings.api_url)
-    else:
+    if settings.mode == "query":
         _probe(client, settings.api_url)
         wanted, found = search_archive(client, settings.queries, settings.max_per_class)
-    records = download_all(client, cache, wanted, found, settings.workers)
+    else:
+        wanted, found = read_isic_manifest(Path(settings.manifest), params.base.classes), {}
+    records = cached_records(cache, wanted)
+    missing = wanted[~wanted["isic_id"].isin(records)]
+    if settings.mode == "manifest" and not missing.empty:
+        _probe(client, settings.api_url)
+    records |= download_all(client, cache, missing, found, settings.workers)
     metadata = place_images(wanted, records, cache, out, settings.max_side)
     write_csv_atomic(out / "metadata.csv", metadata.drop(columns="path"))
     write_text_atomic(out / "attribution.txt", attribution_text(metadata["attribution"]))
@@ -165,18 +170,19 @@ SOURCES: dict[str, Callable[[Params, Path, Path], pd.DataFrame]] = {
     "synthetic": fetch_synthetic,
 }
 
-ISIC_MANIFEST_SPLITS = ("train", "test")
+ISIC_MANIFEST_SPLITS = tuple(OFFICIAL_SPLITS.values())
+WANTED_COLUMNS = ["isic_id", "label", "split", "lesion_id", "diagnosis", "sha256"]
 
 
 def read_isic_manifest(path: Path, classes: Sequence[str]) -> pd.DataFrame:
-    """Rows of isic_id, label, split, lesion_id, sha256 from a manifest CSV, checked line by line."""
+    """Rows of isic_id, label, split, lesion_id, diagnosis, sha256 from a manifest CSV, checked by line."""
     if not path.is_file():
         raise PipelineError(f"download.manifest: {path} not found")
     manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [column for column in ("isic_id", "label", "split") if column not in manifest.columns]
     if missing:
         raise PipelineError(f"download.manifest: {path} has no column(s) {', '.join(missing)}")
-    for optional in ("lesion_id", "sha256"):
+    for optional in WANTED_COLUMNS[3:]:
         if optional not in manifest.columns:
             manifest[optional] = ""
     if manifest.empty:
@@ -192,8 +198,7 @@ def read_isic_manifest(path: Path, classes: Sequence[str]) -> pd.DataFrame:
     if repeated.any():
         first = manifest[repeated].iloc[0]
         raise PipelineError(f"download.manifest: {path} lists {first.isic_id} as {first.label!r} twice")
-    columns = ["isic_id", "label", "split", "lesion_id", "sha256"]
-    return manifest[columns].sort_values(["split", "label", "isic_id"], ignore_index=True)
+    return manifest[WANTED_COLUMNS].sort_values(["split", "label", "isic_id"], ignore_index=True)
 
 
 def search_archive(
@@ -211,15 +216,16 @@ def search_archive(
         log.info("%s: %d images for %s", label, len(found), query)
         for record in found:
             records[record["isic_id"]] = record
-            rows.append((record["isic_id"], label, "train", "", ""))
-    wanted = pd.DataFrame(rows, columns=["isic_id", "label", "split", "lesion_id", "sha256"])
+            rows.append((record["isic_id"], label, "train", "", "", ""))
+    wanted = pd.DataFrame(rows, columns=WANTED_COLUMNS)
     return wanted.sort_values(["split", "label", "isic_id"], ignore_index=True), records
 
 
-def all_cached(cache: Path, wanted: pd.DataFrame) -> bool:
-    """True when the cache already holds every wanted image, complete and verified (no network needed)."""
+def cached_records(cache: Path, wanted: pd.DataFrame) -> dict[str, dict]:
+    """The records of the wanted images that the cache holds complete and verified (size and sha256)."""
     expected = dict(zip(wanted["isic_id"], wanted["sha256"], strict=True))
-    return all(read_cached(cache, isic_id, sha256) is not None for isic_id, sha256 in expected.items())
+    records = {isic_id: read_cached(cache, isic_id, sha256) for isic_id, sha256 in expected.items()}
+    return {isic_id: record for isic_id, record in records.items() if record is not None}
 
 
 def download_all(
@@ -280,6 +286,7 @@ def place_images(
                 **{key: value for key, value in sorted(clinical.items()) if key.startswith("diagnosis")},
                 "lesion_id": row.lesion_id or clinical.get("lesion_id") or "",
                 "archive_lesion_id": clinical.get("lesion_id") or "",
+                "diagnosis": row.diagnosis,
                 "original_sha256": record["sha256"],
                 "original_size": original_size,
                 "size": size,
@@ -399,7 +406,7 @@ def list_local_images(root: Path, classes: Sequence[str]) -> list[_Image]:
 
 
 def copy_images(images: Sequence[_Image], out: Path, source: str) -> pd.DataFrame:
-    """Copy images to out/<split>/<class>/<name>; return their manifest rows, lesion ids still empty."""
+    """Copy images to out/<split>/<class>/<name>; return their manifest rows (no lesion ids, diagnoses)."""
     rows = []
     for image in images:
         relative = Path(image.split) / image.label / _utf8_name(image.source_path.name)
@@ -407,7 +414,7 @@ def copy_images(images: Sequence[_Image], out: Path, source: str) -> pd.DataFram
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(image.source_path, target)
         digest = sha256_file(target)
-        rows.append((relative.as_posix(), image.label, image.split, digest, source, relative.stem, ""))
+        rows.append((relative.as_posix(), image.label, image.split, digest, source, relative.stem, "", ""))
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
@@ -419,16 +426,16 @@ def _utf8_name(name: str) -> str:
     return utf8
 
 
-def read_lesion_ids(path: Path, column: str) -> pd.Series:
-    """Lesion id per isic_id from a metadata CSV (such as the ISIC dataset's index.csv)."""
+def read_metadata(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """The given columns per isic_id from a metadata CSV (such as the ISIC dataset's index.csv)."""
     if not path.is_file():
         raise PipelineError(f"download.metadata: {path} not found")
     metadata = pd.read_csv(path, dtype=str, keep_default_na=False)
-    for needed in ("isic_id", column):
+    for needed in ("isic_id", *columns):
         if needed not in metadata.columns:
             raise PipelineError(f"download.metadata: {path} has no column {needed!r}")
-    known = metadata[metadata[column] != ""].drop_duplicates("isic_id")
-    return known.set_index("isic_id")[column]
+    # An image filed under two classes has a row per class; its metadata is the image's, so one row.
+    return metadata.drop_duplicates("isic_id").set_index("isic_id")[list(columns)]
 
 
 def generate_synthetic(
@@ -446,7 +453,7 @@ def generate_synthetic(
             relative = Path("train") / label / f"synthetic_{class_index:02d}_{image_index:04d}.png"
             image.save(out / relative)
             digest = sha256_file(out / relative)
-            rows.append((relative.as_posix(), label, "train", digest, "synthetic", relative.stem, ""))
+            rows.append((relative.as_posix(), label, "train", digest, "synthetic", relative.stem, "", ""))
     return rows
 
 

@@ -419,7 +419,8 @@ def render_model_card(params: Params, metrics: dict[str, Any], data: dict[str, A
         ),
         f"- Images in: {data['images_in']}; rejected: {data['images_rejected']}; removed as duplicates, "
         f"label conflicts or test leakage: {data['images_removed'] - data['images_rejected']} "
-        f"({data['label_conflicts']} label conflicts, {data['leakage_removed']} leakage removals).",
+        f"({data['label_conflicts']} label conflicts, {data['conflicts_settled_by_diagnosis']} "
+        f"settled by diagnosis, {data['leakage_removed']} leakage removals).",
         f"- Split: train {sum(counts['train'].values())}, val {sum(counts['val'].values())}, "
         f"test {sum(counts['test'].values())} images; photos of one lesion never straddle splits.",
         "",

@@ -152,11 +152,7 @@ def grad_cam(model: object, image: np.ndarray, class_index: int) -> np.ndarray:
     import keras  # noqa: PLC0415 - loaded only with --explain
 
     feature_layer = next(
-        (
-            layer
-            for layer in reversed(model.layers)
-            if len(layer.output.shape) == 4 and layer.name != "augment"
-        ),
+        (layer for layer in reversed(model.layers) if len(layer.output.shape) == 4),
         None,
     )
     if feature_layer is None or isinstance(feature_layer, keras.layers.InputLayer):

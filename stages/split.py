@@ -6,7 +6,8 @@
 2. Duplicates: the same bytes, the same decoded pixels, or perceptual hashes at most
    split.near_duplicate_distance bits apart make a duplicate group (on the ISIC data, pairs 2 bits
    apart are re-encoded copies; from 4 bits on, some pairs are different lesions). A group whose members carry
-   different labels is a label conflict, resolved by split.conflicts. Each group then keeps one image:
+   different labels is a label conflict, resolved by split.conflicts (by default, by the diagnosis in
+   the images' metadata where it names exactly one of the labels). Each group then keeps one image:
    its official test member if it has one.
 3. Groups: duplicates, photos of the same lesion (lesion_id from download) and look-alikes (hashes
    at most split.group_distance bits apart, mostly other photos of one lesion) form one group, and a
@@ -145,7 +146,9 @@ def split_dataset(frame: pd.DataFrame, classes: Sequence[str], params: SplitPara
     groups = _components(len(valid), exact_pairs + similar_pairs + lesion_pairs)
     valid["group"] = [f"g{g:05d}" for g in groups]
 
-    keep, dropped, figures = resolve_duplicates(valid, exact_groups, params.conflicts)
+    keep, dropped, figures = resolve_duplicates(
+        valid, exact_groups, params.conflicts, params.diagnosis_classes
+    )
     removed += dropped
     kept, leaked = remove_test_leakage(valid.loc[keep])
     removed += leaked
@@ -176,12 +179,21 @@ def split_dataset(frame: pd.DataFrame, classes: Sequence[str], params: SplitPara
 
 
 def resolve_duplicates(
-    valid: pd.DataFrame, exact_groups: np.ndarray, conflicts: str
+    valid: pd.DataFrame,
+    exact_groups: np.ndarray,
+    conflicts: str,
+    diagnosis_classes: dict[str, list[str]],
 ) -> tuple[list[int], list[dict[str, str]], dict[str, int]]:
     """Settle label conflicts by policy and keep one image per duplicate group (a test one if any)."""
     keep: list[int] = []
     removed: list[dict[str, str]] = []
-    figures = {"duplicate_groups": 0, "near_duplicate_groups": 0, "label_conflicts": 0, "leakage_removed": 0}
+    figures = {
+        "duplicate_groups": 0,
+        "near_duplicate_groups": 0,
+        "label_conflicts": 0,
+        "conflicts_settled_by_diagnosis": 0,
+        "leakage_removed": 0,
+    }
     for _, group in valid.groupby("duplicate_of", sort=True):
         if len(group) == 1:
             keep.append(group.index[0])
@@ -192,8 +204,9 @@ def resolve_duplicates(
         members = group
         if len(labels) > 1:
             figures["label_conflicts"] += 1
-            members, conflicting = _settle_conflict(group, labels, conflicts)
+            members, conflicting = _settle_conflict(group, labels, conflicts, diagnosis_classes)
             removed += conflicting
+            figures["conflicts_settled_by_diagnosis"] += int(conflicts == "diagnosis" and not members.empty)
             if members.empty:
                 continue
         in_test = members[members["split"] == "test"]
@@ -244,7 +257,7 @@ def render_report(result: SplitResult) -> str:
 
 
 def _settle_conflict(
-    members: pd.DataFrame, labels: pd.Series, policy: str
+    members: pd.DataFrame, labels: pd.Series, policy: str, diagnosis_classes: dict[str, list[str]]
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     described = " and ".join(f"{label} ({count})" for label, count in sorted(labels.items()))
     if policy == "error":
@@ -254,16 +267,32 @@ def _settle_conflict(
             f"{first['path']} ({first['label']}) and {other['path']} ({other['label']}) "
             "are the same image (split.conflicts=error)"
         )
-    has_majority = len(labels) > 1 and labels.iloc[0] > labels.iloc[1]
-    if policy == "majority" and has_majority:
-        majority = labels.index[0]
-        minority = members[members["label"] != majority]
-        reason = f"label conflict: filed as {described}; kept the majority label {majority}"
-        return members[members["label"] == majority], [
-            _removed(row, "label_conflict", reason) for _, row in minority.iterrows()
+    keeper, why = "", ""
+    if policy == "diagnosis":
+        keeper, why = _label_named_by_diagnosis(members, list(labels.index), diagnosis_classes)
+    elif policy == "majority" and labels.iloc[0] > labels.iloc[1]:
+        keeper, why = labels.index[0], f"kept the majority label {labels.index[0]}"
+    if keeper:
+        reason = f"label conflict: filed as {described}; {why}"
+        others = members[members["label"] != keeper]
+        return members[members["label"] == keeper], [
+            _removed(row, "label_conflict", reason) for _, row in others.iterrows()
         ]
     reason = f"label conflict: the same image is filed as {described}"
     return members.iloc[0:0], [_removed(row, "label_conflict", reason) for _, row in members.iterrows()]
+
+
+def _label_named_by_diagnosis(
+    members: pd.DataFrame, labels: list[str], diagnosis_classes: dict[str, list[str]]
+) -> tuple[str, str]:
+    # One diagnosis for the image, consistent with exactly one of its labels, settles the conflict.
+    diagnoses = sorted(set(members["diagnosis"]) - {""})
+    if len(diagnoses) != 1:
+        return "", ""
+    consistent = [label for label in labels if label in diagnosis_classes.get(diagnoses[0], [])]
+    if len(consistent) != 1:
+        return "", ""
+    return consistent[0], f"its diagnosis {diagnoses[0]!r} says {consistent[0]}"
 
 
 def _removed(row: pd.Series, category: str, reason: str) -> dict[str, str]:

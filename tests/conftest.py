@@ -38,6 +38,10 @@ def small_params(**sections: dict[str, Any]) -> dict[str, Any]:
     params = copy.deepcopy(repo_params())
     params["base"].update(classes=CLASSES, image_size=32)
     params["download"].update(metadata="")
+    mapping = params["split"]["diagnosis_classes"]
+    params["split"]["diagnosis_classes"] = {
+        dx: [c for c in labels if c in CLASSES] for dx, labels in mapping.items()
+    }
     for name, values in sections.items():
         params[name].update(values)
     return params
@@ -97,7 +101,11 @@ def make_isic_folder(root: Path, train_per_class: int = 6, test_per_class: int =
     return root
 
 
-def manifest_of(rows: list[tuple[str, str, str, str]], lesions: dict[str, str] | None = None) -> pd.DataFrame:
+def manifest_of(
+    rows: list[tuple[str, str, str, str]],
+    lesions: dict[str, str] | None = None,
+    diagnoses: dict[str, str] | None = None,
+) -> pd.DataFrame:
     """A raw manifest plus image features from (path, label, split, sha256) rows.
 
     Every distinct sha256 gets its own random perceptual hash (random 64-bit hashes sit about 32 bits
@@ -106,11 +114,12 @@ def manifest_of(rows: list[tuple[str, str, str, str]], lesions: dict[str, str] |
     frame = pd.DataFrame(rows, columns=["path", "label", "split", "sha256"])
     rng = np.random.default_rng(0)
     phash = {digest: f"{int(rng.integers(0, 2**63)):016x}" for digest in sorted(set(frame["sha256"]))}
-    lesions = lesions or {}
+    lesions, diagnoses = lesions or {}, diagnoses or {}
     return frame.assign(
         source="test",
         isic_id=[Path(path).stem for path in frame["path"]],
         lesion_id=[lesions.get(path, "") for path in frame["path"]],
+        diagnosis=[diagnoses.get(path, "") for path in frame["path"]],
         rejected="",
         pixel_sha256=frame["sha256"],
         phash=frame["sha256"].map(phash),

@@ -115,18 +115,27 @@ def test_stage_cli_reports_bad_path_in_one_line(tmp_path: Path) -> None:
 
 
 def _with_index(root: Path, rows: str) -> Path:
-    (root / "index.csv").write_text("isic_id,label,split,ham_lesion_id\n" + rows, encoding="utf-8")
+    (root / "index.csv").write_text("isic_id,label,split,ham_lesion_id,ham_dx\n" + rows, encoding="utf-8")
     return root
 
 
-def test_metadata_attaches_lesion_ids_by_isic_id(tmp_path: Path) -> None:
+def test_metadata_attaches_lesion_ids_and_diagnoses_by_isic_id(tmp_path: Path) -> None:
     root = make_isic_folder(tmp_path / "isic", train_per_class=2)
-    _with_index(root, "ISIC_Train_0_000,melanoma,train,HAM_1\nISIC_Train_1_001,nevus,train,\n")
+    _with_index(root, "ISIC_Train_0_000,melanoma,train,HAM_1,mel\nISIC_Train_1_001,nevus,train,,\n")
     params = as_params(small_params(download={"path": str(root), "metadata": "index.csv"}))
     manifest = fetch_local(params, tmp_path / "out").set_index("isic_id")
-    assert manifest.loc["ISIC_Train_0_000", "lesion_id"] == "HAM_1"
-    assert manifest.loc["ISIC_Train_1_001", "lesion_id"] == ""
+    assert manifest.loc["ISIC_Train_0_000", ["lesion_id", "diagnosis"]].tolist() == ["HAM_1", "mel"]
+    assert manifest.loc["ISIC_Train_1_001", ["lesion_id", "diagnosis"]].tolist() == ["", ""]
     assert (manifest["lesion_id"] != "").sum() == 1
+
+
+def test_no_diagnosis_column_leaves_diagnoses_empty(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
+    (root / "index.csv").write_text("isic_id,ham_lesion_id\nISIC_Train_0_000,HAM_1\n", encoding="utf-8")
+    download = {"path": str(root), "metadata": "index.csv", "diagnosis_column": ""}
+    manifest = fetch_local(as_params(small_params(download=download)), tmp_path / "out")
+    assert (manifest["diagnosis"] == "").all()
+    assert (manifest["lesion_id"] == "HAM_1").sum() == 1
 
 
 def test_missing_metadata_file_is_named(tmp_path: Path) -> None:

@@ -59,16 +59,17 @@ def test_manifest_labels_and_splits_are_kept(tmp_path: Path) -> None:
     archive = StandinArchive(images=make_images(2))
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(
-        "isic_id,label,split,lesion_id\n"
-        "ISIC_0000001,melanoma,train,HAM_1\nISIC_0000001,nevus,test,HAM_1\nISIC_0000002,nevus,test,\n"
+        "isic_id,label,split,lesion_id,diagnosis\n"
+        "ISIC_0000001,melanoma,train,HAM_1,nv\nISIC_0000001,nevus,test,HAM_1,nv\nISIC_0000002,nevus,test,,\n"
     )
     with serve(archive) as api_url:
         rows = fetch_isic(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
-    assert sorted(zip(rows["isic_id"], rows["label"], rows["split"], rows["lesion_id"], strict=True)) == [
-        ("ISIC_0000001", "melanoma", "train", "HAM_1"),
-        ("ISIC_0000001", "nevus", "test", "HAM_1"),
+    columns = ["isic_id", "label", "split", "lesion_id", "diagnosis"]
+    assert sorted(rows[columns].itertuples(index=False, name=None)) == [
+        ("ISIC_0000001", "melanoma", "train", "HAM_1", "nv"),
+        ("ISIC_0000001", "nevus", "test", "HAM_1", "nv"),
         # No lesion id in the manifest: the archive's own lesion id is used.
-        ("ISIC_0000002", "nevus", "test", "IL_0000001"),
+        ("ISIC_0000002", "nevus", "test", "IL_0000001", ""),
     ]
     assert (tmp_path / "out" / "test" / "nevus" / "ISIC_0000001.jpg").is_file()
     assert archive.requests["file"] == 2

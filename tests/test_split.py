@@ -24,8 +24,9 @@ def _distinct_rows(per_class: int, split: str = "train") -> list[tuple[str, str,
     ]
 
 
-def _split(rows, seed: int = 0, lesions: dict[str, str] | None = None, **params):
-    return split_dataset(manifest_of(rows, lesions), CLASSES, PARAMS.model_copy(update=params), seed=seed)
+def _split(rows, seed: int = 0, lesions: dict[str, str] | None = None, diagnoses=None, **params):
+    frame = manifest_of(rows, lesions, diagnoses)
+    return split_dataset(frame, CLASSES, PARAMS.model_copy(update=params), seed=seed)
 
 
 # --- the split itself -------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def _conflict_rows() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def test_label_conflict_dropped_by_default() -> None:
+def test_label_conflict_without_diagnosis_dropped_by_default() -> None:
     result = _split(_conflict_rows())
     kept = pd.concat(result.splits.values())
     assert _conflict_rows()[0][3] not in set(kept["sha256"])
@@ -87,6 +88,36 @@ def test_label_conflict_dropped_by_default() -> None:
     conflicts = result.removed[result.removed["category"] == "label_conflict"]
     assert len(conflicts) == 3
     assert conflicts["reason"].str.contains("melanoma \\(2\\) and nevus \\(1\\)").all()
+
+
+def _conflict_diagnoses(diagnosis: str) -> dict[str, str]:
+    return {path: diagnosis for path, _, _, digest in _conflict_rows() if digest == _conflict_rows()[0][3]}
+
+
+def test_label_conflict_settled_by_its_diagnosis() -> None:
+    result = _split(_conflict_rows(), diagnoses=_conflict_diagnoses("nv"))
+    kept = pd.concat(result.splits.values())
+    survivor = kept[kept["sha256"] == _conflict_rows()[0][3]]
+    assert survivor["label"].tolist() == ["nevus"]
+    assert result.report["conflicts_settled_by_diagnosis"] == 1
+    conflicts = result.removed[result.removed["category"] == "label_conflict"]
+    assert set(conflicts["label"]) == {"melanoma"}
+    assert conflicts["reason"].str.endswith("its diagnosis 'nv' says nevus").all()
+
+
+def test_label_conflict_dropped_when_diagnosis_fits_both_labels() -> None:
+    diagnoses = _conflict_diagnoses("nv")
+    both = PARAMS.diagnosis_classes | {"nv": ["melanoma", "nevus"]}
+    result = _split(_conflict_rows(), diagnoses=diagnoses, diagnosis_classes=both)
+    assert _conflict_rows()[0][3] not in set(pd.concat(result.splits.values())["sha256"])
+    assert result.report["conflicts_settled_by_diagnosis"] == 0
+
+
+def test_label_conflict_dropped_when_copies_disagree_on_diagnosis() -> None:
+    diagnoses = _conflict_diagnoses("nv") | {"data/raw/train/melanoma/copy2.jpg": "mel"}
+    result = _split(_conflict_rows(), diagnoses=diagnoses)
+    assert _conflict_rows()[0][3] not in set(pd.concat(result.splits.values())["sha256"])
+    assert len(result.removed[result.removed["category"] == "label_conflict"]) == 3
 
 
 def test_label_conflict_majority_keeps_one_majority_copy() -> None:

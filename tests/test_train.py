@@ -16,12 +16,14 @@ import pytest
 from dvclive import Live
 from pydantic import ValidationError
 
-from stages.architectures import BACKBONES, build_model
+from stages.architectures import BACKBONES, RandomAffine, build_model, with_augmentation
 from stages.config import TrainParams
 from stages.train import (
     MONITOR,
     EpochLogger,
     ResumableCheckpoint,
+    ShuffledBatches,
+    balanced_sample_weights,
     detect_device,
     load_cached_images,
     save_model_atomic,
@@ -53,7 +55,7 @@ def _float32_policy():
 
 
 def test_baseline_cnn_matches_the_reference_notebooks() -> None:
-    model = build_model("baseline_cnn", 180, 9, 0.25, _params().train.augment)
+    model = build_model("baseline_cnn", 180, 9, 0.25)
     layers = model.layers
     convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
     dense = [layer for layer in layers if isinstance(layer, keras.layers.Dense)]
@@ -62,6 +64,96 @@ def test_baseline_cnn_matches_the_reference_notebooks() -> None:
     assert [layer.units for layer in dense] == [128, 9]
     assert any(isinstance(layer, keras.layers.Dropout) for layer in layers)
     assert model.output_shape == (None, 9)
+
+
+def test_augmentation_is_left_out_of_the_trained_model() -> None:
+    x, y = _data(n=8)
+    params = _params()
+    model, _ = train_model(x, y, x, y, params.base, params.train)
+    assert params.train.augment.rotation > 0
+    random_layers = (RandomAffine, keras.layers.RandomContrast, keras.layers.RandomBrightness)
+    assert not any(isinstance(layer, random_layers) for layer in model._flatten_layers())
+    assert model.input.dtype == "float32"
+
+
+def test_augmentation_wraps_the_model_and_shares_its_weights() -> None:
+    model = build_model("baseline_cnn", SIZE, 3, 0.0)
+    trainer = with_augmentation(model, _params().train.augment)
+    assert trainer.input.dtype == "uint8"
+    assert [type(layer) for layer in trainer.get_layer("augment").layers] == [
+        RandomAffine,
+        keras.layers.RandomContrast,
+        keras.layers.RandomBrightness,
+    ]
+    assert trainer.get_layer(model.name) is model
+
+
+def test_no_augmentation_trains_the_model_itself() -> None:
+    off = {"flip": False, "rotation": 0.0, "zoom": 0.0, "contrast": 0.0, "brightness": 0.0}
+    model = build_model("baseline_cnn", SIZE, 3, 0.0)
+    assert with_augmentation(model, _params(augment=off).train.augment) is model
+
+
+def _asymmetric_images(n: int = 4) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, size=(n, SIZE, SIZE, 3)).astype("float32")
+
+
+def test_random_affine_only_acts_in_training() -> None:
+    images = _asymmetric_images()
+    layer = RandomAffine(flip=True, rotation=0.2, zoom=0.2, seed=1)
+    np.testing.assert_array_equal(np.asarray(layer(images, training=False)), images)
+    assert not np.allclose(np.asarray(layer(images, training=True)), images)
+
+
+def test_random_affine_without_rotation_or_zoom_flips_exactly() -> None:
+    images = _asymmetric_images(n=16)
+    out = np.asarray(RandomAffine(flip=True, rotation=0.0, zoom=0.0, seed=3)(images, training=True))
+    flips = [lambda a: a, lambda a: a[:, ::-1], lambda a: a[::-1, :], lambda a: a[::-1, ::-1]]
+    seen = set()
+    for image, result in zip(images, out, strict=True):
+        matches = [k for k, flip in enumerate(flips) if np.allclose(flip(image), result, atol=1e-3)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == {0, 1, 2, 3}  # 16 images: every flip turns up
+
+
+def test_random_affine_rotates_and_zooms_within_bounds() -> None:
+    # A bright dot at the centre stays there; one off-centre moves, but no farther than rotation allows.
+    image = np.zeros((1, 33, 33, 3), dtype="float32")
+    image[0, 16, 16], image[0, 16, 26] = 255, 255
+    layer = RandomAffine(flip=False, rotation=0.05, zoom=0.1, seed=5)
+    for _ in range(8):
+        out = np.asarray(layer(image, training=True))[0, ..., 0]
+        assert out[16, 16] > 100
+        spot = np.argwhere(out == out[:, 20:].max())[0]
+        angle = np.degrees(np.arctan2(spot[0] - 16, spot[1] - 16))
+        assert abs(angle) <= 0.05 * 360 + 8  # the bound, plus a pixel's worth at radius 10
+        assert 7 <= np.hypot(*(spot - 16)) <= 13
+
+
+def test_batches_cover_every_image_once_per_epoch_in_a_new_order() -> None:
+    x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    batches = ShuffledBatches(x, np.eye(10)[np.arange(10)], batch_size=4, seed=7)
+    assert batches.batches_per_epoch == 3
+    assert batches.num_batches is None  # endless: one iterator for the whole fit
+    epochs = [np.concatenate([batches[3 * e + k][0].ravel() for k in range(3)]) for e in range(2)]
+    for order in epochs:
+        assert sorted(order) == list(range(10))
+    assert list(epochs[0]) != list(epochs[1])
+    again = ShuffledBatches(x, np.eye(10), batch_size=4, seed=7)
+    np.testing.assert_array_equal(again[4][0], batches[4][0])
+
+
+def test_balanced_sample_weights_give_each_class_the_same_total() -> None:
+    y = np.array([0] * 9 + [2] * 3)
+    weights = balanced_sample_weights(y)
+    assert weights[y == 0].sum() == pytest.approx(weights[y == 2].sum())
+    batches = ShuffledBatches(
+        np.zeros((12, 1, 1, 3)), np.eye(3)[y], batch_size=12, seed=0, sample_weight=weights
+    )
+    _, labels, batch_weights = batches[0]
+    by_class = {0: weights[0], 2: weights[-1]}
+    np.testing.assert_allclose(batch_weights, [by_class[k] for k in labels.argmax(axis=1)])
 
 
 @pytest.mark.parametrize("arch", sorted(BACKBONES))
@@ -231,18 +323,20 @@ def test_decoded_cache_is_reused_when_inputs_are_unchanged(
 ) -> None:
     paths = [str(write_image(tmp_path / f"{k}.jpg", (40 * k, 90, 90), seed=k)) for k in range(3)]
     caplog.set_level(logging.INFO, logger="stages.train")
-    first = load_cached_images(paths, 16, tmp_path / "cache")
-    second = load_cached_images(paths, 16, tmp_path / "cache")
+    first, first_key = load_cached_images(paths, 16, tmp_path / "cache")
+    second, second_key = load_cached_images(paths, 16, tmp_path / "cache")
     np.testing.assert_array_equal(first, second)
+    assert first_key == second_key
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
     assert "reusing decoded images" in caplog.text
 
 
 def test_decoded_cache_is_rebuilt_when_an_image_changes(tmp_path: Path) -> None:
     paths = [str(write_image(tmp_path / f"{k}.jpg", (40 * k, 90, 90), seed=k)) for k in range(3)]
-    first = load_cached_images(paths, 16, tmp_path / "cache")
+    first, first_key = load_cached_images(paths, 16, tmp_path / "cache")
     write_image(Path(paths[1]), (250, 250, 250), seed=9)
-    second = load_cached_images(paths, 16, tmp_path / "cache")
+    second, second_key = load_cached_images(paths, 16, tmp_path / "cache")
+    assert first_key != second_key
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
     assert not np.array_equal(first[1], second[1])
     np.testing.assert_array_equal(first[0], second[0])
@@ -279,7 +373,7 @@ print("data parallel matches")
 
 
 def test_saved_model_loads_safely_and_leaves_no_temp(tmp_path: Path) -> None:
-    model = build_model("resnet_small", SIZE, 3, 0.0, _params().train.augment)
+    model = build_model("resnet_small", SIZE, 3, 0.0)
     save_model_atomic(model, tmp_path / "models" / "model.keras")
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.keras"]
     loaded = keras.saving.load_model(tmp_path / "models" / "model.keras", safe_mode=True)

@@ -55,6 +55,13 @@ def test_melanoma_class_must_be_a_class(tmp_path: Path) -> None:
         load_params(_write(tmp_path, params))
 
 
+def test_diagnosis_classes_must_be_classes(tmp_path: Path) -> None:
+    params = small_params(split={"diagnosis_classes": {"mel": ["melanomas"]}})
+    expected = r"split.diagnosis_classes\['mel'\] has 'melanomas', which is not in base.classes"
+    with pytest.raises(PipelineError, match=expected):
+        load_params(_write(tmp_path, params))
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match=r"nope.yaml: file not found"):
         load_params(tmp_path / "nope.yaml")
