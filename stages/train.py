@@ -174,6 +174,7 @@ def train_model(
         batches,
         epochs=train.epochs,
         steps_per_epoch=batches.batches_per_epoch,
+        shuffle=False,  # the batches shuffle themselves
         callbacks=all_callbacks,
         verbose=2,
     )
