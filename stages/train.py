@@ -29,7 +29,7 @@ import pandas as pd
 from dvclive import Live
 from mlflow.models import infer_signature
 from sklearn.metrics import balanced_accuracy_score
-from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.class_weight import compute_sample_weight
 
 from stages.architectures import build_model, with_augmentation
 from stages.common import (
@@ -163,12 +163,13 @@ def train_model(
         all_callbacks.append(recorder)
     all_callbacks += callbacks or []
     started = time.perf_counter()
+    balanced = train.class_weight == "balanced"
     batches = ShuffledBatches(
         x_train,
         keras.utils.to_categorical(y_train, num_classes),
         train.batch_size,
         base.seed,
-        sample_weight=balanced_sample_weights(y_train) if train.class_weight == "balanced" else None,
+        sample_weight=compute_sample_weight("balanced", y_train) if balanced else None,
     )
     history = trainer.fit(
         batches,
@@ -373,13 +374,6 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
             tmp.replace(self.backup_path / self.BEST_WEIGHTS_FILE)
         write_json_atomic(self.backup_path / self.STATE_FILE, state)
         super()._save_model()
-
-
-def balanced_sample_weights(y: np.ndarray) -> np.ndarray:
-    """A weight per sample such that every class present weighs the same in total (sklearn's "balanced")."""
-    present = np.unique(y)
-    weights = compute_class_weight("balanced", classes=present, y=y)
-    return weights[np.searchsorted(present, y)].astype("float32")
 
 
 class EpochLogger(keras.callbacks.Callback):

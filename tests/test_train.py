@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from dvclive import Live
 from pydantic import ValidationError
+from sklearn.utils.class_weight import compute_sample_weight
 
 from stages.architectures import BACKBONES, RandomAffine, build_model, with_augmentation
 from stages.config import TrainParams
@@ -23,7 +24,6 @@ from stages.train import (
     EpochLogger,
     ResumableCheckpoint,
     ShuffledBatches,
-    balanced_sample_weights,
     detect_device,
     load_cached_images,
     save_model_atomic,
@@ -149,7 +149,7 @@ def test_batches_cover_every_image_once_per_epoch_in_a_new_order() -> None:
 
 def test_balanced_sample_weights_give_each_class_the_same_total() -> None:
     y = np.array([0] * 9 + [2] * 3)
-    weights = balanced_sample_weights(y)
+    weights = compute_sample_weight("balanced", y)
     assert weights[y == 0].sum() == pytest.approx(weights[y == 2].sum())
     batches = ShuffledBatches(
         np.zeros((12, 1, 1, 3)), np.eye(3)[y], batch_size=12, seed=0, sample_weight=weights
