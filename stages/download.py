@@ -50,12 +50,11 @@ from stages.isic_archive import (
     read_cached,
     remove_partial_files,
 )
+from stages.manifests import MANIFEST_NAME, RAW_COLUMNS
 from stages.tracking import repo_root, stage_run
 
 log = logging.getLogger("stages.download")
 
-MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ["path", "label", "split", "sha256", "source", "isic_id", "lesion_id", "diagnosis"]
 # Folder names of the public ISIC dataset's official splits, and the split names we give them.
 OFFICIAL_SPLITS = {"Train": "train", "Test": "test"}
 SYNTHETIC_NOTICE = (
@@ -128,7 +127,7 @@ def fetch_synthetic(params: Params, out: Path, cache: Path | None = None) -> pd.
         seed=params.base.seed,
     )
     write_text_atomic(out / "SYNTHETIC_DATA.txt", SYNTHETIC_NOTICE)
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    return pd.DataFrame(rows, columns=RAW_COLUMNS)
 
 
 def fetch_isic(params: Params, out: Path, cache: Path) -> pd.DataFrame:
@@ -161,7 +160,7 @@ def fetch_isic(params: Params, out: Path, cache: Path) -> pd.DataFrame:
     write_text_atomic(out / "attribution.txt", attribution_text(metadata["attribution"]))
     for name in sorted(set(metadata["copyright_license"]) - {""}):
         write_text_atomic(out / "licenses" / f"{name}.txt", _license_text(client, cache, name))
-    return metadata.assign(source="isic")[MANIFEST_COLUMNS]
+    return metadata.assign(source="isic")[RAW_COLUMNS]
 
 
 SOURCES: dict[str, Callable[[Params, Path, Path], pd.DataFrame]] = {
@@ -415,7 +414,7 @@ def copy_images(images: Sequence[_Image], out: Path, source: str) -> pd.DataFram
         shutil.copyfile(image.source_path, target)
         digest = sha256_file(target)
         rows.append((relative.as_posix(), image.label, image.split, digest, source, relative.stem, "", ""))
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    return pd.DataFrame(rows, columns=RAW_COLUMNS)
 
 
 def _utf8_name(name: str) -> str:

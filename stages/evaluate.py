@@ -53,10 +53,9 @@ from stages.common import (
 )
 from stages.config import EvaluateParams, Params, load_params
 from stages.errors import PipelineError
-from stages.serving import CHAMPION_ALIAS, IMAGE_COLUMN, LesionClassifier, prediction_frame
-from stages.split import SPLIT_COLUMNS
+from stages.manifests import SPLIT_COLUMNS
+from stages.serving import CHAMPION_ALIAS, IMAGE_COLUMN, LesionClassifier, pip_requirements, prediction_frame
 from stages.tracking import flatten_params, stage_run
-from stages.train import pip_requirements
 
 log = logging.getLogger("stages.evaluate")
 
@@ -341,7 +340,7 @@ def log_servable_model(
         model_config=config,
         code_paths=[str(Path(__file__).parent)],
         signature=infer_signature(example, output),
-        pip_requirements=pip_requirements(),
+        pip_requirements=pip_requirements(keras.backend.backend()),
     )
     return info.model_uri
 

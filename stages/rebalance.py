@@ -27,13 +27,10 @@ from PIL import Image
 from stages.common import atomic_output_dir, read_manifest, run_cli, write_csv_atomic
 from stages.config import load_params
 from stages.errors import PipelineError
-from stages.split import SPLIT_COLUMNS
+from stages.manifests import MANIFEST_NAME, REBALANCED_COLUMNS, SPLIT_COLUMNS
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.rebalance")
-
-MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS = ["path", "label", "source_path"]
 
 
 def main() -> None:
@@ -87,7 +84,7 @@ def rebalance(
             sources, missing, operations, jpeg_quality, seed=seed + class_index, out=out / label
         )
     frame = pd.DataFrame(rows, columns=["path", "source_path", "label"])
-    return frame[MANIFEST_COLUMNS]
+    return frame[REBALANCED_COLUMNS]
 
 
 def augment_class(

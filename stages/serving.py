@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib.metadata
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,19 @@ IMAGE_COLUMN = "image"
 CHAMPION_ALIAS = "champion"  # the registry alias of the version people rely on
 MAX_IMAGE_BYTES = 20 * 2**20  # one uploaded image; larger payloads get a 400
 MAX_PIXELS = 50_000_000
+
+
+def pip_requirements(backend: str) -> list[str]:
+    """Pinned requirements of a logged model: Keras, its `backend`, NumPy, Pillow as installed."""
+    # Pinning what is installed is exact and skips MLflow's slow requirement inference, which loads
+    # the model again in a subprocess. The backend's package is named like the backend.
+    requirements = []
+    for name in ("keras", "numpy", "pillow", backend):
+        try:
+            requirements.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            requirements.append(name)  # installed under another name, e.g. tensorflow-cpu
+    return requirements
 
 
 def probability_column(label: str) -> str:

@@ -44,14 +44,13 @@ from stages.common import (
     write_text_atomic,
 )
 from stages.config import SplitParams, load_params
-from stages.download import MANIFEST_COLUMNS, MANIFEST_NAME
 from stages.errors import PipelineError
+from stages.manifests import MANIFEST_NAME, RAW_COLUMNS, SPLIT_COLUMNS
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.split")
 
 SPLIT_NAMES = ("train", "val", "test")
-SPLIT_COLUMNS = ["path", "label", "split", "sha256", "lesion_id", "group"]
 REMOVED_COLUMNS = ["path", "label", "split", "category", "reason"]
 _HASH_CHUNK = 1024  # rows of the pairwise Hamming-distance matrix computed at once
 
@@ -76,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
 
-    manifest = read_manifest(args.raw / MANIFEST_NAME, MANIFEST_COLUMNS)
+    manifest = read_manifest(args.raw / MANIFEST_NAME, RAW_COLUMNS)
 
     with stage_run("split", params.base, params.split):
         features = inspect_images(manifest["path"], params.split.max_pixels, params.split.min_side)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib.metadata
 import json
 import logging
 import math
@@ -41,8 +40,8 @@ from stages.common import (
 )
 from stages.config import BaseParams, TrainParams, load_params
 from stages.errors import PipelineError
-from stages.rebalance import MANIFEST_COLUMNS as REBALANCED_COLUMNS
-from stages.split import SPLIT_COLUMNS
+from stages.manifests import REBALANCED_COLUMNS, SPLIT_COLUMNS
+from stages.serving import pip_requirements
 from stages.tracking import repo_root, stage_run
 
 log = logging.getLogger("stages.train")
@@ -104,7 +103,7 @@ def main() -> None:
             model,
             name=MLFLOW_MODEL_NAME,
             signature=infer_signature(x_val[:2], model.predict(x_val[:2], verbose=0)),
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(keras.backend.backend()),
         )
         write_json_atomic(args.model_info, {"run_id": run.info.run_id, "model_uri": info.model_uri})
         write_json_atomic(args.metrics, summary)
@@ -170,6 +169,8 @@ def train_model(
         train.batch_size,
         base.seed,
         sample_weight=compute_sample_weight("balanced", y_train) if balanced else None,
+        # A resumed fit carries on with the batch order the interrupted one would have used.
+        first_epoch=recorder.saved_epoch() if recorder else 0,
     )
     history = trainer.fit(
         batches,
@@ -267,11 +268,12 @@ class ShuffledBatches(keras.utils.PyDataset):
         batch_size: int,
         seed: int,
         sample_weight: np.ndarray | None = None,
+        first_epoch: int = 0,
     ) -> None:
         # One thread fills a queue of batches ahead of the training step.
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=8)
         self.x, self.y, self.sample_weight = x, y, sample_weight
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.first_epoch = batch_size, seed, first_epoch
         self.batches_per_epoch = math.ceil(len(x) / batch_size)
 
     @property
@@ -280,8 +282,9 @@ class ShuffledBatches(keras.utils.PyDataset):
         return None
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
-        """Batch `index`, counted from the start of the fit across epochs."""
+        """Batch `index`, counted across epochs from the start of the fit (at `first_epoch`)."""
         epoch, position = divmod(index, self.batches_per_epoch)
+        epoch += self.first_epoch
         # Derived from (seed, epoch) alone, so any batch can be made in any order, deterministically.
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
         picked = order[position * self.batch_size : (position + 1) * self.batch_size]
@@ -311,13 +314,15 @@ class ValidationMetrics(keras.callbacks.Callback):
 class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
     """Keras's BackupAndRestore (weights, optimizer, epoch) plus what it leaves out.
 
-    It also keeps each epoch's logs and the early-stopping state, so that a resumed run stops, keeps
-    its best epoch and reports its history exactly as an uninterrupted one would, and replays the
-    earlier epochs to `replay_to` (the DVCLive and MLflow loggers) before carrying on.
+    It also keeps each epoch's logs, the early-stopping state and the random generators' states
+    (augmentation, dropout), so that a resumed run trains, stops, keeps its best epoch and reports its
+    history exactly as an uninterrupted one would, and replays the earlier epochs to `replay_to` (the
+    DVCLive and MLflow loggers) before carrying on.
     """
 
     STATE_FILE = "resume_state.json"
     BEST_WEIGHTS_FILE = "best_weights.npz"
+    RANDOM_STATE_FILE = "random_state.npz"
 
     def __init__(
         self,
@@ -342,16 +347,23 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         if state["epoch"] != start_epoch:
             raise PipelineError(f"{self.backup_path}: checkpoint is inconsistent; delete it to retrain")
         self.history = state["history"]
+        for variable, value in zip(self._random_states(), self._load(self.RANDOM_STATE_FILE), strict=True):
+            variable.assign(value)
         if self.early_stopping is not None:
             for name in ("wait", "best", "best_epoch"):
                 setattr(self.early_stopping, name, state["early_stopping"][name])
-            with np.load(self.backup_path / self.BEST_WEIGHTS_FILE) as stored:
-                self.early_stopping.best_weights = [stored[f"w{i}"] for i in range(len(stored.files))]
+            self.early_stopping.best_weights = self._load(self.BEST_WEIGHTS_FILE)
         log.info("resuming from the checkpoint of epoch %d in %s", start_epoch, self.backup_path)
         for epoch in range(start_epoch):
             epoch_logs = {name: values[epoch] for name, values in self.history.items()}
             for callback in self.replay_to:
                 callback.on_epoch_end(epoch, epoch_logs)
+
+    def saved_epoch(self) -> int:
+        """How many epochs the checkpoint holds: where a resumed fit starts (0 without one)."""
+        # Keras's own record, which its on_train_begin restores the epoch from.
+        path = Path(self._training_metadata_path)
+        return json.loads(path.read_text(encoding="utf-8"))["epoch"] if path.is_file() else 0
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         """Record the epoch's logs, then checkpoint."""
@@ -364,16 +376,28 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         # belongs to, so that a kill between the writes is detected instead of mixing epochs.
         self.backup_path.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {"epoch": self._current_epoch, "history": self.history}
+        self._save(self.RANDOM_STATE_FILE, [keras.ops.convert_to_numpy(v) for v in self._random_states()])
         if self.early_stopping is not None:
             stopping = self.early_stopping
             best = None if stopping.best is None else float(stopping.best)
             state["early_stopping"] = {"wait": stopping.wait, "best": best, "best_epoch": stopping.best_epoch}
-            weights = {f"w{i}": array for i, array in enumerate(stopping.best_weights or [])}
-            tmp = self.backup_path / f".{self.BEST_WEIGHTS_FILE}.tmp.npz"
-            np.savez(tmp, **weights)
-            tmp.replace(self.backup_path / self.BEST_WEIGHTS_FILE)
+            self._save(self.BEST_WEIGHTS_FILE, stopping.best_weights or [])
         write_json_atomic(self.backup_path / self.STATE_FILE, state)
         super()._save_model()
+
+    def _random_states(self) -> list[keras.Variable]:
+        # The seed generators' states are variables but not weights, so save_weights leaves them out.
+        weights = {id(weight) for weight in self.model.weights}
+        return [variable for variable in self.model.variables if id(variable) not in weights]
+
+    def _save(self, name: str, arrays: Sequence[np.ndarray]) -> None:
+        tmp = self.backup_path / f".{name}.tmp.npz"
+        np.savez(tmp, *arrays)
+        tmp.replace(self.backup_path / name)
+
+    def _load(self, name: str) -> list[np.ndarray]:
+        with np.load(self.backup_path / name) as stored:
+            return [stored[f"arr_{i}"] for i in range(len(stored.files))]
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -432,19 +456,6 @@ def save_model_atomic(model: keras.Model, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.keras")
     model.save(tmp)
     tmp.replace(path)
-
-
-def pip_requirements() -> list[str]:
-    """Pinned requirements of a logged model: Keras, its backend, NumPy, Pillow as installed."""
-    # Pinning what is installed is exact and skips MLflow's slow requirement inference, which loads
-    # the model again in a subprocess. The backend's package is named like the backend.
-    requirements = []
-    for name in ("keras", "numpy", "pillow", keras.backend.backend()):
-        try:
-            requirements.append(f"{name}=={importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            requirements.append(name)  # installed under another name, e.g. tensorflow-cpu
-    return requirements
 
 
 if __name__ == "__main__":

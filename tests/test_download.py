@@ -11,13 +11,13 @@ import yaml
 from PIL import Image
 
 from stages.download import (
-    MANIFEST_COLUMNS,
     copy_images,
     fetch_local,
     generate_synthetic,
     list_local_images,
 )
 from stages.errors import PipelineError
+from stages.manifests import RAW_COLUMNS
 from tests.conftest import CLASSES, as_params, make_isic_folder, run_stage, small_params
 
 
@@ -41,7 +41,7 @@ def test_local_folder_keeps_train_and_test_splits(tmp_path: Path) -> None:
 def test_copy_images_writes_files_and_manifest(tmp_path: Path) -> None:
     root = make_isic_folder(tmp_path / "isic", train_per_class=2)
     manifest = copy_images(list_local_images(root, CLASSES), tmp_path / "out", source="local")
-    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert list(manifest.columns) == RAW_COLUMNS
     first = manifest.iloc[0]
     copied = tmp_path / "out" / first["path"]
     assert copied.read_bytes() == (root / "Train" / first["label"] / copied.name).read_bytes()

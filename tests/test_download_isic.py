@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.download import MANIFEST_COLUMNS, fetch_isic, read_isic_manifest
+from stages.download import fetch_isic, read_isic_manifest
 from stages.errors import PipelineError
 from stages.isic_archive import (
     ArchiveClient,
@@ -23,6 +23,7 @@ from stages.isic_archive import (
     fetch_to_cache,
     remove_partial_files,
 )
+from stages.manifests import RAW_COLUMNS
 from tests.conftest import CLASSES, as_params, run_stage, small_params
 from tests.isic_standin import StandinArchive, make_images, serve
 
@@ -49,7 +50,7 @@ def test_manifest_mode_fetches_every_image_byte_identical(tmp_path: Path) -> Non
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url:
         rows = fetch_isic(_isic_params(api_url, manifest, workers=4), tmp_path / "out", tmp_path / "cache")
-    assert list(rows.columns) == MANIFEST_COLUMNS
+    assert list(rows.columns) == RAW_COLUMNS
     assert _files_by_id(tmp_path / "out") == archive.images
     first = rows.iloc[0]
     assert first["path"] == f"train/{first['label']}/{first['isic_id']}.jpg"

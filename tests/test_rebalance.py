@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from stages.errors import PipelineError
-from stages.rebalance import MANIFEST_COLUMNS, build_pipeline, rebalance
+from stages.manifests import REBALANCED_COLUMNS
+from stages.rebalance import build_pipeline, rebalance
 from tests.conftest import CLASSES, make_isic_folder, repo_params
 
 OPERATIONS = repo_params()["rebalance"]["operations"]
@@ -34,7 +35,7 @@ def test_every_class_reaches_the_target(tmp_path: Path) -> None:
     train = _train_manifest(tmp_path, per_class=3)
     train = train.drop(index=train.index[train["label"] == "nevus"][1:])  # nevus: 1 image
     added = _rebalance(train, tmp_path / "out", target=5)
-    assert list(added.columns) == MANIFEST_COLUMNS
+    assert list(added.columns) == REBALANCED_COLUMNS
     assert added["label"].value_counts().to_dict() == {"melanoma": 2, "nevus": 4, "vascular lesion": 2}
     for path in added["path"]:
         assert (tmp_path / "out" / path).is_file()

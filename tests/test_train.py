@@ -270,6 +270,19 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
     assert not tmp_path.exists()  # a finished run deletes its checkpoint
 
 
+def test_resumed_run_trains_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    x, y = _data(n=48)
+    x_val, y_val = _data(n=24, seed=1)
+    params = _params(epochs=4, early_stopping_patience=0)
+    uninterrupted, _ = train_model(x, y, x_val, y_val, params.base, params.train)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(x, y, x_val, y_val, params.base, params.train, [_KillAfter(2)], checkpoint_dir=tmp_path)
+    resumed, _ = train_model(x, y, x_val, y_val, params.base, params.train, [], checkpoint_dir=tmp_path)
+    # Same weights, optimizer state, augmentation seeds and batch order from epoch 3 on.
+    for got, expected in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_resumed_run_restores_early_stopping_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = _data(n=48)
     x_val, y_val = _data(n=24, seed=1)
@@ -345,13 +358,36 @@ def test_decoded_cache_is_rebuilt_when_an_image_changes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(first[0], second[0])
 
 
-def test_data_parallel_matches_single_device_on_two_cpus() -> None:
-    script = f"""
-import sys
-sys.path.insert(0, {str(REPO)!r})
+# Two logical CPU devices, set up each backend's way. The JAX run blocks `import tensorflow`, as on a
+# GPU machine with JAX and no TensorFlow: the model and training loop must not need it.
+_TWO_DEVICES = {
+    "tensorflow": """
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+def device_count():
+    return len(tf.config.list_logical_devices("CPU"))
+""",
+    "jax": """
+import importlib.abc
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, NoTensorFlow())
+import jax
+def device_count():
+    return len(jax.devices("cpu"))
+""",
+}
+
+
+@pytest.mark.parametrize("backend", sorted(_TWO_DEVICES))
+def test_data_parallel_matches_single_device_on_two_cpus(backend: str) -> None:
+    script = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+{_TWO_DEVICES[backend]}
 import numpy as np
 from tests.test_train import _data, _params
 from stages.train import train_model
@@ -360,14 +396,19 @@ results = []
 for distribution in ("none", "data_parallel"):
     params = _params(arch="baseline_cnn", distribution=distribution, epochs=2, batch_size=16, augment=dict(
         flip=False, rotation=0, zoom=0, contrast=0, brightness=0), dropout=0.0, deterministic=False)
-    model, _ = train_model(x, y, x, y, params.base, params.train)
+    model, summary = train_model(x, y, x, y, params.base, params.train)
+    assert summary["backend"] == {backend!r}, summary["backend"]
     results.append(model.predict(x, verbose=0))
-assert len(tf.config.list_logical_devices("CPU")) == 2
+assert device_count() == 2
 print("max difference", np.abs(results[0] - results[1]).max())
 np.testing.assert_allclose(results[0], results[1], atol=2e-3)
+# The default recipe (augmentation, mixed bfloat16, the residual net) trains on this backend too.
+params = _params(arch="resnet_small", precision="mixed_bfloat16", epochs=1)
+model, summary = train_model(x, y, x, y, params.base, params.train)
+assert summary["backend"] == {backend!r} and np.isfinite(summary["loss"])
 print("data parallel matches")
 """
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    env = {**os.environ, "KERAS_BACKEND": backend, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False, cwd=REPO
     )
