@@ -12,6 +12,8 @@ drifts by up to 2x over minutes, and a few epochs' accuracy depends on the seed,
 says little. Prints each recipe's best images/s (as timeit does: slower runs were disturbed, not
 different) with every run's, images/s after the first epoch, the mean held-out accuracy with every
 run's, and last `ratio: X.XX` (best project / best reference, overall images/s).
+`--without-augmentation` adds a third recipe, the project path with train.augment all off, to show
+what the augmentation costs.
 
     python benchmarks/train_throughput.py --data ../shared/data/isic-9class/Train --per-class 200 --epochs 3
 """
@@ -34,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras
 
 from stages.architectures import build_model
-from stages.config import load_params
+from stages.config import AugmentParams, load_params
 from stages.train import load_cached_images, train_model
 
 log = logging.getLogger("benchmark")
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ("reference", "project")
+RECIPES = ("reference", "project", "project_unaugmented")
 RESULT_PREFIX = "RESULT "
 
 
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.25, help="share held out for accuracy")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each recipe")
+    parser.add_argument("--without-augmentation", action="store_true", help="also time it without")
     parser.add_argument("--only", choices=RECIPES, help=argparse.SUPPRESS)  # one run, in a child process
     parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)  # its seed offset
     args = parser.parse_args()
@@ -59,21 +62,24 @@ def main() -> None:
         print(RESULT_PREFIX + json.dumps(_run(args.only, args, args.repeat)), flush=True)
         return
 
-    runs: dict[str, list[dict]] = {recipe: [] for recipe in RECIPES}
+    recipes = RECIPES if args.without_augmentation else RECIPES[:2]
+    runs: dict[str, list[dict]] = {recipe: [] for recipe in recipes}
     for repeat in range(args.repeats):
-        for recipe in RECIPES:
+        for recipe in recipes:
             command = [sys.executable, __file__, *sys.argv[1:], "--only", recipe, "--repeat", str(repeat)]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             result = json.loads(output.split(RESULT_PREFIX, 1)[1])
             log.info("%s run: %s", recipe, result)
             runs[recipe].append(result)
 
+    precision = load_params(REPO / "params.yaml").train.precision
     titles = {
         "reference": "reference recipe (image_dataset_from_directory, cache, float32)",
-        "project": f"project train path ({load_params(REPO / 'params.yaml').train.precision}, decoded cache)",
+        "project": f"project train path ({precision}, decoded cache)",
+        "project_unaugmented": f"project train path without augmentation ({precision}, decoded cache)",
     }
     best = {}
-    for recipe in RECIPES:
+    for recipe in recipes:
         rates = ", ".join(f"{run['rate']:.1f}" for run in runs[recipe])
         best[recipe] = max(runs[recipe], key=lambda run: run["rate"])
         print(f"{titles[recipe]}: {best[recipe]['rate']:.1f} images/s (runs: {rates})")
@@ -83,6 +89,9 @@ def main() -> None:
         print(
             f"{recipe} held-out accuracy after {args.epochs} epochs: {np.mean(accuracies):.3f} (runs: {each})"
         )
+    if args.without_augmentation:
+        unaugmented = best["project_unaugmented"]["rate"] / best["reference"]["rate"]
+        print(f"ratio without augmentation: {unaugmented:.2f}")
     print(f"ratio: {best['project']['rate'] / best['reference']['rate']:.2f}")
 
 
@@ -103,9 +112,11 @@ def _run(recipe: str, args: argparse.Namespace, repeat: int) -> dict[str, float]
             )
         else:
             x_train, _ = load_cached_images(train_paths, size, Path(folder) / "train")
-            settings = params.train.model_copy(
-                update={"arch": "baseline_cnn", "epochs": args.epochs, "early_stopping_patience": 0}
-            )
+            update: dict[str, object] = {"arch": "baseline_cnn", "epochs": args.epochs}
+            update["early_stopping_patience"] = 0
+            if recipe == "project_unaugmented":
+                update["augment"] = AugmentParams(flip=False, rotation=0, zoom=0, contrast=0, brightness=0)
+            settings = params.train.model_copy(update=update)
             y_train = np.array([classes.index(label) for label in train_labels])
             base = params.base.model_copy(update={"seed": seed})
             model, _ = train_model(

@@ -270,8 +270,11 @@ class ShuffledBatches(keras.utils.PyDataset):
         sample_weight: np.ndarray | None = None,
         first_epoch: int = 0,
     ) -> None:
-        # One thread fills a queue of batches ahead of the training step.
-        super().__init__(workers=1, use_multiprocessing=False, max_queue_size=8)
+        # workers=1: Keras makes each batch on demand, counting from index 0 in every new iterator
+        # (TensorFlow's tf.data prefetches them in the background). With workers > 1 its enqueuer
+        # threads keep counting across iterators, so the batch that a distribution strategy takes
+        # to build the model is skipped, and training no longer matches single-device training.
+        super().__init__(workers=1, use_multiprocessing=False)
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.batch_size, self.seed, self.first_epoch = batch_size, seed, first_epoch
         self.batches_per_epoch = math.ceil(len(x) / batch_size)
