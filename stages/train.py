@@ -79,8 +79,10 @@ def main() -> None:
 
     checkpoint_dir = None
     if params.train.resume:
-        # One checkpoint folder per (inputs, params): a resumed run only ever continues the same training.
+        # One checkpoint folder per (inputs, params, checkpoint format): a resumed run only ever
+        # continues the same training.
         settings = f"{train_key}{val_key}{base.model_dump_json()}{params.train.model_dump_json()}"
+        settings += f"format {ResumableCheckpoint.FORMAT}"
         checkpoint_dir = cache / "checkpoints" / hashlib.sha256(settings.encode()).hexdigest()[:24]
 
     with stage_run("train", base, params.train) as run:
@@ -323,6 +325,7 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
     DVCLive and MLflow loggers) before carrying on.
     """
 
+    FORMAT = 2  # bumped when the files below change, so that old checkpoints are not read
     STATE_FILE = "resume_state.json"
     BEST_WEIGHTS_FILE = "best_weights.npz"
     RANDOM_STATE_FILE = "random_state.npz"
