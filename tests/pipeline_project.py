@@ -45,8 +45,7 @@ def make_project(root: Path, api_url: str, manifest: pd.DataFrame, **sections: d
     (root / params["download"]["manifest"]).parent.mkdir(parents=True)
     manifest.to_csv(root / params["download"]["manifest"], index=False)
     params["rebalance"]["samples_per_class"] = 16
-    # A short run that learns the shapes: at the default 0.001, 6 epochs were too few.
-    params["train"].update(epochs=6, batch_size=16, learning_rate=0.002)
+    params["train"].update(epochs=6, batch_size=16)
     for name, values in sections.items():
         params[name].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")

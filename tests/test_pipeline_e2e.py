@@ -43,7 +43,8 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, pd.
 def project(tmp_path_factory: pytest.TempPathFactory, standin: tuple) -> Path:
     """A git + DVC repo holding this project's pipeline, set to a small run against the stand-in."""
     api_url, manifest = standin
-    return make_project(tmp_path_factory.mktemp("project"), api_url, manifest)
+    # Its 6 epochs learn the shapes at 0.002; at the default 0.001 they learned too little.
+    return make_project(tmp_path_factory.mktemp("project"), api_url, manifest, train={"learning_rate": 0.002})
 
 
 @pytest.fixture(scope="module")
