@@ -112,8 +112,11 @@ def _run(recipe: str, args: argparse.Namespace, repeat: int) -> dict[str, float]
             )
         else:
             x_train, _ = load_cached_images(train_paths, size, Path(folder) / "train")
-            update: dict[str, object] = {"arch": "baseline_cnn", "epochs": args.epochs}
-            update["early_stopping_patience"] = 0
+            update: dict[str, object] = {
+                "arch": "baseline_cnn",
+                "epochs": args.epochs,
+                "early_stopping_patience": 0,
+            }
             if recipe == "project_unaugmented":
                 update["augment"] = AugmentParams(flip=False, rotation=0, zoom=0, contrast=0, brightness=0)
             settings = params.train.model_copy(update=update)

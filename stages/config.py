@@ -75,6 +75,7 @@ class SplitParams(_Section):
 class RebalanceParams(_Section):
     samples_per_class: int = Field(ge=0)
     jpeg_quality: int = Field(ge=1, le=100)
+    min_source_images: int = Field(ge=0)
     operations: dict[str, dict[str, Any]]
 
 

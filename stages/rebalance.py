@@ -42,6 +42,16 @@ def main() -> None:
     params = load_params()
     train = read_manifest(args.train, SPLIT_COLUMNS)
 
+    sparse = find_sparse_classes(train, params.rebalance.min_source_images)
+    for label, count in sparse.items():
+        log.warning(
+            "rebalance: class %r has only %d training image(s) (rebalance.min_source_images: %d);"
+            " its augmented images are all copies of them, so the model learns it from very few lesions",
+            label,
+            count,
+            params.rebalance.min_source_images,
+        )
+
     with stage_run("rebalance", params.base, params.rebalance):
         with atomic_output_dir(args.out) as tmp:
             manifest = rebalance(
@@ -56,7 +66,7 @@ def main() -> None:
             manifest["path"] = [(args.out / path).as_posix() for path in manifest["path"]]
             write_csv_atomic(tmp / MANIFEST_NAME, manifest)
         added = manifest.groupby("label").size()
-        mlflow.log_metrics({"images_added": len(manifest)})
+        mlflow.log_metrics({"images_added": len(manifest), "sparse_classes": len(sparse)})
         mlflow.log_dict({label: int(added.get(label, 0)) for label in params.base.classes}, "added.json")
     log.info("rebalance: added %d augmented training images", len(manifest))
 
@@ -85,6 +95,12 @@ def rebalance(
         )
     frame = pd.DataFrame(rows, columns=["path", "source_path", "label"])
     return frame[REBALANCED_COLUMNS]
+
+
+def find_sparse_classes(train: pd.DataFrame, min_source_images: int) -> dict[str, int]:
+    """Classes of the train split with fewer than min_source_images images (but some), and counts."""
+    counts = train.groupby("label").size()
+    return {str(label): int(count) for label, count in counts.items() if count < min_source_images}
 
 
 def augment_class(

@@ -101,6 +101,8 @@ def test_every_stage_logged_an_mlflow_run(project: Path, first_repro: str) -> No
     train = runs[runs["tags.stage"] == "train"].iloc[0]
     assert train["params.train.epochs"] == "6"
     assert train["metrics.val_accuracy"] > 0
+    rebalance = runs[runs["tags.stage"] == "rebalance"].iloc[0]
+    assert rebalance["metrics.sparse_classes"] == 0  # 13 training images per class, 10 needed
 
 
 def test_model_is_registered_as_challenger(project: Path, first_repro: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from stages.errors import PipelineError
 from stages.manifests import REBALANCED_COLUMNS
-from stages.rebalance import build_pipeline, rebalance
+from stages.rebalance import build_pipeline, find_sparse_classes, rebalance
 from tests.conftest import CLASSES, make_isic_folder, repo_params
 
 OPERATIONS = repo_params()["rebalance"]["operations"]
@@ -89,3 +89,10 @@ def test_non_operation_method_is_refused() -> None:
 def test_bad_operation_argument_is_named() -> None:
     with pytest.raises(PipelineError, match=r"rebalance.operations.rotate: .*max_rotation"):
         build_pipeline({"rotate": {"probability": 0.5, "max_rotation": 10}})
+
+
+def test_classes_with_few_training_images_are_found(tmp_path: Path) -> None:
+    train = _train_manifest(tmp_path, per_class=3)
+    train = train.drop(index=train.index[train["label"] == "nevus"][1:])  # nevus: 1 image
+    assert find_sparse_classes(train, min_source_images=2) == {"nevus": 1}
+    assert find_sparse_classes(train, min_source_images=0) == {}
