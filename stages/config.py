@@ -101,6 +101,7 @@ class TrainParams(_Section):
     class_weight: Literal["none", "balanced"]
     use_rebalanced: bool
     early_stopping_patience: int = Field(ge=0)
+    val_class_cap: int = Field(ge=1)
     dropout: float = Field(ge=0, lt=1)
     augment: AugmentParams
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"]

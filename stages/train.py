@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from dvclive import Live
 from mlflow.models import infer_signature
-from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import recall_score
 from sklearn.utils.class_weight import compute_sample_weight
 
 from stages.architectures import build_model, with_augmentation
@@ -151,7 +151,9 @@ def train_model(
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
     # The validation pass comes first so that the callbacks after it see its metrics.
-    all_callbacks: list[keras.callbacks.Callback] = [ValidationMetrics(x_val, y_val, train.batch_size)]
+    all_callbacks: list[keras.callbacks.Callback] = [
+        ValidationMetrics(x_val, y_val, train.batch_size, train.val_class_cap)
+    ]
     early_stopping = None
     if train.early_stopping_patience:
         early_stopping = keras.callbacks.EarlyStopping(
@@ -301,9 +303,9 @@ class ShuffledBatches(keras.utils.PyDataset):
 class ValidationMetrics(keras.callbacks.Callback):
     """One pass over the validation set per epoch: val_loss, val_accuracy, val_balanced_accuracy."""
 
-    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, batch_size: int) -> None:
+    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, batch_size: int, class_cap: int) -> None:
         super().__init__()
-        self.x_val, self.y_val, self.batch_size = x_val, y_val, batch_size
+        self.x_val, self.y_val, self.batch_size, self.class_cap = x_val, y_val, batch_size, class_cap
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         """Add the validation metrics to this epoch's logs."""
@@ -313,7 +315,19 @@ class ValidationMetrics(keras.callbacks.Callback):
         if logs is not None:
             logs["val_loss"] = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
             logs["val_accuracy"] = float((predicted == self.y_val).mean())
-            logs[MONITOR] = float(balanced_accuracy_score(self.y_val, predicted))
+            logs[MONITOR] = capped_balanced_accuracy(self.y_val, predicted, self.class_cap)
+
+
+def capped_balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, class_cap: int) -> float:
+    """Mean per-class recall, each class weighed by its number of images capped at class_cap.
+
+    class_cap 1 is balanced accuracy. A larger cap keeps a class with one or two validation images
+    (seborrheic keratosis, after cleaning the public dataset) from swinging early stopping's choice
+    by a whole class's share on one image, while classes with enough images still count equally.
+    """
+    labels, counts = np.unique(y_true, return_counts=True)
+    recalls = recall_score(y_true, y_pred, labels=labels, average=None)
+    return float(np.average(recalls, weights=np.minimum(counts, class_cap)))
 
 
 class ResumableCheckpoint(keras.callbacks.BackupAndRestore):

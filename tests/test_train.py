@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from dvclive import Live
 from pydantic import ValidationError
+from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_sample_weight
 
 from stages.architectures import BACKBONES, RandomAffine, build_model, with_augmentation
@@ -24,6 +25,7 @@ from stages.train import (
     EpochLogger,
     ResumableCheckpoint,
     ShuffledBatches,
+    capped_balanced_accuracy,
     detect_device,
     load_cached_images,
     save_model_atomic,
@@ -157,6 +159,21 @@ def test_balanced_sample_weights_give_each_class_the_same_total() -> None:
     _, labels, batch_weights = batches[0]
     by_class = {0: weights[0], 2: weights[-1]}
     np.testing.assert_allclose(batch_weights, [by_class[k] for k in labels.argmax(axis=1)])
+
+
+def test_capped_balanced_accuracy_with_cap_1_is_balanced_accuracy() -> None:
+    y_true = np.array([0, 0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 0, 1, 2, 1, 0, 2])
+    expected = balanced_accuracy_score(y_true, y_pred)
+    assert capped_balanced_accuracy(y_true, y_pred, 1) == pytest.approx(expected)
+
+
+def test_capped_balanced_accuracy_weighs_a_one_image_class_by_its_count() -> None:
+    # Classes 0 and 1 have 4 images each (recall 1/2 and 1), class 2 one image (recall 1).
+    y_true = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    y_pred = np.array([0, 0, 1, 1, 1, 1, 1, 1, 2])
+    assert capped_balanced_accuracy(y_true, y_pred, 4) == pytest.approx((4 * 0.5 + 4 * 1 + 1 * 1) / 9)
+    assert capped_balanced_accuracy(y_true, y_pred, 2) == pytest.approx((2 * 0.5 + 2 * 1 + 1 * 1) / 5)
 
 
 @pytest.mark.parametrize("arch", sorted(BACKBONES))
