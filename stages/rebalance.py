@@ -45,7 +45,7 @@ def main() -> None:
     sparse = find_sparse_classes(train, params.rebalance.min_source_images)
     for label, count in sparse.items():
         log.warning(
-            "rebalance: class %r has only %d training image(s) (rebalance.min_source_images: %d);"
+            "class %r has only %d training image(s) (rebalance.min_source_images: %d);"
             " its augmented images are all copies of them, so the model learns it from very few lesions",
             label,
             count,
