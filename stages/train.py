@@ -301,7 +301,10 @@ class ShuffledBatches(keras.utils.PyDataset):
 
 
 class ValidationMetrics(keras.callbacks.Callback):
-    """One pass over the validation set per epoch: val_loss, val_accuracy, val_balanced_accuracy."""
+    """One pass over the validation set per epoch: val_loss, val_accuracy, val_balanced_accuracy.
+
+    val_balanced_accuracy (early stopping's monitor) is `capped_balanced_accuracy` with class_cap.
+    """
 
     def __init__(self, x_val: np.ndarray, y_val: np.ndarray, batch_size: int, class_cap: int) -> None:
         super().__init__()
