@@ -433,8 +433,16 @@ def read_metadata(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     for needed in ("isic_id", *columns):
         if needed not in metadata.columns:
             raise PipelineError(f"download.metadata: {path} has no column {needed!r}")
-    # An image filed under two classes has a row per class; its metadata is the image's, so one row.
-    return metadata.drop_duplicates("isic_id").set_index("isic_id")[list(columns)]
+    # An image filed under two classes has a row per class; its metadata is the image's, so one row,
+    # unless the rows disagree, when no row can be trusted over the other.
+    rows = metadata.drop_duplicates(["isic_id", *columns])
+    clashing = rows.loc[rows["isic_id"].duplicated(), "isic_id"]
+    if len(clashing):
+        raise PipelineError(
+            f"download.metadata: {path} gives {len(clashing)} isic_id(s) different {', '.join(columns)}"
+            f" in different rows, e.g. {clashing.iloc[0]}"
+        )
+    return rows.set_index("isic_id")[list(columns)]
 
 
 def generate_synthetic(

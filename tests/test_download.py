@@ -129,6 +129,22 @@ def test_metadata_attaches_lesion_ids_and_diagnoses_by_isic_id(tmp_path: Path) -
     assert (manifest["lesion_id"] != "").sum() == 1
 
 
+def test_metadata_rows_of_an_image_in_two_classes_are_one(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
+    _with_index(root, "ISIC_Train_0_000,melanoma,train,HAM_1,mel\nISIC_Train_0_000,nevus,test,HAM_1,mel\n")
+    params = as_params(small_params(download={"path": str(root), "metadata": "index.csv"}))
+    manifest = fetch_local(params, tmp_path / "out").set_index("isic_id")
+    assert manifest.loc["ISIC_Train_0_000", ["lesion_id", "diagnosis"]].tolist() == ["HAM_1", "mel"]
+
+
+def test_metadata_rows_of_one_image_must_agree(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
+    _with_index(root, "ISIC_Train_0_000,melanoma,train,HAM_1,mel\nISIC_Train_0_000,nevus,train,HAM_2,nv\n")
+    params = as_params(small_params(download={"path": str(root), "metadata": "index.csv"}))
+    with pytest.raises(PipelineError, match=r"index.csv gives 1 isic_id\(s\) different .* ISIC_Train_0_000"):
+        fetch_local(params, tmp_path / "out")
+
+
 def test_no_diagnosis_column_leaves_diagnoses_empty(tmp_path: Path) -> None:
     root = make_isic_folder(tmp_path / "isic", train_per_class=2)
     (root / "index.csv").write_text("isic_id,ham_lesion_id\nISIC_Train_0_000,HAM_1\n", encoding="utf-8")
