@@ -97,6 +97,7 @@ class TrainParams(_Section):
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     schedule: Literal["constant", "cosine"]
+    weight_decay: float = Field(ge=0, lt=1)
     label_smoothing: float = Field(ge=0, lt=1)
     class_weight: Literal["none", "balanced"]
     use_rebalanced: bool

@@ -146,7 +146,7 @@ def train_model(
         if train.schedule == "cosine":
             learning_rate = keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=steps)
         trainer.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+            optimizer=make_optimizer(learning_rate, train.weight_decay),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
@@ -208,6 +208,18 @@ def train_model(
         **{key: float(values[kept]) for key, values in epochs_run.items() if key != "learning_rate"},
     }
     return model, summary
+
+
+def make_optimizer(
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule, weight_decay: float
+) -> keras.optimizers.Optimizer:
+    """Adam, or AdamW with `weight_decay` on the kernels when it is above 0."""
+    if not weight_decay:
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    # Decaying biases and batch norm's scale and offset only pulls them off their learned values.
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
 
 
 def load_cached_images(paths: Sequence[str], size: int, cache_dir: Path) -> tuple[np.ndarray, str]:
