@@ -26,8 +26,10 @@ from stages.train import (
     ResumableCheckpoint,
     ShuffledBatches,
     capped_balanced_accuracy,
+    configure_determinism,
     detect_device,
     load_cached_images,
+    make_optimizer,
     save_model_atomic,
     train_model,
 )
@@ -174,6 +176,31 @@ def test_capped_balanced_accuracy_weighs_a_one_image_class_by_its_count() -> Non
     y_pred = np.array([0, 0, 1, 1, 1, 1, 1, 1, 2])
     assert capped_balanced_accuracy(y_true, y_pred, 4) == pytest.approx((4 * 0.5 + 4 * 1 + 1 * 1) / 9)
     assert capped_balanced_accuracy(y_true, y_pred, 2) == pytest.approx((2 * 0.5 + 2 * 1 + 1 * 1) / 5)
+
+
+def test_weight_decay_shrinks_kernels_only() -> None:
+    # One step from the same start: AdamW's decoupled decay moves each kernel by -lr * decay * start
+    # on top of Adam's step, and leaves biases and batch norm where Adam puts them.
+    x, y = _data(n=8)
+    learning_rate, decay = 0.01, 0.5
+    configure_determinism(0, deterministic=True)  # else two runs' gradients differ in rounding
+    start = build_model("resnet_small", SIZE, 3, 0.0).get_weights()
+
+    def one_step(weight_decay: float) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        model = build_model("resnet_small", SIZE, 3, 0.0)
+        model.set_weights(start)
+        before = [variable.numpy() for variable in model.trainable_variables]
+        optimizer = make_optimizer(learning_rate, weight_decay)
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        return [(v.name, old, v.numpy()) for v, old in zip(model.trainable_variables, before, strict=True)]
+
+    plain, decayed = one_step(0.0), one_step(decay)
+    names = {name for name, _, _ in plain}
+    assert {"kernel", "bias", "gamma", "beta"} <= names
+    for (name, before, after_plain), (_, _, after_decayed) in zip(plain, decayed, strict=True):
+        expected = after_plain - learning_rate * decay * before if name == "kernel" else after_plain
+        np.testing.assert_allclose(after_decayed, expected, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("arch", sorted(BACKBONES))
