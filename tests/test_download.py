@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -114,35 +115,32 @@ def test_stage_cli_reports_bad_path_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "raw").exists()
 
 
-def _with_index(root: Path, rows: str) -> Path:
+def _fetch_with_index(tmp_path: Path, rows: str) -> pd.DataFrame:
+    # A local dataset whose index.csv holds `rows` (isic_id, label, split, ham_lesion_id, ham_dx).
+    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
     (root / "index.csv").write_text("isic_id,label,split,ham_lesion_id,ham_dx\n" + rows, encoding="utf-8")
-    return root
+    params = as_params(small_params(download={"path": str(root), "metadata": "index.csv"}))
+    return fetch_local(params, tmp_path / "out")
 
 
 def test_metadata_attaches_lesion_ids_and_diagnoses_by_isic_id(tmp_path: Path) -> None:
-    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
-    _with_index(root, "ISIC_Train_0_000,melanoma,train,HAM_1,mel\nISIC_Train_1_001,nevus,train,,\n")
-    params = as_params(small_params(download={"path": str(root), "metadata": "index.csv"}))
-    manifest = fetch_local(params, tmp_path / "out").set_index("isic_id")
+    rows = "ISIC_Train_0_000,melanoma,train,HAM_1,mel\nISIC_Train_1_001,nevus,train,,\n"
+    manifest = _fetch_with_index(tmp_path, rows).set_index("isic_id")
     assert manifest.loc["ISIC_Train_0_000", ["lesion_id", "diagnosis"]].tolist() == ["HAM_1", "mel"]
     assert manifest.loc["ISIC_Train_1_001", ["lesion_id", "diagnosis"]].tolist() == ["", ""]
     assert (manifest["lesion_id"] != "").sum() == 1
 
 
 def test_metadata_rows_of_an_image_in_two_classes_are_one(tmp_path: Path) -> None:
-    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
-    _with_index(root, "ISIC_Train_0_000,melanoma,train,HAM_1,mel\nISIC_Train_0_000,nevus,test,HAM_1,mel\n")
-    params = as_params(small_params(download={"path": str(root), "metadata": "index.csv"}))
-    manifest = fetch_local(params, tmp_path / "out").set_index("isic_id")
+    rows = "ISIC_Train_0_000,melanoma,train,HAM_1,mel\nISIC_Train_0_000,nevus,test,HAM_1,mel\n"
+    manifest = _fetch_with_index(tmp_path, rows).set_index("isic_id")
     assert manifest.loc["ISIC_Train_0_000", ["lesion_id", "diagnosis"]].tolist() == ["HAM_1", "mel"]
 
 
 def test_metadata_rows_of_one_image_must_agree(tmp_path: Path) -> None:
-    root = make_isic_folder(tmp_path / "isic", train_per_class=2)
-    _with_index(root, "ISIC_Train_0_000,melanoma,train,HAM_1,mel\nISIC_Train_0_000,nevus,train,HAM_2,nv\n")
-    params = as_params(small_params(download={"path": str(root), "metadata": "index.csv"}))
+    rows = "ISIC_Train_0_000,melanoma,train,HAM_1,mel\nISIC_Train_0_000,nevus,train,HAM_2,nv\n"
     with pytest.raises(PipelineError, match=r"index.csv gives 1 isic_id\(s\) different .* ISIC_Train_0_000"):
-        fetch_local(params, tmp_path / "out")
+        _fetch_with_index(tmp_path, rows)
 
 
 def test_no_diagnosis_column_leaves_diagnoses_empty(tmp_path: Path) -> None:
