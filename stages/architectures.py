@@ -2,13 +2,16 @@
 
 `build_model` makes the classifier that is saved and served: RGB pixel values 0..255 in, class
 probabilities in float32 out. `with_augmentation` puts random augmentation layers in front of it for
-training; they run on the accelerator with the model and are not part of the saved model.
+training; they run on the accelerator with the model and are not part of the saved model. The
+custom layers a saved model may hold are registered with Keras when this module is imported, which
+is how `load_model` finds them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -18,15 +21,29 @@ from stages.config import AugmentParams
 
 
 def build_model(
-    arch: str, image_size: int, num_classes: int, dropout: float, weights: str = "none"
+    arch: str,
+    image_size: int,
+    num_classes: int,
+    dropout: float,
+    weights: str = "none",
+    shades_of_gray: float = 0,
 ) -> keras.Model:
-    """Input, the `train.arch` backbone, and a float32 softmax head."""
+    """Input, optional colour constancy, the `train.arch` backbone, and a float32 softmax head."""
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    x = layers.Rescaling(1.0, name="to_float")(inputs)  # a cast to the compute dtype, values 0..255
+    x = inputs
+    if shades_of_gray:
+        # In the saved model, so that every image it is given is corrected the same way.
+        x = ShadesOfGray(shades_of_gray, dtype="float32", name="shades_of_gray")(x)
+    x = layers.Rescaling(1.0, name="to_float")(x)  # a cast to the compute dtype, values 0..255
     x = BACKBONES[arch](x, dropout, weights)
     # float32 softmax so that probabilities stay exact under mixed precision too.
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
     return keras.Model(inputs, outputs, name=arch)
+
+
+def load_model(path: Path | str) -> keras.Model:
+    """A saved classifier, loaded in safe mode (no arbitrary code) with this module's layers known."""
+    return keras.saving.load_model(path, safe_mode=True)
 
 
 def with_augmentation(model: keras.Model, augment: AugmentParams) -> keras.Model:
@@ -47,6 +64,40 @@ def with_augmentation(model: keras.Model, augment: AugmentParams) -> keras.Model
     inputs = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="image")
     augmented = keras.Sequential(steps, name="augment")(inputs)
     return keras.Model(inputs, model(augmented), name=f"{model.name}_augmented")
+
+
+@keras.saving.register_keras_serializable(package="skin_lesion")
+class ShadesOfGray(layers.Layer):
+    """Shades of Gray colour constancy: each image's colours divided by its estimated illuminant.
+
+    Dermoscopes light and white-balance lesions differently, so colour carries the device as well as
+    the lesion. The illuminant is each channel's Minkowski `power`-mean (Finlayson and Trezzi, 2004;
+    power 6 is the usual choice for dermoscopy), scaled so that a grey illuminant changes nothing.
+    Keras has no colour constancy layer; this one is part of the saved model, as the same correction
+    must run wherever the model does. Keep it in float32: a bfloat16 mean over 32,400 pixels is coarse.
+    """
+
+    def __init__(self, power: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.power = power
+
+    def call(self, images: Any) -> Any:
+        """The images, colour-corrected, values 0..255."""
+        images = ops.cast(images, self.compute_dtype)
+        normalised = ops.power(ops.clip(images / 255.0, 0.0, 1.0), self.power)
+        illuminant = ops.power(ops.mean(normalised, axis=(1, 2), keepdims=True), 1.0 / self.power)
+        # Unit length times sqrt(3): a grey illuminant (equal channels) gives 1 in every channel.
+        length = ops.sqrt(ops.sum(ops.square(illuminant), axis=-1, keepdims=True))
+        gain = ops.sqrt(3.0) * illuminant / ops.maximum(length, 1e-6)
+        return ops.clip(images / ops.maximum(gain, 1e-3), 0.0, 255.0)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        """Same shape as the input."""
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, for Keras serialisation."""
+        return {**super().get_config(), "power": self.power}
 
 
 class RandomAffine(layers.Layer):

@@ -41,6 +41,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from stages.architectures import load_model
 from stages.common import (
     atomic_output_dir,
     class_indices,
@@ -78,7 +79,7 @@ def main() -> None:
     base, settings = params.base, params.evaluate
     melanoma = base.classes.index(base.melanoma_class)
 
-    model = keras.saving.load_model(args.model, safe_mode=True)
+    model = load_model(args.model)
     scored = {}
     for name in ("val", "test"):
         rows = read_manifest(args.split / f"{name}.csv", SPLIT_COLUMNS)

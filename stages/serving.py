@@ -82,10 +82,11 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the Keras model (safe mode) and the configuration that travels with it."""
-        import keras  # noqa: PLC0415 - the backend loads only when a model is used
+        # The backend loads only when a model is used.
+        from stages.architectures import load_model  # noqa: PLC0415
 
         self.config: dict[str, Any] = dict(context.model_config)
-        self.model = keras.saving.load_model(context.artifacts["keras_model"], safe_mode=True)
+        self.model = load_model(context.artifacts["keras_model"])
 
     def predict(
         self,

@@ -140,7 +140,9 @@ def train_model(
     num_classes = len(base.classes)
     steps = math.ceil(len(x_train) / train.batch_size) * train.epochs
     with distribution_scope(train.distribution):
-        model = build_model(train.arch, base.image_size, num_classes, train.dropout, train.weights)
+        model = build_model(
+            train.arch, base.image_size, num_classes, train.dropout, train.weights, train.shades_of_gray
+        )
         trainer = with_augmentation(model, train.augment)
         learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = train.learning_rate
         if train.schedule == "cosine":

@@ -20,7 +20,6 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from stages.architectures import build_model
-from stages.config import AugmentParams
 from stages.errors import PipelineError
 from stages.evaluate import log_servable_model, register_version
 from stages.predict import collect_images, explain_alerts, predict_files, resolve_default_model
@@ -28,7 +27,6 @@ from tests.conftest import CLASSES, REPO, free_port, wait_for_http, write_image
 
 SIZE = 32
 NAME = "lesions"
-NO_AUGMENT = AugmentParams(flip=False, rotation=0, zoom=0, contrast=0, brightness=0)
 SERVER_START_S = 180
 
 
@@ -41,7 +39,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mlflow.set_registry_uri(uri)
     experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
     keras.utils.set_random_seed(0)
-    model = build_model("baseline_cnn", SIZE, len(CLASSES), 0.0, NO_AUGMENT)
+    # With the custom colour constancy layer, which the served model must find in its code.
+    model = build_model("baseline_cnn", SIZE, len(CLASSES), 0.0, shades_of_gray=6)
     model.save(root / "model.keras")
     with mlflow.start_run(experiment_id=experiment):
         uri_of_model = log_servable_model(root / "model.keras", CLASSES, SIZE, "melanoma", threshold=0.0)

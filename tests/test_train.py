@@ -18,7 +18,14 @@ from pydantic import ValidationError
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_sample_weight
 
-from stages.architectures import BACKBONES, RandomAffine, build_model, with_augmentation
+from stages.architectures import (
+    BACKBONES,
+    RandomAffine,
+    ShadesOfGray,
+    build_model,
+    load_model,
+    with_augmentation,
+)
 from stages.config import TrainParams
 from stages.train import (
     MONITOR,
@@ -136,6 +143,39 @@ def test_random_affine_rotates_and_zooms_within_bounds() -> None:
         angle = np.degrees(np.arctan2(spot[0] - 16, spot[1] - 16))
         assert abs(angle) <= 0.05 * 360 + 8  # the bound, plus a pixel's worth at radius 10
         assert 7 <= np.hypot(*(spot - 16)) <= 13
+
+
+def _illuminant(images: np.ndarray, power: float) -> np.ndarray:
+    return np.mean((images / 255.0) ** power, axis=(1, 2)) ** (1 / power)
+
+
+def test_shades_of_gray_leaves_grey_lit_images_unchanged() -> None:
+    grey = np.repeat(_asymmetric_images()[..., :1], 3, axis=-1)  # equal channels: a grey illuminant
+    out = keras.ops.convert_to_numpy(ShadesOfGray(6)(grey))
+    np.testing.assert_allclose(out, grey, atol=1e-2)
+
+
+def test_shades_of_gray_makes_the_illuminant_grey() -> None:
+    images = _asymmetric_images() * 0.5 * np.array([1.0, 0.7, 0.4], dtype="float32")  # a warm cast
+    out = keras.ops.convert_to_numpy(ShadesOfGray(6)(images))
+    assert out.max() < 255  # no clipping, so the correction is exact
+    before, after = _illuminant(images, 6), _illuminant(out, 6)
+    assert np.all(before[:, 0] > 2 * before[:, 2])
+    np.testing.assert_allclose(after, after[:, :1].repeat(3, axis=1), rtol=1e-3)
+
+
+def test_shades_of_gray_keeps_a_black_image_black() -> None:
+    out = keras.ops.convert_to_numpy(ShadesOfGray(6)(np.zeros((1, SIZE, SIZE, 3), dtype="float32")))
+    np.testing.assert_array_equal(out, 0)
+
+
+def test_shades_of_gray_is_saved_with_the_model(tmp_path: Path) -> None:
+    model = build_model("baseline_cnn", SIZE, 3, 0.0, shades_of_gray=6)
+    save_model_atomic(model, tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras")
+    assert loaded.get_layer("shades_of_gray").power == 6
+    x, _ = _data(n=2)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5)
 
 
 def test_batches_cover_every_image_once_per_epoch_in_a_new_order() -> None:
@@ -464,6 +504,6 @@ def test_saved_model_loads_safely_and_leaves_no_temp(tmp_path: Path) -> None:
     model = build_model("resnet_small", SIZE, 3, 0.0)
     save_model_atomic(model, tmp_path / "models" / "model.keras")
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.keras"]
-    loaded = keras.saving.load_model(tmp_path / "models" / "model.keras", safe_mode=True)
+    loaded = load_model(tmp_path / "models" / "model.keras")
     x, _ = _data(n=2)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5)
