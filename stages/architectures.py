@@ -192,9 +192,6 @@ def _residual_block(x: keras.KerasTensor, filters: int, strides: int) -> keras.K
     return layers.Activation("relu")(layers.Add()([shortcut, y]))
 
 
-BATCH_NORM_MOMENTUM = 0.99  # Keras's default, for the keras.applications nets too
-
-
 def _application(factory: Callable[..., keras.Model]) -> Callable[..., keras.KerasTensor]:
     def backbone(x: keras.KerasTensor, dropout: float, weights: str) -> keras.KerasTensor:
         # Both nets take 0..255 pixels and normalise them inside (include_preprocessing).
@@ -204,13 +201,6 @@ def _application(factory: Callable[..., keras.Model]) -> Callable[..., keras.Ker
             input_shape=tuple(x.shape[1:]),
             pooling="avg",
         )
-        # keras.applications builds batch norm with momentum 0.999: trained from scratch on a few
-        # thousand steps, the moving statistics lag the weights so far that in inference mode the
-        # net gave one class for every image (mobilenet_v3_small on the ISIC data). Keras's default
-        # keeps up.
-        for layer in net._flatten_layers():
-            if isinstance(layer, layers.BatchNormalization):
-                layer.momentum = BATCH_NORM_MOMENTUM
         return layers.Dropout(dropout)(net(x))
 
     return backbone

@@ -253,18 +253,6 @@ def test_every_architecture_builds_and_trains_a_step(arch: str) -> None:
     assert np.isfinite(summary["loss"])
 
 
-@pytest.mark.parametrize("arch", ["efficientnet_b0", "mobilenet_v3_small"])
-def test_application_nets_use_batch_norm_that_keeps_up(arch: str) -> None:
-    # At keras.applications' 0.999, mobilenet_v3_small's inference mode collapsed to one class.
-    norms = [
-        layer
-        for layer in build_model(arch, SIZE, 3, 0.0)._flatten_layers()
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    assert norms
-    assert {layer.momentum for layer in norms} == {keras.layers.BatchNormalization().momentum}
-
-
 def test_mixed_precision_keeps_the_output_in_float32() -> None:
     x, y = _data(n=8)
     params = _params(precision="mixed_bfloat16")
