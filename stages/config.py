@@ -105,6 +105,7 @@ class TrainParams(_Section):
     val_class_cap: int = Field(ge=1)
     dropout: float = Field(ge=0, lt=1)
     shades_of_gray: float = Field(ge=0)
+    cutmix: float = Field(ge=0)
     augment: AugmentParams
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"]
     distribution: Literal["none", "data_parallel"]

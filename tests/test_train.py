@@ -34,6 +34,7 @@ from stages.train import (
     ShuffledBatches,
     capped_balanced_accuracy,
     configure_determinism,
+    cut_and_mix,
     detect_device,
     load_cached_images,
     make_optimizer,
@@ -203,6 +204,41 @@ def test_balanced_sample_weights_give_each_class_the_same_total() -> None:
     np.testing.assert_allclose(batch_weights, [by_class[k] for k in labels.argmax(axis=1)])
 
 
+def test_cutmix_pastes_a_box_of_a_partner_and_mixes_labels_by_its_area() -> None:
+    # Image i is filled with the value i, so every pixel tells which image it came from.
+    images = np.repeat(np.arange(8, dtype=np.uint8), 20 * 30 * 3).reshape(8, 20, 30, 3)
+    labels = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1, 2, 3]]
+    mixed, mixed_labels = cut_and_mix(images, labels, 1.0, np.random.default_rng(3))
+    assert mixed.dtype == np.uint8
+    assert mixed.shape == images.shape
+    np.testing.assert_allclose(mixed_labels.sum(axis=1), 1.0, rtol=1e-6)
+    changed = 0
+    for i in range(8):
+        box = mixed[i, :, :, 0] != i
+        if not box.any():
+            np.testing.assert_array_equal(mixed_labels[i], labels[i])
+            continue
+        rows, cols = np.flatnonzero(box.any(axis=1)), np.flatnonzero(box.any(axis=0))
+        assert box.sum() == len(rows) * len(cols)  # the pasted pixels form one box
+        (partner,) = np.unique(mixed[i][box])  # ... all from one other image
+        share = box.mean()
+        expected = labels[i] * (1 - share) + labels[partner] * share
+        np.testing.assert_allclose(mixed_labels[i], expected, rtol=1e-6)
+        changed += 1
+    assert changed > 0
+
+
+def test_cutmix_batches_are_reproducible_by_index() -> None:
+    x = np.arange(16, dtype=np.uint8).repeat(8 * 8 * 3).reshape(16, 8, 8, 3)
+    batches = ShuffledBatches(x, np.eye(16), batch_size=4, seed=5, cutmix=1.0)
+    again = ShuffledBatches(x, np.eye(16), batch_size=4, seed=5, cutmix=1.0)
+    plain = ShuffledBatches(x, np.eye(16), batch_size=4, seed=5)
+    for index in (6, 1):
+        np.testing.assert_array_equal(again[index][0], batches[index][0])
+        np.testing.assert_array_equal(again[index][1], batches[index][1])
+    assert any(not np.array_equal(batches[k][0], plain[k][0]) for k in range(4))
+
+
 def test_capped_balanced_accuracy_with_cap_1_is_balanced_accuracy() -> None:
     y_true = np.array([0, 0, 0, 0, 1, 1, 2])
     y_pred = np.array([0, 0, 1, 2, 1, 0, 2])
@@ -278,6 +314,21 @@ def test_short_fit_returns_model_and_summary() -> None:
     assert summary["device"] == detect_device() == "cpu"
     assert summary["train_images"] == 24
     assert {"loss", "accuracy", "val_loss", "val_accuracy", MONITOR} <= summary.keys()
+
+
+def test_train_cutmix_mixes_the_training_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[float] = []
+
+    def recording(images: np.ndarray, labels: np.ndarray, alpha: float, rng: np.random.Generator) -> tuple:
+        calls.append(alpha)
+        return cut_and_mix(images, labels, alpha, rng)
+
+    monkeypatch.setattr("stages.train.cut_and_mix", recording)
+    x, y = _data()
+    params = _params(cutmix=0.5)
+    train_model(x, y, x, y, params.base, params.train)
+    assert calls
+    assert set(calls) == {0.5}
 
 
 @pytest.mark.parametrize("arch", ["baseline_cnn", "resnet_small"])
