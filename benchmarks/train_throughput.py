@@ -6,12 +6,17 @@
    baseline_cnn.
 
 Both include decoding in their time (the reference decodes during its first epoch, the project
-before fitting). Each run is a fresh Python process, and the recipes alternate, `--repeats` times
-each, repeat k training with seed base.seed + k (the images are the same): this VM's CPU speed
-drifts by up to 2x over minutes, and a few epochs' accuracy depends on the seed, so one run of each
-says little. Prints each recipe's best images/s (as timeit does: slower runs were disturbed, not
-different) with every run's, images/s after the first epoch, the mean held-out accuracy with every
-run's, and last `ratio: X.XX` (best project / best reference, overall images/s).
+before fitting), which runs to the end of the last epoch: after it, `fit` waits while TensorFlow
+deletes its last tf.data iterator, whose autotuning thread finishes its current sleep first (seen
+in a debugger; 0 to 18 s on this VM, once per fit whatever its length, so a 3-epoch run would
+mostly time the luck of that wait). That wait is printed apart; the iterators that the reference
+remakes every epoch pay it before its last epoch ends, and count. Each run is a fresh Python
+process, and the recipes alternate, `--repeats` times each, repeat k training with seed base.seed +
+k (the images are the same): this VM's CPU speed drifts by up to 2x over minutes, and a few epochs'
+accuracy depends on the seed, so one run of each says little. Prints each recipe's best images/s
+(as timeit does: slower runs were disturbed, not different) with every run's, images/s after the
+first epoch, the mean held-out accuracy with every run's, and last `ratio: X.XX` (best project /
+best reference, overall images/s).
 `--without-augmentation` adds a third recipe, the project path with train.augment all off, to show
 what the augmentation costs.
 
@@ -84,6 +89,8 @@ def main() -> None:
         best[recipe] = max(runs[recipe], key=lambda run: run["rate"])
         print(f"{titles[recipe]}: {best[recipe]['rate']:.1f} images/s (runs: {rates})")
         print(f"{recipe} after its first epoch: {best[recipe]['steady']:.1f} images/s")
+        waits = ", ".join(f"{run['teardown']:.1f}" for run in runs[recipe])
+        print(f"{recipe} wait after its last epoch, not counted: {waits} s")
         accuracies = [run["accuracy"] for run in runs[recipe]]
         each = ", ".join(f"{accuracy:.3f}" for accuracy in accuracies)
         print(
@@ -125,10 +132,11 @@ def _run(recipe: str, args: argparse.Namespace, repeat: int) -> dict[str, float]
             model, _ = train_model(
                 x_train, y_train, x_test[:64], test_labels[:64], base, settings, callbacks=[timer]
             )
-        seconds = time.perf_counter() - started
+        teardown = time.perf_counter() - timer.ended
     accuracy = float((model.predict(x_test, verbose=0).argmax(axis=1) == test_labels).mean())
     return {
-        "rate": len(train_paths) * args.epochs / seconds,
+        "rate": len(train_paths) * args.epochs / (timer.ended - started),
+        "teardown": teardown,
         "steady": timer.steady_rate(len(train_paths)),
         "accuracy": accuracy,
         "epoch_seconds": [round(s, 2) for s in timer.seconds],
@@ -148,7 +156,8 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         """Stop the clock."""
-        self.seconds.append(time.perf_counter() - self._started)
+        self.ended = time.perf_counter()
+        self.seconds.append(self.ended - self._started)
 
     def steady_rate(self, images: int) -> float:
         """Images per second over the epochs after the first."""
