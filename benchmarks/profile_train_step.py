@@ -1,0 +1,124 @@
+"""Where a training step's time goes: TensorFlow's profiler over a few steps, CPU time grouped by op.
+
+Builds `--arch` the way the train stage does (params.yaml's precision and augmentation), trains it on
+one random batch held in memory (so that no input pipeline is timed), profiles `--steps` steps after
+a warm-up, and prints each group's share of the CPU time spent in ops, then the busiest ops. Needs
+the TensorFlow backend: the groups are read from its profiler's trace.
+
+    python benchmarks/profile_train_step.py --arch baseline_cnn --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras
+import tensorflow as tf
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+from stages.architectures import build_model, with_augmentation
+from stages.config import load_params
+from stages.train import make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+# Op types (the part of a trace event's name after the colon) by group, checked in this order.
+GROUPS = {
+    "convolution gradients": ("Conv2DBackprop",),
+    "forward convolutions": ("Conv2D",),
+    "matrix products (dense layers)": ("MatMul",),
+    "activation and pooling gradients": ("ReluGrad", "MaxPoolGrad", "BiasAddGrad", "FusedBatchNormGrad"),
+    "augmentation resample": ("ImageProjectiveTransform",),
+    "random numbers (dropout, augmentation)": ("RandomUniform", "StatelessRandom"),
+}
+
+
+def main() -> None:
+    """Profile the steps and print the shares."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="baseline_cnn")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    params = load_params(REPO / "params.yaml")
+    keras.mixed_precision.set_dtype_policy(params.train.precision)
+    size, classes = params.base.image_size, len(params.base.classes)
+    model = build_model(args.arch, size, classes, params.train.dropout)
+    trainer = with_augmentation(model, params.train.augment)
+    trainer.compile(
+        optimizer=make_optimizer(params.train.learning_rate, params.train.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.train.label_smoothing),
+    )
+    batch = params.train.batch_size
+    rng = np.random.default_rng(params.base.seed)
+    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    labels = keras.utils.to_categorical(np.arange(batch) % classes, classes)
+    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    trainer.fit(data, steps_per_epoch=3, epochs=1, verbose=0)  # traces and warms up
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        # Timed to the end of the epoch: deleting the tf.data iterator after it can wait seconds.
+        clock = keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda *_: times.append(time.perf_counter()),
+            on_epoch_end=lambda *_: times.append(time.perf_counter()),
+        )
+        times: list[float] = []
+        trainer.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0, callbacks=[clock])
+        seconds = times[1] - times[0]
+        tf.profiler.experimental.stop()
+        op_seconds = _op_seconds(next(Path(logdir).rglob("*.xplane.pb")))
+    total = sum(op_seconds.values())
+    groups: collections.Counter[str] = collections.Counter()
+    op_types: collections.Counter[str] = collections.Counter()
+    for name, spent in op_seconds.items():
+        groups[_group(name)] += spent
+        op_types[name.rsplit(":", 1)[1]] += spent
+    step_ms = seconds / args.steps * 1000
+    print(f"{args.arch}, {params.train.precision}, batch {batch}: {step_ms:.0f} ms per step")
+    busy = total / (seconds * (os.cpu_count() or 1))
+    print(f"CPU time in ops: {total / args.steps * 1000:.0f} ms per step ({busy:.0%} of all cores' time)")
+    for group, spent in groups.most_common():
+        print(f"{spent / total:6.1%}  {group}")
+    print("busiest op types:")
+    for op_type, spent in op_types.most_common(10):
+        print(f"{spent / total:6.1%}  {op_type}")
+
+
+def _op_seconds(trace: Path) -> collections.Counter[str]:
+    # TensorFlow ships no reader for its trace besides TensorBoard's plugin; its protobuf is enough.
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(trace.read_bytes())
+    spent: collections.Counter[str] = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):  # the threads that run ops
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                # Ops are "scope/op_name:OpType"; "ExecutorState::Process" and the like enclose them.
+                if ":" in name and "::" not in name:
+                    spent[name] += event.duration_ps / 1e12
+    return spent
+
+
+def _group(name: str) -> str:
+    scope, op_type = name.rsplit(":", 1)
+    if "/adam/" in scope:
+        return "optimizer update"
+    for group, markers in GROUPS.items():
+        if any(marker in op_type for marker in markers):
+            return group
+    return "other"
+
+
+if __name__ == "__main__":
+    main()
