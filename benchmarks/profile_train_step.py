@@ -1,9 +1,9 @@
 """Where a training step's time goes: TensorFlow's profiler over a few steps, CPU time grouped by op.
 
-Builds `--arch` the way the train stage does (params.yaml's precision and augmentation), trains it on
-one random batch held in memory (so that no input pipeline is timed), profiles `--steps` steps after
-a warm-up, and prints each group's share of the CPU time spent in ops, then the busiest ops. Needs
-the TensorFlow backend: the groups are read from its profiler's trace.
+Builds and compiles `--arch` as the train stage does (`build_trainer`, with params.yaml's recipe),
+trains it on one random batch held in memory (so that no input pipeline is timed), profiles
+`--steps` steps after a warm-up, and prints each group's share of the CPU time spent in ops, then the
+busiest ops. Needs the TensorFlow backend: the groups are read from its profiler's trace.
 
     python benchmarks/profile_train_step.py --arch baseline_cnn --steps 10
 """
@@ -26,9 +26,8 @@ import keras
 import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-from stages.architectures import build_model, with_augmentation
 from stages.config import load_params
-from stages.train import make_optimizer
+from stages.train import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 # Op types (the part of a trace event's name after the colon) by group, checked in this order.
@@ -51,12 +50,8 @@ def main() -> None:
     params = load_params(REPO / "params.yaml")
     keras.mixed_precision.set_dtype_policy(params.train.precision)
     size, classes = params.base.image_size, len(params.base.classes)
-    model = build_model(args.arch, size, classes, params.train.dropout)
-    trainer = with_augmentation(model, params.train.augment)
-    trainer.compile(
-        optimizer=make_optimizer(params.train.learning_rate, params.train.weight_decay),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.train.label_smoothing),
-    )
+    settings = params.train.model_copy(update={"arch": args.arch})
+    _, trainer = build_trainer(params.base, settings, steps=args.steps)
     batch = params.train.batch_size
     rng = np.random.default_rng(params.base.seed)
     images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
@@ -67,20 +62,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         # Timed to the end of the epoch: deleting the tf.data iterator after it can wait seconds.
+        times: list[float] = []
         clock = keras.callbacks.LambdaCallback(
             on_epoch_begin=lambda *_: times.append(time.perf_counter()),
             on_epoch_end=lambda *_: times.append(time.perf_counter()),
         )
-        times: list[float] = []
         trainer.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0, callbacks=[clock])
         seconds = times[1] - times[0]
         tf.profiler.experimental.stop()
         op_seconds = _op_seconds(next(Path(logdir).rglob("*.xplane.pb")))
+    optimizer_scope = f"/{trainer.optimizer.name}/"  # adam or adamw, as train.weight_decay says
     total = sum(op_seconds.values())
     groups: collections.Counter[str] = collections.Counter()
     op_types: collections.Counter[str] = collections.Counter()
     for name, spent in op_seconds.items():
-        groups[_group(name)] += spent
+        groups[_group(name, optimizer_scope)] += spent
         op_types[name.rsplit(":", 1)[1]] += spent
     step_ms = seconds / args.steps * 1000
     print(f"{args.arch}, {params.train.precision}, batch {batch}: {step_ms:.0f} ms per step")
@@ -110,9 +106,9 @@ def _op_seconds(trace: Path) -> collections.Counter[str]:
     return spent
 
 
-def _group(name: str) -> str:
+def _group(name: str, optimizer_scope: str) -> str:
     scope, op_type = name.rsplit(":", 1)
-    if "/adam/" in scope:
+    if optimizer_scope in scope:
         return "optimizer update"
     for group, markers in GROUPS.items():
         if any(marker in op_type for marker in markers):

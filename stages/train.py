@@ -140,18 +140,7 @@ def train_model(
     num_classes = len(base.classes)
     steps = math.ceil(len(x_train) / train.batch_size) * train.epochs
     with distribution_scope(train.distribution):
-        model = build_model(
-            train.arch, base.image_size, num_classes, train.dropout, train.weights, train.shades_of_gray
-        )
-        trainer = with_augmentation(model, train.augment)
-        learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = train.learning_rate
-        if train.schedule == "cosine":
-            learning_rate = keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=steps)
-        trainer.compile(
-            optimizer=make_optimizer(learning_rate, train.weight_decay),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
-            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        )
+        model, trainer = build_trainer(base, train, steps)
     # The validation pass comes first so that the callbacks after it see its metrics.
     all_callbacks: list[keras.callbacks.Callback] = [
         ValidationMetrics(x_val, y_val, train.batch_size, train.val_class_cap)
@@ -211,6 +200,23 @@ def train_model(
         **{key: float(values[kept]) for key, values in epochs_run.items() if key != "learning_rate"},
     }
     return model, summary
+
+
+def build_trainer(base: BaseParams, train: TrainParams, steps: int) -> tuple[keras.Model, keras.Model]:
+    """The model to save, and the compiled model that fits it (behind augmentation) over `steps` steps."""
+    model = build_model(
+        train.arch, base.image_size, len(base.classes), train.dropout, train.weights, train.shades_of_gray
+    )
+    trainer = with_augmentation(model, train.augment)
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = train.learning_rate
+    if train.schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=steps)
+    trainer.compile(
+        optimizer=make_optimizer(learning_rate, train.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+    return model, trainer
 
 
 def make_optimizer(
