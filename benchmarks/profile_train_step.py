@@ -15,7 +15,6 @@ import collections
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import keras
 import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
+from benchmarks.train_throughput import EpochTimer
 from stages.config import load_params
 from stages.train import build_trainer
 
@@ -48,7 +48,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
-    keras.mixed_precision.set_dtype_policy(params.train.precision)
     size, classes = params.base.image_size, len(params.base.classes)
     settings = params.train.model_copy(update={"arch": args.arch})
     _, trainer = build_trainer(params.base, settings, steps=args.steps)
@@ -62,13 +61,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as logdir:
         tf.profiler.experimental.start(logdir)
         # Timed to the end of the epoch: deleting the tf.data iterator after it can wait seconds.
-        times: list[float] = []
-        clock = keras.callbacks.LambdaCallback(
-            on_epoch_begin=lambda *_: times.append(time.perf_counter()),
-            on_epoch_end=lambda *_: times.append(time.perf_counter()),
-        )
-        trainer.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0, callbacks=[clock])
-        seconds = times[1] - times[0]
+        timer = EpochTimer()
+        trainer.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0, callbacks=[timer])
+        seconds = timer.seconds[0]
         tf.profiler.experimental.stop()
         op_seconds = _op_seconds(next(Path(logdir).rglob("*.xplane.pb")))
     optimizer_scope = f"/{trainer.optimizer.name}/"  # adam or adamw, as train.weight_decay says

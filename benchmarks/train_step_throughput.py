@@ -88,7 +88,6 @@ def time_fit(
 ) -> dict[str, float]:
     """Steady-state images/s with the stage's batches and with one fixed batch, and the input wait."""
     configure_determinism(base.seed, train.deterministic)
-    keras.mixed_precision.set_dtype_policy(train.precision)
     num_classes = len(base.classes)
     _, trainer = build_trainer(base, train, steps * epochs * 3)  # the schedule spans all three fits
     # Whole batches only: a short last batch is a new shape, which JAX compiles anew inside a timed epoch.

@@ -136,7 +136,6 @@ def train_model(
     With `checkpoint_dir`, every epoch is checkpointed there and a killed run resumes from the last one.
     """
     configure_determinism(base.seed, train.deterministic)
-    keras.mixed_precision.set_dtype_policy(train.precision)
     num_classes = len(base.classes)
     steps = math.ceil(len(x_train) / train.batch_size) * train.epochs
     with distribution_scope(train.distribution):
@@ -204,6 +203,8 @@ def train_model(
 
 def build_trainer(base: BaseParams, train: TrainParams, steps: int) -> tuple[keras.Model, keras.Model]:
     """The model to save, and the compiled model that fits it (behind augmentation) over `steps` steps."""
+    # Global in Keras, and read when layers are built: train.precision holds for every net built after.
+    keras.mixed_precision.set_dtype_policy(train.precision)
     model = build_model(
         train.arch, base.image_size, len(base.classes), train.dropout, train.weights, train.shades_of_gray
     )
