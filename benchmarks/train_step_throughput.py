@@ -1,8 +1,9 @@
 """Images/s of the train stage's fit on the active Keras backend and device, and the input wait.
 
-For each `--arch` and `--batch-size`, builds and compiles the net as the train stage does
-(`build_trainer`, with params.yaml's recipe: precision, augmentation, optimizer), then times
-`--epochs` epochs of `--steps` steps of `trainer.fit` two ways, on the same real images:
+For each `--arch`, `--batch-size` and `--precision` (params.yaml's train.precision by default),
+builds and compiles the net as the train stage does (`build_trainer`, with params.yaml's recipe:
+augmentation, optimizer; `--without-augmentation` adds a run of each with train.augment all off),
+then times `--epochs` epochs of `--steps` steps of `trainer.fit` two ways, on the same real images:
 
 1. fed by the stage's own `ShuffledBatches` (a reshuffled gather from the decoded uint8 array, then
    Keras's copy to the device), as the train stage feeds it;
@@ -13,7 +14,8 @@ then (1) again, and the two runs of (1) are averaged.
 The first epoch of each fit (tracing, compiling, warming up) is left out: the figures are the median
 epoch after it. The share of step time spent waiting for input is 1 - (2)/(1), floored at 0. The
 stage's validation pass and checkpoint after each epoch are not part of these steps; the stage's
-own `images_per_second` in metrics/train.json includes them.
+own `images_per_second` in metrics/train.json includes them. Comparing precisions with the fixed
+batch and no augmentation shows what mixed precision alone buys on the device.
 
     KERAS_BACKEND=jax python benchmarks/train_step_throughput.py \
         --data ../shared/data/isic-9class/Train --arch baseline_cnn resnet_small --batch-size 32 256
@@ -22,9 +24,11 @@ own `images_per_second` in metrics/train.json includes them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import statistics
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import keras
 
-from benchmarks.train_throughput import EpochTimer
+from benchmarks.train_throughput import NO_AUGMENTATION, EpochTimer
 from stages.common import load_images
 from stages.config import BaseParams, TrainParams, load_params
 from stages.train import ShuffledBatches, build_trainer, configure_determinism, detect_device
 
 log = logging.getLogger("benchmark")
 REPO = Path(__file__).resolve().parents[1]
+# The choices that params.yaml accepts for train.precision.
+PRECISIONS = typing.get_args(TrainParams.model_fields["precision"].annotation)
 
 
 def main() -> None:
@@ -50,35 +56,46 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[32])
     parser.add_argument("--steps", type=int, default=100, help="steps per epoch")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per way, the first not counted")
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, help="default: train.precision")
+    parser.add_argument("--without-augmentation", action="store_true", help="also time it without")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(REPO / "params.yaml")
+    precisions = args.precision or [params.train.precision]
+    augments = {"on": params.train.augment}
+    if args.without_augmentation:
+        augments["off"] = NO_AUGMENTATION
     paths = sorted(str(path) for path in args.data.glob("*/*.jpg"))
     images = load_images(paths, params.base.image_size)
     labels = np.arange(len(images)) % len(params.base.classes)  # the step's cost ignores the labels
     log.info(
-        "%d images at %d px; Keras %s on %s (%s), precision %s",
+        "%d images at %d px; Keras %s on %s (%s)",
         len(images),
         params.base.image_size,
         keras.__version__,
         keras.backend.backend(),
         detect_device(),
-        params.train.precision,
     )
 
     rows = []
-    for arch in args.arch:
-        for batch_size in args.batch_size:
-            settings = params.train.model_copy(update={"arch": arch, "batch_size": batch_size})
-            row = time_fit(images, labels, params.base, settings, args.steps, args.epochs)
-            log.info("%s, batch %d: %s", arch, batch_size, row)
-            rows.append((arch, batch_size, row))
+    for arch, batch_size, precision, (augment, augment_params) in itertools.product(
+        args.arch, args.batch_size, precisions, augments.items()
+    ):
+        settings = params.train.model_copy(
+            update={"arch": arch, "batch_size": batch_size, "precision": precision, "augment": augment_params}
+        )
+        row = time_fit(images, labels, params.base, settings, args.steps, args.epochs)
+        log.info("%s, batch %d, %s, augmentation %s: %s", arch, batch_size, precision, augment, row)
+        rows.append((arch, batch_size, precision, augment, row))
 
-    print(f"backend {keras.backend.backend()}, device {detect_device()}, precision {params.train.precision}")
-    print(f"{'arch':<14} {'batch':>5} {'images/s':>10} {'no input':>10} {'input wait':>10}")
-    for arch, batch_size, row in rows:
+    print(f"backend {keras.backend.backend()}, device {detect_device()}")
+    print(
+        f"{'arch':<14} {'batch':>5} {'precision':<15} {'augment':<7} "
+        f"{'images/s':>10} {'no input':>10} {'input wait':>10}"
+    )
+    for arch, batch_size, precision, augment, row in rows:
         print(
-            f"{arch:<14} {batch_size:>5} {row['images_per_second']:>10,.0f} "
+            f"{arch:<14} {batch_size:>5} {precision:<15} {augment:<7} {row['images_per_second']:>10,.0f} "
             f"{row['images_per_second_fixed_batch']:>10,.0f} {row['input_wait_share']:>10.1%}"
         )
 

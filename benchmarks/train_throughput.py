@@ -48,6 +48,7 @@ log = logging.getLogger("benchmark")
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("reference", "project", "project_unaugmented")
 RESULT_PREFIX = "RESULT "
+NO_AUGMENTATION = AugmentParams(flip=False, rotation=0, zoom=0, contrast=0, brightness=0)
 
 
 def main() -> None:
@@ -125,7 +126,7 @@ def _run(recipe: str, args: argparse.Namespace, repeat: int) -> dict[str, float]
                 "early_stopping_patience": 0,
             }
             if recipe == "project_unaugmented":
-                update["augment"] = AugmentParams(flip=False, rotation=0, zoom=0, contrast=0, brightness=0)
+                update["augment"] = NO_AUGMENTATION
             settings = params.train.model_copy(update=update)
             y_train = np.array([classes.index(label) for label in train_labels])
             base = params.base.model_copy(update={"seed": seed})

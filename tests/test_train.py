@@ -192,6 +192,16 @@ def test_batches_cover_every_image_once_per_epoch_in_a_new_order() -> None:
     np.testing.assert_array_equal(again[4][0], batches[4][0])
 
 
+def test_a_batch_made_again_out_of_order_is_the_same() -> None:
+    # Resuming, and a distribution strategy's first look at the data, ask for batches out of order.
+    x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    batches = ShuffledBatches(x, np.eye(10), batch_size=4, seed=7)
+    first_epoch = [batches[k][0].ravel().tolist() for k in range(3)]
+    second_epoch_batch = batches[4][0].ravel().tolist()
+    assert [batches[k][0].ravel().tolist() for k in (2, 0, 1)] == [first_epoch[k] for k in (2, 0, 1)]
+    assert batches[4][0].ravel().tolist() == second_epoch_batch
+
+
 def test_balanced_sample_weights_give_each_class_the_same_total() -> None:
     y = np.array([0] * 9 + [2] * 3)
     weights = compute_sample_weight("balanced", y)
