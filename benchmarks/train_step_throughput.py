@@ -49,7 +49,7 @@ PRECISIONS = typing.get_args(TrainParams.model_fields["precision"].annotation)
 
 
 def main() -> None:
-    """Time every (arch, batch size) pair and print a table of their figures."""
+    """Time every (arch, batch size, precision, augmentation) combination; print a table of their figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="folder of <class>/*.jpg")
     parser.add_argument("--arch", nargs="+", default=["baseline_cnn"])
@@ -66,15 +66,18 @@ def main() -> None:
     if args.without_augmentation:
         augments["off"] = NO_AUGMENTATION
     paths = sorted(str(path) for path in args.data.glob("*/*.jpg"))
+    if len(paths) < max(args.batch_size):
+        parser.error(f"--data {args.data}: {len(paths)} images, fewer than a batch of {max(args.batch_size)}")
     images = load_images(paths, params.base.image_size)
     labels = np.arange(len(images)) % len(params.base.classes)  # the step's cost ignores the labels
+    backend, device = keras.backend.backend(), detect_device()
     log.info(
         "%d images at %d px; Keras %s on %s (%s)",
         len(images),
         params.base.image_size,
         keras.__version__,
-        keras.backend.backend(),
-        detect_device(),
+        backend,
+        device,
     )
 
     rows = []
@@ -88,7 +91,7 @@ def main() -> None:
         log.info("%s, batch %d, %s, augmentation %s: %s", arch, batch_size, precision, augment, row)
         rows.append((arch, batch_size, precision, augment, row))
 
-    print(f"backend {keras.backend.backend()}, device {detect_device()}")
+    print(f"backend {backend}, device {device}")
     print(
         f"{'arch':<14} {'batch':>5} {'precision':<15} {'augment':<7} "
         f"{'images/s':>10} {'no input':>10} {'input wait':>10}"
