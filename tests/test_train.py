@@ -32,6 +32,7 @@ from stages.train import (
     EpochLogger,
     ResumableCheckpoint,
     ShuffledBatches,
+    build_trainer,
     capped_balanced_accuracy,
     configure_determinism,
     cut_and_mix,
@@ -299,14 +300,23 @@ def test_every_architecture_builds_and_trains_a_step(arch: str) -> None:
     assert np.isfinite(summary["loss"])
 
 
-def test_mixed_precision_keeps_the_output_in_float32() -> None:
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_the_output_in_float32(precision: str) -> None:
     x, y = _data(n=8)
-    params = _params(precision="mixed_bfloat16")
-    model, _ = train_model(x, y, x, y, params.base, params.train)
+    params = _params(precision=precision)
+    model, summary = train_model(x, y, x, y, params.base, params.train)
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    assert convs[0].compute_dtype == "bfloat16"
+    assert convs[0].compute_dtype == precision.removeprefix("mixed_")
     assert model.get_layer("probs").compute_dtype == "float32"
     assert model.predict(x[:2], verbose=0).dtype == np.float32
+    assert np.isfinite(summary["loss"])
+
+
+def test_float16_training_scales_the_loss() -> None:
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none.
+    params = _params(precision="mixed_float16")
+    _, trainer = build_trainer(params.base, params.train, steps=1)
+    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
 
 
 def test_imagenet_weights_need_a_pretrainable_arch() -> None:

@@ -25,6 +25,7 @@ from tests.pipeline_project import command_env, make_project, run, synthetic_arc
 pytestmark = pytest.mark.slow
 
 KILL_DEADLINE_S = 300
+DATA_STAGES = ("download", "split", "rebalance")  # in dvc.yaml's order
 
 
 IMAGES = 9 * 12
@@ -45,10 +46,10 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Sta
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, standin: tuple) -> Path:
-    """The same project after one uninterrupted `dvc repro`."""
+    """The same project after one uninterrupted `dvc repro` of the data stages, whose outputs it compares."""
     api_url, _, manifest = standin
     root = make_project(tmp_path_factory.mktemp("reference"), api_url, manifest, **SETTINGS)
-    run(root, "dvc", "repro")
+    run(root, "dvc", "repro", DATA_STAGES[-1])  # and the stages before it, but not train or evaluate
     return root
 
 
@@ -111,7 +112,7 @@ def test_kill_9_in_each_stage_then_repro_completes_with_identical_outputs(
     output = run(project, "dvc", "repro")
     assert "resuming from the checkpoint of epoch" in output
     assert json.loads((project / "metrics" / "train.json").read_text())["epochs"] == 8
-    for stage in ("download", "split", "rebalance"):
+    for stage in DATA_STAGES:
         assert _out_hash(project, stage) == _out_hash(reference, stage), stage
     assert _count(data / "cache" / "checkpoints", "*/*") == 0  # a finished run deletes its checkpoint
     assert not list(project.rglob(".*.tmp-*"))
