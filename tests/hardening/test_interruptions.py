@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from tests.isic_standin import StandinArchive, serve
-from tests.pipeline_project import command_env, make_project, run, synthetic_archive
+from tests.pipeline_project import STAGES, command_env, make_project, run, synthetic_archive
 
 pytestmark = pytest.mark.slow
 
 KILL_DEADLINE_S = 300
-DATA_STAGES = ("download", "split", "rebalance")  # in dvc.yaml's order
+DATA_STAGES = STAGES[: STAGES.index("rebalance") + 1]  # download, split, rebalance: before train
 
 
 IMAGES = 9 * 12
