@@ -27,7 +27,7 @@ from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from benchmarks.train_throughput import EpochTimer
 from stages.config import load_params
-from stages.train import build_trainer
+from stages.train import build_trainer, compile_phase, training_phases
 
 REPO = Path(__file__).resolve().parents[1]
 # Op types (the part of a trace event's name after the colon) by group, checked in this order.
@@ -50,7 +50,8 @@ def main() -> None:
     params = load_params(REPO / "params.yaml")
     size, classes = params.base.image_size, len(params.base.classes)
     settings = params.train.model_copy(update={"arch": args.arch})
-    _, trainer = build_trainer(params.base, settings, steps=args.steps)
+    model, trainer = build_trainer(params.base, settings)
+    compile_phase(model, trainer, settings, training_phases(settings)[-1], steps=args.steps)
     batch = params.train.batch_size
     rng = np.random.default_rng(params.base.seed)
     images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)

@@ -40,7 +40,14 @@ import keras
 from benchmarks.train_throughput import NO_AUGMENTATION, EpochTimer
 from stages.common import load_images
 from stages.config import BaseParams, TrainParams, load_params
-from stages.train import ShuffledBatches, build_trainer, configure_determinism, detect_device
+from stages.train import (
+    ShuffledBatches,
+    build_trainer,
+    compile_phase,
+    configure_determinism,
+    detect_device,
+    training_phases,
+)
 
 log = logging.getLogger("benchmark")
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +116,9 @@ def time_fit(
     """Steady-state images/s with the stage's batches and with one fixed batch, and the input wait."""
     configure_determinism(base.seed, train.deterministic)
     num_classes = len(base.classes)
-    _, trainer = build_trainer(base, train, steps * epochs * 3)  # the schedule spans all three fits
+    model, trainer = build_trainer(base, train)
+    # The last phase (fine-tuning, for a pretrained net); its schedule spans all three fits.
+    compile_phase(model, trainer, train, training_phases(train)[-1], steps * epochs * 3)
     # Whole batches only: a short last batch is a new shape, which JAX compiles anew inside a timed epoch.
     whole = len(images) // train.batch_size * train.batch_size
     one_hot = keras.utils.to_categorical(labels[:whole], num_classes)

@@ -18,6 +18,9 @@ import keras
 from keras import layers, ops
 
 from stages.config import AugmentParams
+from stages.errors import PipelineError
+
+BACKBONE_NAME = "backbone"  # the keras.applications net inside a model, frozen and unfrozen by name
 
 
 def build_model(
@@ -192,23 +195,69 @@ def _residual_block(x: keras.KerasTensor, filters: int, strides: int) -> keras.K
     return layers.Activation("relu")(layers.Add()([shortcut, y]))
 
 
-def _application(factory: Callable[..., keras.Model]) -> Callable[..., keras.KerasTensor]:
+def _application(
+    factory: Callable[..., keras.Model],
+    preprocessing: Callable[[keras.KerasTensor], keras.KerasTensor] | None,
+) -> Callable[..., keras.KerasTensor]:
     def backbone(x: keras.KerasTensor, dropout: float, weights: str) -> keras.KerasTensor:
-        # Both nets take 0..255 pixels and normalise them inside (include_preprocessing).
+        if preprocessing is not None:
+            x = preprocessing(x)  # the input scaling the backbone was pretrained with, in the saved model
         net = factory(
             include_top=False,
-            weights=None if weights == "none" else weights,
+            weights="imagenet" if weights == "imagenet" else None,
             input_shape=tuple(x.shape[1:]),
             pooling="avg",
+            name=BACKBONE_NAME,
         )
-        return layers.Dropout(dropout)(net(x))
+        if weights not in ("none", "imagenet"):
+            load_backbone_weights(net, Path(weights), factory.__name__)
+        # A pretrained backbone's batch norm keeps its ImageNet statistics, also once it is unfrozen
+        # (Keras's transfer-learning guide): a small batch's statistics would wreck what it learned.
+        features = net(x, training=False) if weights != "none" else net(x)
+        return layers.Dropout(dropout)(features)
 
     return backbone
+
+
+def load_backbone_weights(net: keras.Model, path: Path, net_name: str) -> None:
+    """Load a Keras weights file into a backbone, or stop with one line naming the file."""
+    if not path.is_file():
+        raise PipelineError(f"train.weights: {path}: file not found")
+    try:
+        net.load_weights(path)
+    except (OSError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise PipelineError(
+            f"train.weights: {path}: not weights of a {net_name} backbone ({reason})"
+        ) from err
+
+
+def set_backbone_trainable(model: keras.Model, unfreeze: str | int) -> None:
+    """Freeze the backbone (unfreeze 0), or train its top `unfreeze` weighted layers (or all)."""
+    backbone = model.get_layer(BACKBONE_NAME)
+    backbone.trainable = unfreeze != 0
+    if unfreeze in (0, "all"):
+        return
+    weighted = [layer for layer in backbone.layers if layer.weights]
+    for layer in weighted[: max(len(weighted) - int(unfreeze), 0)]:
+        layer.trainable = False
+
+
+def has_backbone(model: keras.Model) -> bool:
+    """Whether the model holds a keras.applications backbone (which can be frozen)."""
+    return any(layer.name == BACKBONE_NAME for layer in model.layers)
+
+
+def _scale_to_unit_range(x: keras.KerasTensor) -> keras.KerasTensor:
+    # keras.applications.mobilenet.preprocess_input: pixels 0..255 to -1..1.
+    return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="mobilenet_preprocessing")(x)
 
 
 BACKBONES: dict[str, Callable[[keras.KerasTensor, float, str], keras.KerasTensor]] = {
     "baseline_cnn": _baseline_cnn,
     "resnet_small": _resnet_small,
-    "efficientnet_b0": _application(keras.applications.EfficientNetB0),
-    "mobilenet_v3_small": _application(keras.applications.MobileNetV3Small),
+    "mobilenet": _application(keras.applications.MobileNet, _scale_to_unit_range),
+    # Both take 0..255 pixels and normalise them inside (include_preprocessing).
+    "efficientnet_b0": _application(keras.applications.EfficientNetB0, None),
+    "mobilenet_v3_small": _application(keras.applications.MobileNetV3Small, None),
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -87,13 +87,20 @@ class AugmentParams(_Section):
     brightness: float = Field(ge=0, le=1)
 
 
-PRETRAINABLE_ARCHS = ("efficientnet_b0", "mobilenet_v3_small")
+PRETRAINABLE_ARCHS = ("mobilenet", "efficientnet_b0", "mobilenet_v3_small")
+WEIGHTS_FILE_SUFFIX = ".h5"  # Keras's weights files: name.weights.h5 (Keras 3) or legacy name.h5
 
 
 class TrainParams(_Section):
-    arch: Literal["baseline_cnn", "resnet_small", "efficientnet_b0", "mobilenet_v3_small"]
-    weights: Literal["none", "imagenet"]
+    arch: Literal["baseline_cnn", "resnet_small", "mobilenet", "efficientnet_b0", "mobilenet_v3_small"]
+    # none | imagenet (Keras downloads them) | the path of a Keras weights file for the backbone
+    weights: str = Field(min_length=1)
     epochs: int = Field(ge=1)
+    # Pretrained backbones only: epochs of warm-up with the backbone frozen, then fine-tuning of its
+    # top `unfreeze` layers (all: the whole backbone) at fine_tune_learning_rate.
+    freeze_epochs: int = Field(ge=0)
+    unfreeze: Literal["all"] | Annotated[int, Field(ge=0)]
+    fine_tune_learning_rate: float = Field(gt=0)
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     schedule: Literal["constant", "cosine"]
@@ -112,11 +119,24 @@ class TrainParams(_Section):
     deterministic: bool
     resume: bool
 
+    @property
+    def pretrained(self) -> bool:
+        """Whether the backbone starts from pretrained weights (and so is warmed up, then fine-tuned)."""
+        return self.weights != "none"
+
     @model_validator(mode="after")
     def _check_weights(self) -> TrainParams:
-        if self.weights != "none" and self.arch not in PRETRAINABLE_ARCHS:
+        if self.pretrained and self.arch not in PRETRAINABLE_ARCHS:
             raise ValueError(
                 f"train.weights={self.weights} needs train.arch in {', '.join(PRETRAINABLE_ARCHS)}"
+            )
+        if self.weights not in ("none", "imagenet") and not self.weights.endswith(WEIGHTS_FILE_SUFFIX):
+            raise ValueError(
+                f"train.weights={self.weights}: not none, imagenet or a Keras weights file (*.weights.h5)"
+            )
+        if self.pretrained and self.freeze_epochs > self.epochs:
+            raise ValueError(
+                f"train.freeze_epochs={self.freeze_epochs} is more than train.epochs={self.epochs}"
             )
         return self
 

@@ -16,8 +16,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from mlflow.models import infer_signature
 from sklearn.metrics import recall_score
 from sklearn.utils.class_weight import compute_sample_weight
 
-from stages.architectures import build_model, with_augmentation
+from stages.architectures import build_model, has_backbone, set_backbone_trainable, with_augmentation
 from stages.common import (
     class_indices,
     load_images,
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--split", type=Path, required=True, help="folder of split manifests")
     parser.add_argument("--rebalanced", type=Path, required=True, help="rebalance manifest")
     parser.add_argument("--cache", type=Path, required=True, help="decoded-image cache folder")
+    parser.add_argument("--pretrained", type=Path, required=True, help="folder of backbone weights files")
     parser.add_argument("--model", type=Path, required=True, help="where to save the .keras model")
     parser.add_argument("--model-info", type=Path, required=True, help="MLflow model reference")
     parser.add_argument("--metrics", type=Path, required=True, help="train metrics JSON")
@@ -63,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     base = params.base
+    check_weights_file(params.train.weights, args.pretrained)
 
     frames = [read_manifest(args.split / "train.csv", SPLIT_COLUMNS)[["path", "label"]]]
     if params.train.use_rebalanced:
@@ -119,6 +123,44 @@ def main() -> None:
     )
 
 
+def check_weights_file(weights: str, folder: Path) -> None:
+    """A weights file must exist inside `folder`, which DVC tracks, so that new weights retrain."""
+    if weights in ("none", "imagenet"):
+        return
+    path = Path(weights)
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise PipelineError(f"train.weights: {weights}: put the file under {folder}/, which DVC tracks")
+    if not path.is_file():
+        raise PipelineError(f"train.weights: {weights}: file not found")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Epochs [first_epoch, end_epoch) trained at one learning rate with one set of trainable layers."""
+
+    name: str
+    first_epoch: int
+    end_epoch: int
+    learning_rate: float
+    unfreeze: str | int  # the backbone's layers trained, from the top: a count (0: frozen) or "all"
+
+
+def training_phases(train: TrainParams) -> list[Phase]:
+    """A pretrained backbone: warm-up with it frozen, then fine-tuning at a lower rate; else one phase."""
+    if not train.pretrained:
+        return [Phase("train", 0, train.epochs, train.learning_rate, "all")]
+    phases = []
+    if train.freeze_epochs:
+        phases.append(Phase("warm_up", 0, train.freeze_epochs, train.learning_rate, 0))
+    if train.epochs > train.freeze_epochs:
+        phases.append(
+            Phase(
+                "fine_tune", train.freeze_epochs, train.epochs, train.fine_tune_learning_rate, train.unfreeze
+            )
+        )
+    return phases
+
+
 def train_model(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -129,71 +171,53 @@ def train_model(
     callbacks: list[keras.callbacks.Callback] | None = None,
     checkpoint_dir: Path | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
-    """Fit the configured model, keeping the epoch with the best val balanced accuracy.
+    """Fit the configured model phase by phase, keeping the last phase's best val balanced accuracy.
 
     It trains behind its augmentation layers; the model returned (to save and serve) has none.
 
-    With `checkpoint_dir`, every epoch is checkpointed there and a killed run resumes from the last one.
+    With `checkpoint_dir`, every epoch is checkpointed there (a folder per phase) and a killed run
+    resumes from the last one, in the phase it was in.
     """
     configure_determinism(base.seed, train.deterministic)
-    num_classes = len(base.classes)
-    steps = math.ceil(len(x_train) / train.batch_size) * train.epochs
-    with distribution_scope(train.distribution):
-        model, trainer = build_trainer(base, train, steps)
-    # The validation pass comes first so that the callbacks after it see its metrics.
-    all_callbacks: list[keras.callbacks.Callback] = [
-        ValidationMetrics(x_val, y_val, train.batch_size, train.val_class_cap)
-    ]
-    early_stopping = None
-    if train.early_stopping_patience:
-        early_stopping = keras.callbacks.EarlyStopping(
-            monitor=MONITOR, mode="max", patience=train.early_stopping_patience, restore_best_weights=True
-        )
-        all_callbacks.append(early_stopping)
-    recorder = None
-    if checkpoint_dir:
-        recorder = ResumableCheckpoint(checkpoint_dir, early_stopping, callbacks or [])
-        all_callbacks.append(recorder)
-    all_callbacks += callbacks or []
+    callbacks = callbacks or []
+    sample_weight = compute_sample_weight("balanced", y_train) if train.class_weight == "balanced" else None
+    data = (x_train, keras.utils.to_categorical(y_train, len(base.classes)), sample_weight, x_val, y_val)
+    phases = training_phases(train)
+    epochs_run: dict[str, list[float]] = {}
+    epochs_trained = 0
     started = time.perf_counter()
-    balanced = train.class_weight == "balanced"
-    batches = ShuffledBatches(
-        x_train,
-        keras.utils.to_categorical(y_train, num_classes),
-        train.batch_size,
-        base.seed,
-        sample_weight=compute_sample_weight("balanced", y_train) if balanced else None,
-        cutmix=train.cutmix,
-        # A resumed fit carries on with the batch order the interrupted one would have used.
-        first_epoch=recorder.saved_epoch() if recorder else 0,
-    )
-    history = trainer.fit(
-        batches,
-        epochs=train.epochs,
-        steps_per_epoch=batches.batches_per_epoch,
-        shuffle=False,  # the batches shuffle themselves
-        callbacks=all_callbacks,
-        verbose=2,
-    )
+    # One scope for the whole fit: every phase compiles and trains under the same strategy.
+    with distribution_scope(train.distribution):
+        model, trainer = build_trainer(base, train)
+        for phase in phases:
+            checkpoint = checkpoint_dir / phase.name if checkpoint_dir else None
+            ran, history = fit_phase(
+                model, trainer, data, base.seed, train, phase, phase is phases[-1], callbacks, checkpoint
+            )
+            epochs_trained += ran
+            for name, values in history.items():
+                epochs_run.setdefault(name, []).extend(values)
     seconds = time.perf_counter() - started
-    # A resumed fit's History only holds the epochs it ran; the checkpoint recorded the earlier ones.
-    epochs_run = history.history
-    if recorder:
-        epochs_run = recorder.history
+    if checkpoint_dir:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
     scores = epochs_run[MONITOR]
-    # With early stopping the model holds the best epoch's weights, else the last epoch's.
-    kept = int(np.argmax(scores)) if train.early_stopping_patience else len(scores) - 1
+    # With early stopping the model holds the last phase's best epoch's weights, else the last epoch's.
+    last_start = phases[-1].first_epoch
+    kept = (
+        last_start + int(np.argmax(scores[last_start:])) if train.early_stopping_patience else len(scores) - 1
+    )
     summary = {
         "arch": train.arch,
+        "weights": "file" if train.weights not in ("none", "imagenet") else train.weights,
         "precision": train.precision,
         "backend": keras.backend.backend(),
         "device": detect_device(),
         "epochs": len(scores),
-        "best_epoch": int(np.argmax(scores)) + 1,
-        "best_val_balanced_accuracy": float(np.max(scores)),
+        "best_epoch": kept + 1,
+        "best_val_balanced_accuracy": float(scores[kept]),
         "kept_epoch": kept + 1,
         "seconds": round(seconds, 2),
-        "images_per_second": round(len(history.history[MONITOR]) * len(x_train) / seconds, 2),
+        "images_per_second": round(epochs_trained * len(x_train) / seconds, 2),
         "train_images": len(x_train),
         "val_images": len(x_val),
         **{key: float(values[kept]) for key, values in epochs_run.items() if key != "learning_rate"},
@@ -201,23 +225,80 @@ def train_model(
     return model, summary
 
 
-def build_trainer(base: BaseParams, train: TrainParams, steps: int) -> tuple[keras.Model, keras.Model]:
-    """The model to save, and the compiled model that fits it (behind augmentation) over `steps` steps."""
+def fit_phase(
+    model: keras.Model,
+    trainer: keras.Model,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray],
+    seed: int,
+    train: TrainParams,
+    phase: Phase,
+    last: bool,
+    callbacks: list[keras.callbacks.Callback],
+    checkpoint_dir: Path | None,
+) -> tuple[int, dict[str, list[float]]]:
+    """Train one phase; return how many epochs it trained now and the logs of all its epochs."""
+    x_train, y_train, sample_weight, x_val, y_val = data
+    batches_per_epoch = math.ceil(len(x_train) / train.batch_size)
+    compile_phase(model, trainer, train, phase, batches_per_epoch * (phase.end_epoch - phase.first_epoch))
+    # Early stopping, and so the epoch kept, only in the last phase: a warm-up is there to end.
+    early_stopping = None
+    if train.early_stopping_patience and last:
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor=MONITOR, mode="max", patience=train.early_stopping_patience, restore_best_weights=True
+        )
+    recorder = None
+    if checkpoint_dir:
+        recorder = ResumableCheckpoint(checkpoint_dir, phase.first_epoch, early_stopping, callbacks)
+    # The validation pass comes first so that the callbacks after it see its metrics.
+    phase_callbacks = [
+        ValidationMetrics(x_val, y_val, train.batch_size, train.val_class_cap),
+        *([early_stopping] if early_stopping else []),
+        *([recorder] if recorder else []),
+        *callbacks,
+    ]
+    # A resumed fit carries on with the batch order the interrupted one would have used.
+    first_epoch = max(recorder.saved_epoch() if recorder else 0, phase.first_epoch)
+    batches = ShuffledBatches(
+        x_train, y_train, train.batch_size, seed, sample_weight, train.cutmix, first_epoch=first_epoch
+    )
+    history = trainer.fit(
+        batches,
+        initial_epoch=phase.first_epoch,
+        epochs=phase.end_epoch,
+        steps_per_epoch=batches_per_epoch,
+        shuffle=False,  # the batches shuffle themselves
+        callbacks=phase_callbacks,
+        verbose=2,
+    )
+    trained = len(history.history.get(MONITOR, []))
+    # A resumed fit's History only holds the epochs it ran; the checkpoint recorded the earlier ones.
+    return trained, recorder.history if recorder else history.history
+
+
+def build_trainer(base: BaseParams, train: TrainParams) -> tuple[keras.Model, keras.Model]:
+    """The model to save, and the model that fits it behind augmentation (compiled per phase)."""
     # Global in Keras, and read when layers are built: train.precision holds for every net built after.
     keras.mixed_precision.set_dtype_policy(train.precision)
     model = build_model(
         train.arch, base.image_size, len(base.classes), train.dropout, train.weights, train.shades_of_gray
     )
-    trainer = with_augmentation(model, train.augment)
-    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = train.learning_rate
+    return model, with_augmentation(model, train.augment)
+
+
+def compile_phase(
+    model: keras.Model, trainer: keras.Model, train: TrainParams, phase: Phase, steps: int
+) -> None:
+    """Set which backbone layers the phase trains; compile the trainer for its `steps` at its rate."""
+    if has_backbone(model):
+        set_backbone_trainable(model, phase.unfreeze)
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = phase.learning_rate
     if train.schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=steps)
+        learning_rate = keras.optimizers.schedules.CosineDecay(phase.learning_rate, decay_steps=steps)
     trainer.compile(
         optimizer=make_optimizer(learning_rate, train.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
-    return model, trainer
 
 
 def make_optimizer(
@@ -396,7 +477,7 @@ def capped_balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, class_cap: 
 
 
 class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
-    """Keras's BackupAndRestore (weights, optimizer, epoch) plus what it leaves out.
+    """Keras's BackupAndRestore (weights, optimizer, epoch) of one training phase, plus what it leaves out.
 
     It also keeps each epoch's logs, the early-stopping state and the random generators' states
     (augmentation, dropout), so that a resumed run trains, stops, keeps its best epoch and reports its
@@ -404,7 +485,7 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
     DVCLive and MLflow loggers) before carrying on.
     """
 
-    FORMAT = 2  # bumped when the files below change, so that old checkpoints are not read
+    FORMAT = 3  # bumped when the files below change, so that old checkpoints are not read
     STATE_FILE = "resume_state.json"
     BEST_WEIGHTS_FILE = "best_weights.npz"
     RANDOM_STATE_FILE = "random_state.npz"
@@ -412,11 +493,14 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
     def __init__(
         self,
         backup_dir: Path,
+        first_epoch: int,
         early_stopping: keras.callbacks.EarlyStopping | None,
         replay_to: Sequence[keras.callbacks.Callback],
     ) -> None:
-        super().__init__(backup_dir=str(backup_dir), save_freq="epoch", delete_checkpoint=True)
+        # Kept when the fit ends: a later phase's resume restores this phase's end from it.
+        super().__init__(backup_dir=str(backup_dir), save_freq="epoch", delete_checkpoint=False)
         self.backup_path = Path(backup_dir)
+        self.first_epoch = first_epoch
         self.early_stopping = early_stopping
         self.replay_to = list(replay_to)
         self.history: dict[str, list[float]] = {}
@@ -439,10 +523,16 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
                 setattr(self.early_stopping, name, state["early_stopping"][name])
             self.early_stopping.best_weights = self._load(self.BEST_WEIGHTS_FILE)
         log.info("resuming from the checkpoint of epoch %d in %s", start_epoch, self.backup_path)
-        for epoch in range(start_epoch):
-            epoch_logs = {name: values[epoch] for name, values in self.history.items()}
+        for epoch in range(self.first_epoch, start_epoch):
+            epoch_logs = {name: values[epoch - self.first_epoch] for name, values in self.history.items()}
             for callback in self.replay_to:
                 callback.on_epoch_end(epoch, epoch_logs)
+
+    def on_train_end(self, logs: dict[str, float] | None = None) -> None:
+        """Forget the restored start epoch, which Keras keeps on the model for every later fit."""
+        super().on_train_end(logs)
+        # Else the next phase's fit would start at this phase's resumed epoch instead of its own first.
+        self.model._initial_epoch = None
 
     def saved_epoch(self) -> int:
         """How many epochs the checkpoint holds: where a resumed fit starts (0 without one)."""

@@ -33,10 +33,15 @@ def repo_params() -> dict[str, Any]:
     return yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
 
 
+# Tests never download weights: whatever the committed default, they train this net from scratch.
+OFFLINE_TRAIN = {"arch": "resnet_small", "weights": "none"}
+
+
 def small_params(**sections: dict[str, Any]) -> dict[str, Any]:
     """The committed params shrunk for tests (3 classes, 32 px), with per-section overrides."""
     params = copy.deepcopy(repo_params())
     params["base"].update(classes=CLASSES, image_size=32)
+    params["train"].update(OFFLINE_TRAIN)
     params["download"].update(metadata="")
     mapping = params["split"]["diagnosis_classes"]
     params["split"]["diagnosis_classes"] = {
@@ -188,3 +193,26 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _no_weight_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any test that makes Keras download weights (this machine is offline, and tests are hermetic)."""
+
+    def refuse(fname: str, *args: Any, **kwargs: Any) -> str:
+        raise RuntimeError(f"download blocked in tests: {fname}")
+
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", refuse)
+
+
+def tiny_backbone_weights(path: Path, arch: str = "mobilenet", size: int = 32, seed: int = 0) -> Path:
+    """A weights file of the `arch` backbone at `size` px, random from `seed`: the tests' 'ImageNet'."""
+    import keras  # noqa: PLC0415 - only the tests that make weights pay for importing Keras here
+
+    from stages.architectures import BACKBONE_NAME, build_model  # noqa: PLC0415
+
+    keras.utils.set_random_seed(seed)
+    backbone = build_model(arch, size, 3, 0.0).get_layer(BACKBONE_NAME)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backbone.save_weights(path)
+    return path

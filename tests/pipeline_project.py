@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from stages.download import generate_synthetic
-from tests.conftest import REPO, repo_params
+from tests.conftest import OFFLINE_TRAIN, REPO, repo_params
 from tests.isic_standin import StandinArchive
 
 STAGES = ["download", "split", "rebalance", "train", "evaluate"]
@@ -38,6 +38,7 @@ def make_project(root: Path, api_url: str, manifest: pd.DataFrame, **sections: d
     """Copy the pipeline into a fresh git + DVC repo at `root`, set to a small run against `api_url`."""
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "weights", root / "weights", ignore=shutil.ignore_patterns("*.h5"))
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     params = repo_params()
     params["base"]["image_size"] = 32
@@ -45,7 +46,7 @@ def make_project(root: Path, api_url: str, manifest: pd.DataFrame, **sections: d
     (root / params["download"]["manifest"]).parent.mkdir(parents=True)
     manifest.to_csv(root / params["download"]["manifest"], index=False)
     params["rebalance"]["samples_per_class"] = 16
-    params["train"].update(epochs=6, batch_size=16)
+    params["train"].update(OFFLINE_TRAIN, epochs=6, batch_size=16)
     for name, values in sections.items():
         params[name].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")

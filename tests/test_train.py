@@ -34,6 +34,7 @@ from stages.train import (
     ShuffledBatches,
     build_trainer,
     capped_balanced_accuracy,
+    compile_phase,
     configure_determinism,
     cut_and_mix,
     detect_device,
@@ -41,6 +42,7 @@ from stages.train import (
     make_optimizer,
     save_model_atomic,
     train_model,
+    training_phases,
 )
 from tests.conftest import REPO, as_params, small_params, write_image
 
@@ -315,13 +317,14 @@ def test_mixed_precision_keeps_the_output_in_float32(precision: str) -> None:
 def test_float16_training_scales_the_loss() -> None:
     # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none.
     params = _params(precision="mixed_float16")
-    _, trainer = build_trainer(params.base, params.train, steps=1)
+    model, trainer = build_trainer(params.base, params.train)
+    compile_phase(model, trainer, params.train, training_phases(params.train)[0], steps=1)
     assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
 
 
 def test_imagenet_weights_need_a_pretrainable_arch() -> None:
     values = {**small_params()["train"], "arch": "resnet_small", "weights": "imagenet"}
-    with pytest.raises(ValidationError, match=r"train.weights=imagenet needs train.arch in efficientnet_b0"):
+    with pytest.raises(ValidationError, match=r"train.weights=imagenet needs train.arch in mobilenet, efficientnet_b0"):
         TrainParams.model_validate(values)
 
 
