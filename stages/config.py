@@ -32,6 +32,9 @@ class BaseParams(_Section):
         return self
 
 
+COLLECTION_FROM_ID = "isic_id_range"
+
+
 class SyntheticParams(_Section):
     images_per_class: int = Field(ge=2, le=10_000)
 
@@ -56,6 +59,8 @@ class DownloadParams(_Section):
     metadata: str
     lesion_column: str = Field(min_length=1)
     diagnosis_column: str
+    # isic_id_range: each image's collection from its ISIC id; else a column of download.metadata
+    collection: str = Field(min_length=1)
     max_extract_mb: int = Field(ge=1)
     synthetic: SyntheticParams
 
@@ -152,6 +157,24 @@ class EvaluateParams(_Section):
         "balanced_accuracy", "accuracy", "macro_auc", "melanoma_auc", "melanoma_auc_sens_80"
     ]
     promote_margin: float = Field(ge=0)
+    stress: dict[Literal["colour_cast", "darken", "blur", "jpeg_quality", "resolution"], list[float]]
+
+    @model_validator(mode="after")
+    def _check_stress(self) -> EvaluateParams:
+        # Each transform's strengths must be ones it can apply: a factor, a radius or a quality.
+        ranges = {
+            "colour_cast": (0, 1),
+            "darken": (0, 1),
+            "blur": (0, 50),
+            "jpeg_quality": (1, 95),
+            "resolution": (0, 1),
+        }
+        for name, strengths in self.stress.items():
+            low, high = ranges[name]
+            for strength in strengths:
+                if not (low < strength < high or (name == "jpeg_quality" and low <= strength <= high)):
+                    raise ValueError(f"evaluate.stress.{name}: {strength} is outside ({low}, {high})")
+        return self
 
 
 class Params(_Section):
@@ -170,6 +193,15 @@ class Params(_Section):
                 raise ValueError(
                     f"split.diagnosis_classes[{diagnosis!r}] has {unknown[0]!r}, which is not in base.classes"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_collection(self) -> Params:
+        download = self.download
+        if download.source == "local" and download.collection != COLLECTION_FROM_ID and not download.metadata:
+            raise ValueError(
+                f"download.collection={download.collection}: a metadata column needs download.metadata"
+            )
         return self
 
     @model_validator(mode="after")

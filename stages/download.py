@@ -40,7 +40,7 @@ from stages.common import (
     write_csv_atomic,
     write_text_atomic,
 )
-from stages.config import Params, load_params
+from stages.config import COLLECTION_FROM_ID, Params, load_params
 from stages.errors import PipelineError
 from stages.isic_archive import (
     ArchiveClient,
@@ -51,6 +51,7 @@ from stages.isic_archive import (
     remove_partial_files,
 )
 from stages.manifests import MANIFEST_NAME, RAW_COLUMNS
+from stages.provenance import UNKNOWN, collection_from_isic_id
 from stages.tracking import repo_root, stage_run
 
 log = logging.getLogger("stages.download")
@@ -107,12 +108,17 @@ def fetch_local(params: Params, out: Path, cache: Path | None = None) -> pd.Data
         images = list_local_images(root, params.base.classes)
         manifest = copy_images(images, out, source="local")
         settings = params.download
+        columns = {"lesion_id": settings.lesion_column, "diagnosis": settings.diagnosis_column}
+        if settings.collection != COLLECTION_FROM_ID:
+            columns["collection"] = settings.collection
+        columns = {ours: theirs for ours, theirs in columns.items() if theirs}
         if settings.metadata:
-            columns = {"lesion_id": settings.lesion_column, "diagnosis": settings.diagnosis_column}
-            columns = {ours: theirs for ours, theirs in columns.items() if theirs}
-            known = read_metadata(root / settings.metadata, list(columns.values()))
+            known = read_metadata(root / settings.metadata, list(dict.fromkeys(columns.values())))
             for ours, theirs in columns.items():
                 manifest[ours] = manifest["isic_id"].map(known[theirs]).fillna("")
+        if settings.collection == COLLECTION_FROM_ID:
+            manifest["collection"] = manifest["isic_id"].map(collection_from_isic_id)
+        manifest["collection"] = manifest["collection"].replace("", UNKNOWN)
         return manifest
 
 
@@ -160,7 +166,9 @@ def fetch_isic(params: Params, out: Path, cache: Path) -> pd.DataFrame:
     write_text_atomic(out / "attribution.txt", attribution_text(metadata["attribution"]))
     for name in sorted(set(metadata["copyright_license"]) - {""}):
         write_text_atomic(out / "licenses" / f"{name}.txt", _license_text(client, cache, name))
-    return metadata.assign(source="isic")[RAW_COLUMNS]
+    # The archive's attribution names the collection (the clinic or study) each image comes from.
+    collection = metadata["attribution"].replace("", UNKNOWN)
+    return metadata.assign(source="isic", collection=collection)[RAW_COLUMNS]
 
 
 SOURCES: dict[str, Callable[[Params, Path, Path], pd.DataFrame]] = {
@@ -413,7 +421,9 @@ def copy_images(images: Sequence[_Image], out: Path, source: str) -> pd.DataFram
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(image.source_path, target)
         digest = sha256_file(target)
-        rows.append((relative.as_posix(), image.label, image.split, digest, source, relative.stem, "", ""))
+        rows.append(
+            (relative.as_posix(), image.label, image.split, digest, source, relative.stem, "", "", "")
+        )
     return pd.DataFrame(rows, columns=RAW_COLUMNS)
 
 
@@ -460,7 +470,9 @@ def generate_synthetic(
             relative = Path("train") / label / f"synthetic_{class_index:02d}_{image_index:04d}.png"
             image.save(out / relative)
             digest = sha256_file(out / relative)
-            rows.append((relative.as_posix(), label, "train", digest, "synthetic", relative.stem, "", ""))
+            rows.append(
+                (relative.as_posix(), label, "train", digest, "synthetic", relative.stem, "", "", "synthetic")
+            )
     return rows
 
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -56,6 +58,7 @@ from stages.config import EvaluateParams, Params, load_params
 from stages.errors import PipelineError
 from stages.manifests import SPLIT_COLUMNS
 from stages.serving import CHAMPION_ALIAS, IMAGE_COLUMN, LesionClassifier, pip_requirements, prediction_frame
+from stages.stress import stressed_variants
 from stages.tracking import flatten_params, stage_run
 
 log = logging.getLogger("stages.evaluate")
@@ -80,6 +83,10 @@ def main() -> None:
     melanoma = base.classes.index(base.melanoma_class)
 
     model = load_model(args.model)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict(images, batch_size=settings.batch_size, verbose=0))
+
     scored = {}
     for name in ("val", "test"):
         rows = read_manifest(args.split / f"{name}.csv", SPLIT_COLUMNS)
@@ -87,9 +94,9 @@ def main() -> None:
             raise PipelineError(f"{args.split / f'{name}.csv'}: the {name} split is empty")
         y = class_indices(rows["label"], base.classes, source=str(args.split / f"{name}.csv"))
         x = load_images(rows["path"].tolist(), base.image_size)
-        scored[name] = (rows, y, np.asarray(model.predict(x, batch_size=settings.batch_size, verbose=0)))
-    test_rows, y_test, p_test = scored["test"]
-    _, y_val, p_val = scored["val"]
+        scored[name] = (rows, x, y, predict(x))
+    test_rows, x_test, y_test, p_test = scored["test"]
+    _, _, y_val, p_val = scored["val"]
 
     with stage_run("evaluate", base, settings) as run:
         threshold = choose_threshold(y_val == melanoma, p_val[:, melanoma], settings.target_sensitivity)
@@ -101,8 +108,14 @@ def main() -> None:
             y_test, p_test, melanoma, threshold, settings.bootstrap, base.seed
         )
         metrics["calibration_error"] = expected_calibration_error(y_test, p_test, settings.calibration_bins)
-        write_plots(args.plots, test_rows, y_test, p_test, base.classes, melanoma, settings)
-        mlflow.log_metrics(_numeric(flatten_params(metrics)))
+        metrics["by_collection"] = metrics_by_collection(
+            test_rows["collection"], y_test, p_test, melanoma, threshold
+        )
+        metrics["stress"] = stress_test(predict, x_test, y_test, melanoma, metrics, settings.stress)
+        write_plots(
+            args.plots, test_rows, y_test, p_test, base.classes, melanoma, settings, metrics["stress"]
+        )
+        mlflow.log_metrics(_metric_names(_numeric(flatten_params(metrics))))
         mlflow.log_artifacts(str(args.plots), "plots")
 
         test_fingerprint = hashlib.sha256((args.split / "test.csv").read_bytes()).hexdigest()[:16]
@@ -254,6 +267,76 @@ def reliability_table(y_true: np.ndarray, probabilities: np.ndarray, bins: int) 
     return pd.DataFrame(rows, columns=["confidence", "accuracy", "count"])
 
 
+def metrics_by_collection(
+    collections: pd.Series, y_true: np.ndarray, probabilities: np.ndarray, melanoma: int, threshold: float
+) -> dict[str, dict[str, Any]]:
+    """Balanced accuracy, melanoma AUC and the alert per collection, when the test split has several."""
+    names = sorted(set(collections))
+    if len(names) < 2:
+        return {}
+    results = {}
+    for name in names:
+        picked = (collections == name).to_numpy()
+        y, p = y_true[picked], probabilities[picked]
+        point = operating_point(y == melanoma, p[:, melanoma], threshold)
+        results[name] = {
+            "images": int(picked.sum()),
+            "melanomas": int((y == melanoma).sum()),
+            "balanced_accuracy": _balanced_accuracy(y, p.argmax(axis=1)),
+            "melanoma_auc": _auc(y == melanoma, p[:, melanoma]),
+            "alert_sensitivity": point["sensitivity"],
+            "alert_specificity": point["specificity"],
+        }
+    return results
+
+
+def stress_test(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    y_true: np.ndarray,
+    melanoma: int,
+    clean: dict[str, Any],
+    strengths: dict[str, list[float]],
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Balanced accuracy and melanoma AUC under each acquisition change, and their drop from clean."""
+    results: dict[str, dict[str, dict[str, float | None]]] = {}
+    for name, strength, changed in stressed_variants(images, strengths):
+        probabilities = predict(changed)
+        balanced = _balanced_accuracy(y_true, probabilities.argmax(axis=1))
+        auc_value = _auc(y_true == melanoma, probabilities[:, melanoma])
+        clean_auc = clean["melanoma"]["auc"]
+        results.setdefault(name, {})[f"{strength:g}"] = {
+            "balanced_accuracy": balanced,
+            "balanced_accuracy_drop": clean["balanced_accuracy"] - balanced,
+            "melanoma_auc": auc_value,
+            "melanoma_auc_drop": None if auc_value is None or clean_auc is None else clean_auc - auc_value,
+        }
+    return results
+
+
+def write_stress_plot(folder: Path, stress: dict[str, dict[str, dict[str, float | None]]]) -> None:
+    """stress.png: balanced accuracy and melanoma AUC against each transform's strength."""
+    # Matplotlib's object API draws to a file with no GUI backend and no global pyplot state.
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    if not stress:
+        figure.text(0.5, 0.5, "Stress test off (evaluate.stress is empty)", ha="center", va="center")
+        figure.savefig(folder / "stress.png", dpi=100)
+        return
+    axes = figure.subplots(1, 2)
+    for axis, metric, title in zip(
+        axes, ("balanced_accuracy", "melanoma_auc"), ("Balanced accuracy", "Melanoma AUC"), strict=True
+    ):
+        for name, rows in stress.items():
+            steps = [f"{i + 1}: {strength}" for i, strength in enumerate(rows)]
+            values = [np.nan if row[metric] is None else row[metric] for row in rows.values()]
+            axis.plot(range(1, len(steps) + 1), values, marker="o", label=name)
+        axis.set(title=f"{title} under acquisition changes", xlabel="strength step", ylabel=title)
+        axis.set_xticks(range(1, 1 + max(len(rows) for rows in stress.values())))
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    figure.savefig(folder / "stress.png", dpi=100)
+
+
 def write_plots(
     folder: Path,
     rows: pd.DataFrame,
@@ -262,8 +345,9 @@ def write_plots(
     classes: Sequence[str],
     melanoma: int,
     settings: EvaluateParams,
+    stress: dict[str, dict[str, dict[str, float | None]]],
 ) -> None:
-    """Plot data for DVC: confusion matrices, ROC per class, melanoma PR, reliability, worst images."""
+    """Plot data for DVC: confusion, ROC per class, melanoma PR, reliability, worst images, stress."""
     names = np.asarray(classes)
     confusion = pd.DataFrame({"actual": names[y_true], "predicted": names[probabilities.argmax(axis=1)]})
     with atomic_output_dir(folder) as tmp:
@@ -278,6 +362,7 @@ def write_plots(
         worst_misclassified_grid(rows, y_true, probabilities, classes, settings.worst_examples).save(
             tmp / "worst_misclassified.png"
         )
+        write_stress_plot(tmp, stress)
 
 
 def roc_rows(is_positive: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
@@ -451,13 +536,59 @@ def render_model_card(params: Params, metrics: dict[str, Any], data: dict[str, A
         f"sensitivity {with_interval(point['sensitivity'], 'melanoma_sensitivity')}, "
         f"specificity {_shown(point['specificity'])}, {point['alerts_per_100']:.1f} alerts per 100 images.",
         "",
+        *_collection_lines(metrics["by_collection"]),
+        *_stress_lines(metrics["stress"]),
         "## Limitations",
         "",
         "- The test set is small; the intervals above show how uncertain these numbers are.",
         "- Classes with few images (see the table) are learned and measured poorly.",
         "- Dermoscopic images of mostly light skin from a few clinics; performance elsewhere is unknown.",
+        *[f"- Provenance: {warning}." for warning in data["provenance"]["warnings"]],
     ]
     return "\n".join(lines) + "\n"
+
+
+def _collection_lines(by_collection: dict[str, dict[str, Any]]) -> list[str]:
+    if not by_collection:
+        return []
+    lines = [
+        "## By collection",
+        "",
+        "Where the model is strong, and where it may only recognise a collection:",
+        "",
+        "| collection | images | melanomas | balanced accuracy | melanoma AUC | alert sens. | alert spec. |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in by_collection.items():
+        figures = [
+            row[key]
+            for key in ("balanced_accuracy", "melanoma_auc", "alert_sensitivity", "alert_specificity")
+        ]
+        lines.append(
+            f"| {name} | {row['images']} | {row['melanomas']} | " + " | ".join(map(_shown, figures)) + " |"
+        )
+    return [*lines, ""]
+
+
+def _stress_lines(stress: dict[str, dict[str, dict[str, float | None]]]) -> list[str]:
+    if not stress:
+        return []
+    lines = [
+        "## Acquisition stress test",
+        "",
+        "The test split as other devices might show it (drop from the clean images in brackets):",
+        "",
+        "| change | strength | balanced accuracy | melanoma AUC |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, rows in stress.items():
+        for strength, row in rows.items():
+            lines.append(
+                f"| {name} | {strength} | {_shown(row['balanced_accuracy'])} "
+                f"({_shown(row['balanced_accuracy_drop'])}) | {_shown(row['melanoma_auc'])} "
+                f"({_shown(row['melanoma_auc_drop'])}) |"
+            )
+    return [*lines, ""]
 
 
 def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -483,6 +614,11 @@ def _finite(value: float) -> float | None:
 
 def _shown(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _metric_names(flat: dict[str, float]) -> dict[str, float]:
+    # MLflow allows letters, digits, _ - . / and spaces in metric names; collection names may hold more.
+    return {re.sub(r"[^\w\-. /]", "_", key): value for key, value in flat.items()}
 
 
 def _numeric(flat: dict[str, Any]) -> dict[str, float]:

@@ -46,6 +46,12 @@ from stages.common import (
 from stages.config import SplitParams, load_params
 from stages.errors import PipelineError
 from stages.manifests import MANIFEST_NAME, RAW_COLUMNS, SPLIT_COLUMNS
+from stages.provenance import (
+    class_collection_association,
+    mix_shares,
+    provenance_warnings,
+    render_provenance,
+)
 from stages.tracking import stage_run
 
 log = logging.getLogger("stages.split")
@@ -96,6 +102,8 @@ def main() -> None:
         mlflow.log_dict(result.report, "data_report.json")
         for path in (args.report_md, args.out / "removed.csv"):
             mlflow.log_artifact(str(path))
+    for warning in result.report["provenance"]["warnings"]:
+        log.warning("provenance: %s", warning)
     log.info(
         "split: %s; removed %d (report: %s)",
         ", ".join(f"{name} {len(frame)}" for name, frame in result.splits.items()),
@@ -173,6 +181,11 @@ def split_dataset(frame: pd.DataFrame, classes: Sequence[str], params: SplitPara
             name: {label: int((part["label"] == label).sum()) for label in classes}
             for name, part in splits.items()
         },
+        "provenance": {
+            **class_collection_association(pd.concat(splits.values())),
+            "collections": {name: mix_shares(part) for name, part in splits.items()},
+            "warnings": provenance_warnings(splits, classes),
+        },
     }
     return SplitResult(splits=splits, removed=removed_frame, report=report)
 
@@ -248,6 +261,16 @@ def render_report(result: SplitResult) -> str:
         "leakage": "Removed to prevent test leakage",
         "duplicate": "Duplicates removed",
     }
+    provenance = report["provenance"]
+    lines += ["", "## Where the images come from", ""]
+    if provenance["cramers_v"] is not None:
+        lines += [
+            f"Class and collection: Cramér's V {provenance['cramers_v']:.2f}; the collection alone "
+            f"guesses the class of {provenance['class_from_collection_accuracy']:.0%} of the images.",
+            "",
+        ]
+    lines += [f"- **Warning:** {warning}" for warning in provenance["warnings"]]
+    lines += render_provenance(result.splits, classes)
     for category, title in titles.items():
         rows = result.removed[result.removed["category"] == category]
         lines += ["", f"## {title} ({len(rows)})", ""]

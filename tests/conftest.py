@@ -110,6 +110,7 @@ def manifest_of(
     rows: list[tuple[str, str, str, str]],
     lesions: dict[str, str] | None = None,
     diagnoses: dict[str, str] | None = None,
+    collections: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """A raw manifest plus image features from (path, label, split, sha256) rows.
 
@@ -119,12 +120,13 @@ def manifest_of(
     frame = pd.DataFrame(rows, columns=["path", "label", "split", "sha256"])
     rng = np.random.default_rng(0)
     phash = {digest: f"{int(rng.integers(0, 2**63)):016x}" for digest in sorted(set(frame["sha256"]))}
-    lesions, diagnoses = lesions or {}, diagnoses or {}
+    lesions, diagnoses, collections = lesions or {}, diagnoses or {}, collections or {}
     return frame.assign(
         source="test",
         isic_id=[Path(path).stem for path in frame["path"]],
         lesion_id=[lesions.get(path, "") for path in frame["path"]],
         diagnosis=[diagnoses.get(path, "") for path in frame["path"]],
+        collection=[collections.get(path, "one clinic") for path in frame["path"]],
         rejected="",
         pixel_sha256=frame["sha256"],
         phash=frame["sha256"].map(phash),

@@ -324,7 +324,9 @@ def test_float16_training_scales_the_loss() -> None:
 
 def test_imagenet_weights_need_a_pretrainable_arch() -> None:
     values = {**small_params()["train"], "arch": "resnet_small", "weights": "imagenet"}
-    with pytest.raises(ValidationError, match=r"train.weights=imagenet needs train.arch in mobilenet, efficientnet_b0"):
+    with pytest.raises(
+        ValidationError, match=r"train.weights=imagenet needs train.arch in mobilenet, efficientnet_b0"
+    ):
         TrainParams.model_validate(values)
 
 

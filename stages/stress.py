@@ -1,0 +1,84 @@
+"""Acquisition stress test: the test images as another dermoscope or camera might have taken them.
+
+Dermoscopes and cameras differ in white balance, exposure, focus, compression and resolution. Each
+transform below changes one of these by a strength (evaluate.stress lists the strengths); scoring
+the test split under each shows how much of the model's skill survives a change of device. The
+transforms are deterministic (no random draws), so the same model and images give the same table.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+Transform = Callable[[np.ndarray, float], np.ndarray]
+
+
+def colour_cast(images: np.ndarray, strength: float) -> np.ndarray:
+    """A warm white-balance error: red gained and blue lost by `strength` (0.2: +20 % / -20 %)."""
+    gains = np.array([1 + strength, 1.0, 1 - strength], dtype=np.float32)
+    return _to_uint8(images.astype(np.float32) * gains)
+
+
+def darken(images: np.ndarray, strength: float) -> np.ndarray:
+    """Under-exposure: every pixel scaled by 1 - `strength`."""
+    return _to_uint8(images.astype(np.float32) * (1 - strength))
+
+
+def blur(images: np.ndarray, strength: float) -> np.ndarray:
+    """Defocus: a Gaussian blur of radius `strength` pixels (at the model's input size)."""
+    return _per_image(images, lambda image: image.filter(ImageFilter.GaussianBlur(strength)))
+
+
+def jpeg(images: np.ndarray, strength: float) -> np.ndarray:
+    """Compression: re-encoded as JPEG at quality `strength` (lower is stronger)."""
+
+    def encode(image: Image.Image) -> Image.Image:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=int(strength))
+        buffer.seek(0)
+        with Image.open(buffer) as decoded:
+            return decoded.convert("RGB")
+
+    return _per_image(images, encode)
+
+
+def low_resolution(images: np.ndarray, strength: float) -> np.ndarray:
+    """A coarser sensor: shrunk to `strength` of the side, then enlarged back (0.5: half resolution)."""
+
+    def resample(image: Image.Image) -> Image.Image:
+        small = max(1, round(image.width * strength)), max(1, round(image.height * strength))
+        return image.resize(small, Image.Resampling.BILINEAR).resize(image.size, Image.Resampling.BILINEAR)
+
+    return _per_image(images, resample)
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "colour_cast": colour_cast,
+    "darken": darken,
+    "blur": blur,
+    "jpeg_quality": jpeg,
+    "resolution": low_resolution,
+}
+
+
+def stressed_variants(
+    images: np.ndarray, strengths: dict[str, Sequence[float]]
+) -> list[tuple[str, float, np.ndarray]]:
+    """Every (transform, strength, transformed images) that evaluate.stress asks for, in its order."""
+    return [
+        (name, float(strength), TRANSFORMS[name](images, strength))
+        for name, values in strengths.items()
+        for strength in values
+    ]
+
+
+def _per_image(images: np.ndarray, change: Callable[[Image.Image], Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(change(Image.fromarray(image)), dtype=np.uint8) for image in images])
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
