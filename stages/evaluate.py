@@ -327,11 +327,15 @@ def write_stress_plot(folder: Path, stress: dict[str, dict[str, dict[str, float 
         axes, ("balanced_accuracy", "melanoma_auc"), ("Balanced accuracy", "Melanoma AUC"), strict=True
     ):
         for name, rows in stress.items():
-            steps = [f"{i + 1}: {strength}" for i, strength in enumerate(rows)]
-            values = [np.nan if row[metric] is None else row[metric] for row in rows.values()]
-            axis.plot(range(1, len(steps) + 1), values, marker="o", label=name)
-        axis.set(title=f"{title} under acquisition changes", xlabel="strength step", ylabel=title)
-        axis.set_xticks(range(1, 1 + max(len(rows) for rows in stress.values())))
+            first = next(iter(rows.values()))
+            clean = None if first[metric] is None else first[metric] + first[f"{metric}_drop"]
+            values = [clean] + [row[metric] for row in rows.values()]
+            axis.plot(
+                range(len(values)), [np.nan if v is None else v for v in values], marker="o", label=name
+            )
+        axis.set(title=f"{title} under acquisition changes", ylabel=title, ylim=(0, 1.02))
+        axis.set(xlabel="strength step (0: the clean images; steps as in evaluate.stress)")
+        axis.set_xticks(range(1 + max(len(rows) for rows in stress.values())))
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     figure.savefig(folder / "stress.png", dpi=100)

@@ -269,6 +269,10 @@ def render_report(result: SplitResult) -> str:
             f"guesses the class of {provenance['class_from_collection_accuracy']:.0%} of the images.",
             "",
         ]
+    if len(provenance["collections"]["train"]) == 1:
+        lines += [
+            f"All training images come from one collection: {next(iter(provenance['collections']['train']))}."
+        ]
     lines += [f"- **Warning:** {warning}" for warning in provenance["warnings"]]
     lines += render_provenance(result.splits, classes)
     for category, title in titles.items():

@@ -354,7 +354,10 @@ def distribution_scope(kind: str) -> Iterator[None]:
     elif backend == "tensorflow":
         import tensorflow as tf  # noqa: PLC0415 - only this backend needs its own strategy
 
-        with tf.distribute.MirroredStrategy().scope():
+        # Reduction to one device, not the default collective all-reduce, which failed once the
+        # fine-tuning phase recompiled: the replicas disagreed on the gradients' shapes (the warm-up's).
+        strategy = tf.distribute.MirroredStrategy(cross_device_ops=tf.distribute.ReductionToOneDevice())
+        with strategy.scope():
             yield
     else:
         raise PipelineError(f"train.distribution={kind}: not supported on the {backend} backend")

@@ -566,6 +566,15 @@ np.testing.assert_allclose(results[0], results[1], atol=2e-3)
 params = _params(arch="resnet_small", precision="mixed_bfloat16", epochs=1)
 model, summary = train_model(x, y, x, y, params.base, params.train)
 assert summary["backend"] == {backend!r} and np.isfinite(summary["loss"])
+# A pretrained backbone's two phases, data parallel in mixed bfloat16, on this backend too.
+import tempfile
+from pathlib import Path
+from tests.conftest import tiny_backbone_weights
+weights = tiny_backbone_weights(Path(tempfile.mkdtemp()) / "backbone.weights.h5")
+params = _params(arch="mobilenet", weights=str(weights), precision="mixed_bfloat16",
+                 distribution="data_parallel", epochs=2, freeze_epochs=1, batch_size=16)
+model, summary = train_model(x, y, x, y, params.base, params.train)
+assert summary["epochs"] == 2 and np.isfinite(summary["loss"]), summary
 print("data parallel matches")
 """
     env = {**os.environ, "KERAS_BACKEND": backend, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
