@@ -50,7 +50,8 @@ def main() -> None:
     params = load_params(REPO / "params.yaml")
     size, classes = params.base.image_size, len(params.base.classes)
     settings = params.train.model_copy(update={"arch": args.arch})
-    model, trainer = build_trainer(params.base, settings)
+    # Random weights (no download) step as fast as pretrained ones; the last phase is the one profiled.
+    model, trainer = build_trainer(params.base, settings.model_copy(update={"weights": "none"}))
     compile_phase(model, trainer, settings, training_phases(settings)[-1], steps=args.steps)
     batch = params.train.batch_size
     rng = np.random.default_rng(params.base.seed)

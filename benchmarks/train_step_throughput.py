@@ -116,8 +116,9 @@ def time_fit(
     """Steady-state images/s with the stage's batches and with one fixed batch, and the input wait."""
     configure_determinism(base.seed, train.deterministic)
     num_classes = len(base.classes)
-    model, trainer = build_trainer(base, train)
-    # The last phase (fine-tuning, for a pretrained net); its schedule spans all three fits.
+    # Random weights step as fast as pretrained ones, and need no download; the phase timed is the
+    # last one (fine-tuning, for a pretrained net), whose schedule spans all three fits.
+    model, trainer = build_trainer(base, train.model_copy(update={"weights": "none"}))
     compile_phase(model, trainer, train, training_phases(train)[-1], steps * epochs * 3)
     # Whole batches only: a short last batch is a new shape, which JAX compiles anew inside a timed epoch.
     whole = len(images) // train.batch_size * train.batch_size

@@ -140,3 +140,16 @@ def test_changing_train_params_reruns_only_train_and_evaluate(project: Path, fir
     revision = names["two-epochs"]["revs"][0]["data"]
     assert revision["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
     assert "accuracy" in revision["metrics"]["metrics/evaluate.json"]["data"]
+
+
+def test_a_new_weights_file_makes_train_stale(project: Path, first_repro: str) -> None:
+    # train depends on the weights/ folder, so new or changed backbone weights retrain the model.
+    weights = project / "weights" / "backbone.weights.h5"
+    weights.write_bytes(b"new weights")
+    try:
+        status = json.loads(run(project, "dvc", "status", "--json"))
+    finally:
+        weights.unlink()
+    assert "train" in status
+    assert not {"download", "split", "rebalance"} & set(status)
+    assert {"weights": "modified"} in status["train"][0]["changed deps"]

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import keras
+import mlflow
 import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from stages.architectures import BACKBONE_NAME, build_model
 from stages.config import TrainParams
 from stages.errors import PipelineError
+from stages.evaluate import log_servable_model
 from stages.train import Phase, check_weights_file, train_model, training_phases
-from tests.conftest import small_params, tiny_backbone_weights
+from tests.conftest import CLASSES, draw_lesion, small_params, tiny_backbone_weights
 from tests.test_train import SIZE, _data, _Epochs, _KillAfter, _params
 
 
@@ -167,3 +172,23 @@ def test_killed_run_resumes_in_the_right_phase(weights_file: Path, tmp_path: Pat
     for got, want in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert not checkpoints.exists()
+
+
+def test_registered_pyfunc_needs_no_preprocessing_of_its_own(weights_file: Path, tmp_path: Path) -> None:
+    # The backbone's input scaling is a layer of the saved model: the pyfunc, given the image file,
+    # returns what the train-time model returns for the same uint8 pixels.
+    model = build_model("mobilenet", SIZE, 3, 0.0, weights=str(weights_file))
+    model.save(tmp_path / "model.keras")
+    pixels = np.asarray(draw_lesion(3, size=SIZE))
+    Image.fromarray(pixels).save(tmp_path / "lesion.png")  # lossless: the pyfunc decodes the same pixels
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run():
+        model_uri = log_servable_model(tmp_path / "model.keras", CLASSES, SIZE, "melanoma", threshold=0.5)
+    served = mlflow.pyfunc.load_model(model_uri)
+    encoded = base64.b64encode((tmp_path / "lesion.png").read_bytes()).decode("ascii")
+    out = served.predict(pd.DataFrame({"image": [encoded]}))
+    expected = model.predict(pixels[None], verbose=0)[0]
+    got = out[[f"p_{label.replace(' ', '_')}" for label in CLASSES]].to_numpy()[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert model.get_layer("mobilenet_preprocessing") is not None
