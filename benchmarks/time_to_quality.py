@@ -1,106 +1,64 @@
-"""Time to quality: wall time of the train stage's own training until val balanced accuracy first
-reaches a target (0.60 by default), for a recipe given as `section.key=value` overrides.
+"""Time to quality: how long each train stage took until its val balanced accuracy first reached a target.
 
-Run it in a workspace where `dvc repro rebalance` has made the split and the augmented images (the
-real data: `download.source=local`); it reads that workspace's params.yaml and data, applies the
-overrides, and trains as the stage does (same images, decoded cache, phases, callbacks) until the
-target is reached or the epochs run out. The clock starts before the model is built, as the stage's
-does, and stops at the end of the epoch whose validation pass reaches the target. The score is the
-one early stopping watches (`val_balanced_accuracy`, capped by train.val_class_cap). Prints one line
-per epoch and last `time_to_quality_s: X` (or `not reached`).
+Reads the train runs of an MLflow store (the stages log every epoch's `val_balanced_accuracy`, the
+score early stopping watches, with a timestamp) and prints, per run: the recipe, the epoch and the
+wall time from the run's start until the score first reached `--target` (0.60 by default), and the
+run's whole time. The run starts when the stage has loaded its images, before the model is built, so
+the time includes building the net, loading pretrained weights and each epoch's validation pass.
 
-    python benchmarks/time_to_quality.py --workspace /tmp/exp1 train.arch=resnet_small
-    python benchmarks/time_to_quality.py --workspace /tmp/exp1 train.arch=mobilenet \
-        train.weights=weights/mobilenet_1_0_224_imagenet_no_top.weights.h5
+    python benchmarks/time_to_quality.py --tracking-uri sqlite:///mlflow.db
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import os
-import sys
-import time
-from pathlib import Path
 
-import keras
+import mlflow
 import pandas as pd
-import yaml
+from mlflow import MlflowClient
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stages.common import class_indices, read_manifest
-from stages.config import Params
-from stages.manifests import REBALANCED_COLUMNS, SPLIT_COLUMNS
-from stages.train import MONITOR, load_cached_images, train_model
-
-log = logging.getLogger("benchmark")
-
-
-class TargetReachedError(Exception):
-    """Raised to end training at once, whichever phase it is in."""
-
-
-class StopAtTarget(keras.callbacks.Callback):
-    """Record when the monitored score first reaches the target, and end training there."""
-
-    def __init__(self, target: float, started: float) -> None:
-        super().__init__()
-        self.target, self.started = target, started
-        self.reached_after: float | None = None
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        """Print the epoch's score; stop once it reaches the target."""
-        score = (logs or {}).get(MONITOR, 0.0)
-        elapsed = time.perf_counter() - self.started
-        print(f"epoch {epoch + 1}: {MONITOR} {score:.3f} after {elapsed:.0f} s", flush=True)
-        if score >= self.target:
-            self.reached_after = elapsed
-            raise TargetReachedError  # stop_training would end only this phase's fit
+MONITOR = "val_balanced_accuracy"  # stages.train.MONITOR, read without importing Keras
 
 
 def main() -> None:
-    """Train the recipe until it reaches the target; print the time it took."""
+    """Print each train run's time to the target."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workspace", type=Path, required=True, help="repo after `dvc repro rebalance`")
+    parser.add_argument(
+        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    )
     parser.add_argument("--target", type=float, default=0.60)
-    parser.add_argument("overrides", nargs="*", help="section.key=value, as `dvc exp run -S` takes")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.chdir(args.workspace)
-    raw = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
-    for override in args.overrides:
-        key, _, value = override.partition("=")
-        section, *path = key.split(".")
-        target = raw[section]
-        for part in path[:-1]:
-            target = target[part]
-        target[path[-1]] = yaml.safe_load(value)
-    params = Params.model_validate(raw)
-    base, train = params.base, params.train.model_copy(update={"resume": False})
+    mlflow.set_tracking_uri(args.tracking_uri)
+    client = MlflowClient()
+    runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.stage = 'train'", order_by=["start_time"]
+    )
+    print(f"{'experiment':<22} {'recipe':<62} {'reached at':>17} {'run':>7}")
+    for _, run in runs.iterrows():
+        history = sorted(client.get_metric_history(run["run_id"], MONITOR), key=lambda metric: metric.step)
+        if not history or run["status"] != "FINISHED":
+            continue
+        start_ms = run["start_time"].value // 1_000_000
+        total_s = (run["end_time"].value // 1_000_000 - start_ms) / 1000
+        reached = next((metric for metric in history if metric.value >= args.target), None)
+        when = "not reached"
+        if reached is not None:
+            when = f"epoch {reached.step + 1}, {(reached.timestamp - start_ms) / 1000:.0f} s"
+        name = run.get("tags.DVC_EXP_NAME") or run["run_id"][:8]
+        print(f"{name:<22} {_recipe(run):<62} {when:>17} {total_s:>6.0f}s")
 
-    frames = [read_manifest(Path("data/split/train.csv"), SPLIT_COLUMNS)[["path", "label"]]]
-    if train.use_rebalanced:
-        rebalanced = read_manifest(Path("data/rebalanced/manifest.csv"), REBALANCED_COLUMNS)
-        frames.append(rebalanced[["path", "label"]])
-    rows = pd.concat(frames, ignore_index=True)
-    val = read_manifest(Path("data/split/val.csv"), SPLIT_COLUMNS)
-    cache = Path("data/cache")
-    x_train, _ = load_cached_images(rows["path"].tolist(), base.image_size, cache)
-    x_val, _ = load_cached_images(val["path"].tolist(), base.image_size, cache)
-    y_train = class_indices(rows["label"], base.classes, source="train")
-    y_val = class_indices(val["label"], base.classes, source="val")
 
-    started = time.perf_counter()
-    stopper = StopAtTarget(args.target, started)
-    with contextlib.suppress(TargetReachedError):
-        train_model(x_train, y_train, x_val, y_val, base, train, callbacks=[stopper])
-    print(f"recipe: {train.arch}, weights {train.weights}, {' '.join(args.overrides)}")
-    if stopper.reached_after is None:
-        print(f"time_to_quality_s: not reached ({MONITOR} {args.target} in {train.epochs} epochs)")
-    else:
-        print(f"time_to_quality_s: {stopper.reached_after:.0f}")
+def _recipe(run: pd.Series) -> str:
+    def param(key: str) -> str:
+        return str(run.get(f"params.train.{key}", "?"))
+
+    weights = param("weights")
+    weights = "file" if weights not in ("none", "imagenet") else weights
+    parts = [param("arch"), f"seed {run.get('params.base.seed', '?')}", f"weights {weights}"]
+    if weights != "none":
+        parts.append(f"freeze {param('freeze_epochs')}, unfreeze {param('unfreeze')}")
+    return ", ".join([*parts, f"{param('epochs')} epochs"])
 
 
 if __name__ == "__main__":

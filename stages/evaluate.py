@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,7 @@ def stress_test(
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Balanced accuracy and melanoma AUC under each acquisition change, and their drop from clean."""
     results: dict[str, dict[str, dict[str, float | None]]] = {}
+    started = time.perf_counter()
     for name, strength, changed in stressed_variants(images, strengths):
         probabilities = predict(changed)
         balanced = _balanced_accuracy(y_true, probabilities.argmax(axis=1))
@@ -311,6 +313,10 @@ def stress_test(
             "melanoma_auc": auc_value,
             "melanoma_auc_drop": None if auc_value is None or clean_auc is None else clean_auc - auc_value,
         }
+    if results:
+        variants = sum(len(rows) for rows in results.values())
+        seconds = time.perf_counter() - started
+        log.info("stress test: %d variants of %d images in %.0f s", variants, len(images), seconds)
     return results
 
 

@@ -9,7 +9,7 @@ transforms are deterministic (no random draws), so the same model and images giv
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -67,13 +67,12 @@ TRANSFORMS: dict[str, Transform] = {
 
 def stressed_variants(
     images: np.ndarray, strengths: dict[str, Sequence[float]]
-) -> list[tuple[str, float, np.ndarray]]:
+) -> Iterator[tuple[str, float, np.ndarray]]:
     """Every (transform, strength, transformed images) that evaluate.stress asks for, in its order."""
-    return [
-        (name, float(strength), TRANSFORMS[name](images, strength))
-        for name, values in strengths.items()
-        for strength in values
-    ]
+    # One variant at a time: all of them at once would hold 15 copies of the test split.
+    for name, values in strengths.items():
+        for strength in values:
+            yield name, float(strength), TRANSFORMS[name](images, strength)
 
 
 def _per_image(images: np.ndarray, change: Callable[[Image.Image], Image.Image]) -> np.ndarray:

@@ -72,7 +72,7 @@ def test_a_stronger_colour_cast_moves_a_fixed_model_further() -> None:
 
 
 def test_no_stress_strengths_run_nothing() -> None:
-    assert stressed_variants(_images(), {}) == []
+    assert list(stressed_variants(_images(), {})) == []
 
 
 def test_strength_outside_a_transforms_range_is_refused() -> None:
