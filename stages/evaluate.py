@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--plots", type=Path, required=True, help="folder of plot data to write")
     parser.add_argument("--model-card", type=Path, required=True, help="model card to write")
+    parser.add_argument("--shift-report", type=Path, required=True, help="by-collection and stress JSON")
     args = parser.parse_args()
     params = load_params()
     base, settings = params.base, params.evaluate
@@ -109,40 +110,35 @@ def main() -> None:
             y_test, p_test, melanoma, threshold, settings.bootstrap, base.seed
         )
         metrics["calibration_error"] = expected_calibration_error(y_test, p_test, settings.calibration_bins)
-        metrics["by_collection"] = metrics_by_collection(
-            test_rows["collection"], y_test, p_test, melanoma, threshold
-        )
-        metrics["stress"] = stress_test(predict, x_test, y_test, melanoma, metrics, settings.stress)
-        write_plots(
-            args.plots, test_rows, y_test, p_test, base.classes, melanoma, settings, metrics["stress"]
-        )
-        mlflow.log_metrics(_metric_names(_numeric(flatten_params(metrics))))
+        # Apart from metrics/evaluate.json, which `dvc exp show` spreads into columns.
+        shift = {
+            "by_collection": metrics_by_collection(
+                test_rows["collection"], y_test, p_test, melanoma, threshold
+            ),
+            "stress": stress_test(predict, x_test, y_test, melanoma, metrics, settings.stress),
+        }
+        write_plots(args.plots, test_rows, y_test, p_test, base.classes, melanoma, settings, shift["stress"])
+        write_json_atomic(args.shift_report, shift)
+        mlflow.log_metrics(_metric_names(_numeric(flatten_params({**metrics, **shift}))))
         mlflow.log_artifacts(str(args.plots), "plots")
+        mlflow.log_artifact(str(args.shift_report))
 
         test_fingerprint = hashlib.sha256((args.split / "test.csv").read_bytes()).hexdigest()[:16]
-        card = render_model_card(params, metrics, json.loads(args.data_report.read_text(encoding="utf-8")))
+        data_report = json.loads(args.data_report.read_text(encoding="utf-8"))
+        card = render_model_card(params, metrics, shift, data_report)
         write_text_atomic(args.model_card, card)
         mlflow.log_artifact(str(args.model_card))
-        version = register_version(
-            log_servable_model(args.model, base.classes, base.image_size, base.melanoma_class, threshold),
-            name=base.model_name,
-            description=card,
-            tags={
-                "train_run_id": json.loads(args.model_info.read_text(encoding="utf-8"))["run_id"],
-                "evaluate_run_id": run.info.run_id,
-                "test_split": test_fingerprint,
-                "melanoma_threshold": f"{threshold:.6f}",
-                **{f"test_{key}": str(value) for key, value in headline(metrics).items()},
-            },
+        tags = {
+            "train_run_id": json.loads(args.model_info.read_text(encoding="utf-8"))["run_id"],
+            "evaluate_run_id": run.info.run_id,
+            "test_split": test_fingerprint,
+            "melanoma_threshold": f"{threshold:.6f}",
+            **{f"test_{key}": str(value) for key, value in headline(metrics).items()},
+        }
+        model_uri = log_servable_model(
+            args.model, base.classes, base.image_size, base.melanoma_class, threshold
         )
-        client = MlflowClient()
-        promoted, reason = decide_promotion(
-            client, base.model_name, version, metrics, test_fingerprint, settings
-        )
-        if promoted:
-            client.set_registered_model_alias(base.model_name, CHAMPION_ALIAS, version)
-        client.set_model_version_tag(base.model_name, version, "promotion", reason)
-        mlflow.set_tags({"registered_version": version, "promotion": reason})
+        version, reason = register_and_promote(model_uri, base.model_name, card, tags, metrics, settings)
         metrics["model_version"] = int(version)
         write_json_atomic(args.metrics, metrics)
     log.info(
@@ -441,6 +437,25 @@ def log_servable_model(
     return info.model_uri
 
 
+def register_and_promote(
+    model_uri: str,
+    name: str,
+    card: str,
+    tags: dict[str, str],
+    metrics: dict[str, Any],
+    settings: EvaluateParams,
+) -> tuple[str, str]:
+    """Register a new version (@challenger), decide `champion` by evaluate.promote; version and why."""
+    version = register_version(model_uri, name=name, tags=tags, description=card)
+    client = MlflowClient()
+    promoted, reason = decide_promotion(client, name, version, metrics, tags["test_split"], settings)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    client.set_model_version_tag(name, version, "promotion", reason)
+    mlflow.set_tags({"registered_version": version, "promotion": reason})
+    return version, reason
+
+
 def register_version(model_uri: str, name: str, tags: dict[str, str], description: str = "") -> str:
     """Register `model_uri` as a new version of `name`, tagged and described; alias it `challenger`."""
     version = str(mlflow.register_model(model_uri, name, tags=tags).version)
@@ -489,7 +504,9 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in values.items() if value is not None}
 
 
-def render_model_card(params: Params, metrics: dict[str, Any], data: dict[str, Any]) -> str:
+def render_model_card(
+    params: Params, metrics: dict[str, Any], shift: dict[str, Any], data: dict[str, Any]
+) -> str:
     """The model card: data and provenance, split, metrics with intervals, threshold, use, limits."""
     base, intervals = params.base, metrics["confidence_intervals"]
     point = metrics["melanoma"]["operating_point"]
@@ -546,8 +563,8 @@ def render_model_card(params: Params, metrics: dict[str, Any], data: dict[str, A
         f"sensitivity {with_interval(point['sensitivity'], 'melanoma_sensitivity')}, "
         f"specificity {_shown(point['specificity'])}, {point['alerts_per_100']:.1f} alerts per 100 images.",
         "",
-        *_collection_lines(metrics["by_collection"]),
-        *_stress_lines(metrics["stress"]),
+        *_collection_lines(shift["by_collection"]),
+        *_stress_lines(shift["stress"]),
         "## Limitations",
         "",
         "- The test set is small; the intervals above show how uncertain these numbers are.",
