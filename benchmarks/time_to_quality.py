@@ -36,7 +36,7 @@ def main() -> None:
     )
     print(f"{'experiment':<22} {'recipe':<62} {'reached at':>17} {'run':>7}")
     for _, run in runs.iterrows():
-        history = sorted(client.get_metric_history(run["run_id"], MONITOR), key=lambda metric: metric.step)
+        history = epoch_history(client, run["run_id"])
         if not history or run["status"] != "FINISHED":
             continue
         start_ms = run["start_time"].value // 1_000_000
@@ -47,6 +47,15 @@ def main() -> None:
             when = f"epoch {reached.step + 1}, {(reached.timestamp - start_ms) / 1000:.0f} s"
         name = run.get("tags.DVC_EXP_NAME") or run["run_id"][:8]
         print(f"{name:<22} {_recipe(run):<62} {when:>17} {total_s:>6.0f}s")
+
+
+def epoch_history(client: MlflowClient, run_id: str) -> list:
+    """The monitored score of each epoch, in order: the first value logged at each step."""
+    # The stage also logs the kept epoch's figures once more at the end, at step 0; drop that one.
+    first: dict[int, object] = {}
+    for metric in sorted(client.get_metric_history(run_id, MONITOR), key=lambda m: m.timestamp):
+        first.setdefault(metric.step, metric)
+    return [first[step] for step in sorted(first)]
 
 
 def _recipe(run: pd.Series) -> str:

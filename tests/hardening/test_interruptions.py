@@ -124,7 +124,8 @@ def _count_reaches(folder: Path, pattern: str, count: int) -> Callable[[], bool]
 
 def _epoch_reached(checkpoints: Path, epoch: int) -> Callable[[], bool]:
     def reached() -> bool:
-        for state in checkpoints.glob("*/training_metadata.json"):
+        # <checkpoints>/<settings hash>/<phase>/training_metadata.json, Keras's record of the epoch
+        for state in checkpoints.glob("*/*/training_metadata.json"):
             try:
                 return json.loads(state.read_text())["epoch"] >= epoch
             except (json.JSONDecodeError, KeyError):
