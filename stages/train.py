@@ -198,14 +198,13 @@ def train_model(
             for name, values in history.items():
                 epochs_run.setdefault(name, []).extend(values)
     seconds = time.perf_counter() - started
-    if checkpoint_dir:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: nothing left to resume
+    if checkpoint_dir and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)  # finished: nothing left to resume
     scores = epochs_run[MONITOR]
-    # With early stopping the model holds the last phase's best epoch's weights, else the last epoch's.
-    last_start = phases[-1].first_epoch
-    kept = (
-        last_start + int(np.argmax(scores[last_start:])) if train.early_stopping_patience else len(scores) - 1
-    )
+    # The best epoch of the last phase (a warm-up's epochs are not candidates); with early stopping
+    # the model holds its weights, else the last epoch's.
+    best = phases[-1].first_epoch + int(np.argmax(scores[phases[-1].first_epoch :]))
+    kept = best if train.early_stopping_patience else len(scores) - 1
     summary = {
         "arch": train.arch,
         "weights": "file" if train.weights not in ("none", "imagenet") else train.weights,
@@ -213,8 +212,8 @@ def train_model(
         "backend": keras.backend.backend(),
         "device": detect_device(),
         "epochs": len(scores),
-        "best_epoch": kept + 1,
-        "best_val_balanced_accuracy": float(scores[kept]),
+        "best_epoch": best + 1,
+        "best_val_balanced_accuracy": float(scores[best]),
         "kept_epoch": kept + 1,
         "seconds": round(seconds, 2),
         "images_per_second": round(epochs_trained * len(x_train) / seconds, 2),
