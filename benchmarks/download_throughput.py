@@ -1,6 +1,6 @@
 """Images per second of the isic download source against the stand-in archive on 127.0.0.1.
 
-Runs the download for --images images with download.workers 1 and 8, each with and without injected
+Runs the download for --images images with download.isic.workers 1 and 8, each with and without injected
 faults (one fault on every --fault-every-th image, cycling 429 with Retry-After: 1, 503, a connection
 dropped mid-body and a short body). The stand-in sleeps --latency-ms per file request, standing in for
 the network round trip that makes parallel downloads pay off.
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 
-from stages.config import Params, load_params
-from stages.download import fetch_isic
+from skin_lesion.params import Params, load_params
+from skin_lesion.sources.isic import fetch_isic
 from tests.isic_standin import StandinArchive, make_images, plan_faults, serve
 
 
@@ -32,9 +32,9 @@ def _run_once(params: Params, archive: StandinArchive, workers: int) -> tuple[fl
         labels = [params.base.classes[index % len(params.base.classes)] for index in range(len(ids))]
         pd.DataFrame({"isic_id": ids, "label": labels, "split": "train"}).to_csv(manifest, index=False)
         settings = {"api_url": api_url, "manifest": str(manifest), "workers": workers, "max_side": 0}
-        run_params = params.model_copy(update={"download": params.download.model_copy(update=settings)})
+        isic = params.download.isic.model_copy(update=settings)
         started = time.perf_counter()
-        rows = fetch_isic(run_params, Path(scratch) / "out", Path(scratch) / "cache")
+        rows = fetch_isic(isic, params.base.classes, Path(scratch) / "out", Path(scratch) / "cache")
         elapsed = time.perf_counter() - started
     assert len(rows) == len(ids)
     return elapsed, archive.requests["file"]

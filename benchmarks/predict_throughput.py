@@ -1,6 +1,6 @@
 """Prediction latency per image and throughput for a folder, through the registered pyfunc on CPU.
 
-Uses the same path as `python -m stages.predict`: files read, checked, base64-encoded, and predicted
+Uses the same path as `skin-lesion predict`: files read, checked, base64-encoded, and predicted
 in batches by the registered model. Prints the figures.
 
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python benchmarks/predict_throughput.py \
@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlflow
 
-from stages.predict import collect_images, predict_files
-from stages.tracking import configure_mlflow
+from skin_lesion.predict import collect_images, predict_files
+from skin_lesion.tracking import configure_mlflow
 
 
 def main() -> None:

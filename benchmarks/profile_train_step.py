@@ -26,8 +26,8 @@ import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from benchmarks.train_throughput import EpochTimer
-from stages.config import load_params
-from stages.train import build_trainer, compile_phase, training_phases
+from skin_lesion.params import load_params
+from skin_lesion.training import build_trainer, compile_phase, training_phases
 
 REPO = Path(__file__).resolve().parents[1]
 # Op types (the part of a trace event's name after the colon) by group, checked in this order.

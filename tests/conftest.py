@@ -16,13 +16,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from stages.config import Params
+from skin_lesion.params import Params
+from skin_lesion.sources.isic import fetch_isic
+from skin_lesion.sources.local import fetch_local
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
@@ -38,11 +41,22 @@ OFFLINE_TRAIN = {"arch": "resnet_small", "weights": "none"}
 
 
 def small_params(**sections: dict[str, Any]) -> dict[str, Any]:
-    """The committed params shrunk for tests (3 classes, 32 px), with per-section overrides."""
+    """The committed params shrunk for tests (3 classes, 32 px), with per-section overrides.
+
+    A download override may name a source's keys directly (`path`, `api_url`, ...): each goes to
+    its source's subsection (download.local.path, download.isic.api_url, ...).
+    """
     params = copy.deepcopy(repo_params())
     params["base"].update(classes=CLASSES, image_size=32)
     params["train"].update(OFFLINE_TRAIN)
-    params["download"].update(metadata="")
+    params["download"]["local"].update(metadata="")
+    sections = dict(sections)
+    for key, value in sections.pop("download", {}).items():
+        source = next((name for name in ("isic", "local") if key in params["download"][name]), None)
+        if source is None:
+            params["download"][key] = value
+        else:
+            params["download"][source][key] = value
     mapping = params["split"]["diagnosis_classes"]
     params["split"]["diagnosis_classes"] = {
         dx: [c for c in labels if c in CLASSES] for dx, labels in mapping.items()
@@ -50,6 +64,16 @@ def small_params(**sections: dict[str, Any]) -> dict[str, Any]:
     for name, values in sections.items():
         params[name].update(values)
     return params
+
+
+def fetch_local_source(params: Params, out: Path) -> pd.DataFrame:
+    """The local source as the download stage runs it."""
+    return fetch_local(params.download.local, params.base.classes, out)
+
+
+def fetch_isic_source(params: Params, out: Path, cache: Path) -> pd.DataFrame:
+    """The isic source as the download stage runs it."""
+    return fetch_isic(params.download.isic, params.base.classes, out, cache)
 
 
 def as_params(raw: dict[str, Any]) -> Params:
@@ -141,6 +165,13 @@ def assert_no_group_straddles(splits: dict[str, pd.DataFrame], key: str = "group
             assert seen.setdefault(value, name) == name, f"{key} {value} is in {seen[value]} and {name}"
 
 
+def point_mlflow_at(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracking and registry at `uri`, for this process and the commands it starts."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
 @pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run the test inside tmp_path, with MLflow pointed at a SQLite file there."""
@@ -211,7 +242,7 @@ def tiny_backbone_weights(path: Path, arch: str = "mobilenet", size: int = 32, s
     """A weights file of the `arch` backbone at `size` px, random from `seed`: the tests' 'ImageNet'."""
     import keras  # noqa: PLC0415 - only the tests that make weights pay for importing Keras here
 
-    from stages.architectures import BACKBONE_NAME, build_model  # noqa: PLC0415
+    from skin_lesion.architectures import BACKBONE_NAME, build_model  # noqa: PLC0415
 
     keras.utils.set_random_seed(seed)
     backbone = build_model(arch, size, 3, 0.0).get_layer(BACKBONE_NAME)

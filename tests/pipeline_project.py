@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.download import generate_synthetic
+from skin_lesion.sources.synthetic import generate_synthetic
 from tests.conftest import OFFLINE_TRAIN, REPO, repo_params
 from tests.isic_standin import StandinArchive
 
@@ -36,15 +36,17 @@ def synthetic_archive(folder: Path, images_per_class: int = 20) -> tuple[Standin
 
 def make_project(root: Path, api_url: str, manifest: pd.DataFrame, **sections: dict[str, Any]) -> Path:
     """Copy the pipeline into a fresh git + DVC repo at `root`, set to a small run against `api_url`."""
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("stages", "skin_lesion"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "weights", root / "weights", ignore=shutil.ignore_patterns("*.h5"))
+    shutil.copytree(REPO / "data" / "local", root / "data" / "local")
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     params = repo_params()
     params["base"]["image_size"] = 32
-    params["download"].update(api_url=api_url, workers=4, backoff_s=0.05)
-    (root / params["download"]["manifest"]).parent.mkdir(parents=True)
-    manifest.to_csv(root / params["download"]["manifest"], index=False)
+    params["download"]["isic"].update(api_url=api_url, workers=4, backoff_s=0.05)
+    (root / params["download"]["isic"]["manifest"]).parent.mkdir(parents=True)
+    manifest.to_csv(root / params["download"]["isic"]["manifest"], index=False)
     params["rebalance"]["samples_per_class"] = 16
     params["train"].update(OFFLINE_TRAIN, epochs=6, batch_size=16)
     for name, values in sections.items():

@@ -14,17 +14,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.download import fetch_isic, read_isic_manifest
-from stages.errors import PipelineError
-from stages.isic_archive import (
+from skin_lesion.errors import PipelineError
+from skin_lesion.isic_archive import (
     ArchiveClient,
     ArchiveError,
     RetryPolicy,
     fetch_to_cache,
     remove_partial_files,
 )
-from stages.manifests import RAW_COLUMNS
-from tests.conftest import CLASSES, as_params, run_stage, small_params
+from skin_lesion.manifests import RAW_COLUMNS
+from skin_lesion.sources.isic import read_isic_manifest
+from tests.conftest import CLASSES, as_params, fetch_isic_source, run_stage, small_params
 from tests.isic_standin import StandinArchive, make_images, serve
 
 FAST_RETRIES = {"retries": 4, "backoff_s": 0.01, "max_backoff_s": 0.05, "read_timeout_s": 5}
@@ -49,7 +49,9 @@ def test_manifest_mode_fetches_every_image_byte_identical(tmp_path: Path) -> Non
     archive = StandinArchive(images=make_images(12))
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url:
-        rows = fetch_isic(_isic_params(api_url, manifest, workers=4), tmp_path / "out", tmp_path / "cache")
+        rows = fetch_isic_source(
+            _isic_params(api_url, manifest, workers=4), tmp_path / "out", tmp_path / "cache"
+        )
     assert list(rows.columns) == RAW_COLUMNS
     assert _files_by_id(tmp_path / "out") == archive.images
     first = rows.iloc[0]
@@ -64,7 +66,7 @@ def test_manifest_labels_and_splits_are_kept(tmp_path: Path) -> None:
         "ISIC_0000001,melanoma,train,HAM_1,nv\nISIC_0000001,nevus,test,HAM_1,nv\nISIC_0000002,nevus,test,,\n"
     )
     with serve(archive) as api_url:
-        rows = fetch_isic(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
+        rows = fetch_isic_source(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
     columns = ["isic_id", "label", "split", "lesion_id", "diagnosis"]
     assert sorted(rows[columns].itertuples(index=False, name=None)) == [
         ("ISIC_0000001", "melanoma", "train", "HAM_1", "nv"),
@@ -80,7 +82,7 @@ def test_metadata_attribution_and_licenses_are_written(tmp_path: Path) -> None:
     archive = StandinArchive(images=make_images(6))
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url:
-        fetch_isic(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
+        fetch_isic_source(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
     metadata = pd.read_csv(tmp_path / "out" / "metadata.csv", dtype=str, keep_default_na=False)
     for column in ("isic_id", "label", "split", "copyright_license", "attribution", "diagnosis_1"):
         assert column in metadata.columns
@@ -102,7 +104,7 @@ def test_transient_fault_is_retried_to_an_identical_file(tmp_path: Path, fault: 
     archive = StandinArchive(images=make_images(3), faults={"ISIC_0000002": [fault, fault]})
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url:
-        fetch_isic(_isic_params(api_url, manifest, workers=2), tmp_path / "out", tmp_path / "cache")
+        fetch_isic_source(_isic_params(api_url, manifest, workers=2), tmp_path / "out", tmp_path / "cache")
     assert _files_by_id(tmp_path / "out") == archive.images
     assert archive.requests["file"] == 3 + 2
 
@@ -112,7 +114,7 @@ def test_retry_after_is_honoured(tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "manifest.csv", ["ISIC_0000001"])
     with serve(archive) as api_url:
         started = time.monotonic()
-        fetch_isic(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
+        fetch_isic_source(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
         waited = time.monotonic() - started
     assert waited >= 1.0  # the stand-in asks for Retry-After: 1; the backoff alone is 0.01 s
     assert _files_by_id(tmp_path / "out") == archive.images
@@ -123,9 +125,9 @@ def test_rerun_downloads_nothing(tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url:
         params = _isic_params(api_url, manifest)
-        fetch_isic(params, tmp_path / "first", tmp_path / "cache")
+        fetch_isic_source(params, tmp_path / "first", tmp_path / "cache")
         before = archive.requests.copy()
-        fetch_isic(params, tmp_path / "second", tmp_path / "cache")
+        fetch_isic_source(params, tmp_path / "second", tmp_path / "cache")
     assert archive.requests == before
     assert _files_by_id(tmp_path / "second") == archive.images
 
@@ -135,10 +137,10 @@ def test_corrupted_cache_file_is_fetched_again(tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url:
         params = _isic_params(api_url, manifest)
-        fetch_isic(params, tmp_path / "first", tmp_path / "cache")
+        fetch_isic_source(params, tmp_path / "first", tmp_path / "cache")
         cached = tmp_path / "cache" / "ISIC_0000001.jpg"
         cached.write_bytes(bytes(reversed(cached.read_bytes())))  # same size, other bytes
-        fetch_isic(params, tmp_path / "second", tmp_path / "cache")
+        fetch_isic_source(params, tmp_path / "second", tmp_path / "cache")
     assert archive.requests["file"] == 3
     assert _files_by_id(tmp_path / "second") == archive.images
 
@@ -147,7 +149,7 @@ def test_permanently_missing_image_is_named(tmp_path: Path) -> None:
     archive = StandinArchive(images=make_images(3), missing={"ISIC_0000002"})
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url, pytest.raises(PipelineError) as raised:
-        fetch_isic(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
+        fetch_isic_source(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
     message = str(raised.value)
     assert message.startswith("download: could not get 1 of 3 images (ISIC_0000002)")
     assert "HTTP 404" in message
@@ -158,7 +160,7 @@ def test_fault_that_never_clears_is_named_after_the_retries(tmp_path: Path) -> N
     archive = StandinArchive(images=make_images(2), faults={"ISIC_0000001": ["503"] * 10})
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url, pytest.raises(PipelineError, match=r"\(ISIC_0000001\).*gave up after 4"):
-        fetch_isic(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
+        fetch_isic_source(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
     assert archive.requests["file"] == 4 + 1
 
 
@@ -166,7 +168,7 @@ def test_no_partial_file_is_left_after_a_failure(tmp_path: Path) -> None:
     archive = StandinArchive(images=make_images(2), faults={"ISIC_0000001": ["drop"] * 10})
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url, pytest.raises(PipelineError):
-        fetch_isic(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
+        fetch_isic_source(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [
         "ISIC_0000002.jpg",
         "ISIC_0000002.json",
@@ -199,7 +201,7 @@ def test_query_mode_follows_pagination_up_to_max_per_class(tmp_path: Path) -> No
         params = _isic_params(
             api_url, tmp_path / "unused.csv", mode="query", queries=queries, max_per_class=3
         )
-        rows = fetch_isic(params, tmp_path / "out", tmp_path / "cache")
+        rows = fetch_isic_source(params, tmp_path / "out", tmp_path / "cache")
     assert len(rows) == 9
     assert set(rows["split"]) == {"train"}
     assert rows.groupby("label").size().to_dict() == dict.fromkeys(CLASSES, 3)
@@ -213,15 +215,15 @@ def test_query_without_results_is_named(tmp_path: Path) -> None:
     archive = StandinArchive(images=make_images(1), searches={queries["melanoma"]: ["ISIC_0000001"]})
     with serve(archive) as api_url:
         params = _isic_params(api_url, tmp_path / "unused.csv", mode="query", queries=queries)
-        with pytest.raises(PipelineError, match=r"download.queries\['nevus'\]: the archive has no image"):
-            fetch_isic(params, tmp_path / "out", tmp_path / "cache")
+        with pytest.raises(PipelineError, match=r"isic.queries\['nevus'\]: the archive has no image"):
+            fetch_isic_source(params, tmp_path / "out", tmp_path / "cache")
 
 
 def test_max_side_downsizes_and_records_sizes(tmp_path: Path) -> None:
     archive = StandinArchive(images=make_images(2, size=100))
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url:
-        fetch_isic(_isic_params(api_url, manifest, max_side=40), tmp_path / "out", tmp_path / "cache")
+        fetch_isic_source(_isic_params(api_url, manifest, max_side=40), tmp_path / "out", tmp_path / "cache")
     for path in (tmp_path / "out").rglob("ISIC_*.jpg"):
         with Image.open(path) as image:
             assert image.size == (40, 40)
@@ -234,7 +236,9 @@ def test_archive_file_that_is_not_an_image_is_kept_for_split_to_reject(tmp_path:
     archive = StandinArchive(images={**make_images(1), "ISIC_0000002": b"<html>maintenance</html>"})
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url:
-        rows = fetch_isic(_isic_params(api_url, manifest, max_side=40), tmp_path / "out", tmp_path / "cache")
+        rows = fetch_isic_source(
+            _isic_params(api_url, manifest, max_side=40), tmp_path / "out", tmp_path / "cache"
+        )
     assert len(rows) == 2
     stored = tmp_path / "out" / rows.set_index("isic_id").loc["ISIC_0000002", "path"]
     assert stored.read_bytes() == b"<html>maintenance</html>"
@@ -245,8 +249,8 @@ def test_downsizing_is_deterministic(tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url:
         params = _isic_params(api_url, manifest, max_side=50)
-        first = fetch_isic(params, tmp_path / "a", tmp_path / "cache-a")
-        second = fetch_isic(params, tmp_path / "b", tmp_path / "cache-b")
+        first = fetch_isic_source(params, tmp_path / "a", tmp_path / "cache-a")
+        second = fetch_isic_source(params, tmp_path / "b", tmp_path / "cache-b")
     assert first["sha256"].tolist() == second["sha256"].tolist()
 
 
@@ -255,7 +259,7 @@ def test_expected_sha256_mismatch_is_an_error(tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(f"isic_id,label,split,sha256\nISIC_0000001,melanoma,train,{'0' * 64}\n")
     with serve(archive) as api_url, pytest.raises(PipelineError, match=r"ISIC_0000001.*not the expected one"):
-        fetch_isic(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
+        fetch_isic_source(_isic_params(api_url, manifest), tmp_path / "out", tmp_path / "cache")
 
 
 @pytest.mark.parametrize(
@@ -286,8 +290,8 @@ def test_archive_answering_another_record_is_an_error(tmp_path: Path) -> None:
 def test_unreachable_archive_fails_after_retries(tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path / "manifest.csv", ["ISIC_0000001"])
     params = _isic_params("http://127.0.0.1:9/api/v2", manifest, connect_timeout_s=0.5)
-    with pytest.raises(PipelineError, match=r"download.api_url: http://127.0.0.1:9/api/v2 does not answer"):
-        fetch_isic(params, tmp_path / "out", tmp_path / "cache")
+    with pytest.raises(PipelineError, match=r"isic.api_url: http://127.0.0.1:9/api/v2 does not answer"):
+        fetch_isic_source(params, tmp_path / "out", tmp_path / "cache")
 
 
 def test_stage_cli_downloads_into_data_raw(tmp_path: Path) -> None:

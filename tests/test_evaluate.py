@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import keras
@@ -10,22 +11,21 @@ import numpy as np
 import pandas as pd
 import pytest
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+from PIL import Image
 
-from stages.config import EvaluateParams
-from stages.errors import PipelineError
-from stages.evaluate import (
+from skin_lesion.errors import PipelineError
+from skin_lesion.metrics import (
     auc_above_sensitivity,
     bootstrap_intervals,
     choose_threshold,
     compute_metrics,
-    decide_promotion,
     expected_calibration_error,
     operating_point,
-    pr_rows,
-    register_version,
-    roc_rows,
 )
-from tests.conftest import repo_params
+from skin_lesion.params import EvaluateParams
+from skin_lesion.plots import pr_rows, roc_rows, roc_table, worst_misclassified_grid, write_plots
+from skin_lesion.registry import decide_promotion, register_version
+from tests.conftest import repo_params, write_image
 
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
 # Six test images, two per class. Predictions: 0 right, 1 missed melanoma (said nevus),
@@ -157,6 +157,42 @@ def test_curves_are_empty_without_positives() -> None:
     assert (roc["fpr"].iloc[-1], roc["tpr"].iloc[-1]) == (1.0, 1.0)
 
 
+def test_precision_recall_curve_is_drawn_as_steps() -> None:
+    # Two melanomas scored above 48 other images: precision is 1.0 all the way to recall 1.0.
+    is_positive = np.array([True, True] + [False] * 48)
+    scores = np.linspace(1, 0, 50)
+    pr = pr_rows(is_positive, scores)
+    points = list(zip(pr["recall"], pr["precision"], strict=True))
+    assert (1.0, 1.0) in points
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        assert x0 == x1 or y0 == y1, f"a slanted segment from {(x0, y0)} to {(x1, y1)}"
+    assert list(pr["step"]) == list(range(len(pr)))
+    # Precision only falls below 1 once recall is 1: the drop is vertical, at recall 1.
+    assert all(y == 1.0 for x, y in points if x < 1.0)
+
+
+def test_roc_table_holds_one_curve_per_class_in_drawing_order() -> None:
+    table = roc_table(Y_TRUE, PROBS, CLASSES)
+    assert list(table["class"].unique()) == CLASSES
+    for _, curve in table.groupby("class"):
+        assert curve["fpr"].is_monotonic_increasing
+        assert curve["tpr"].is_monotonic_increasing
+        assert list(curve["step"]) == list(range(len(curve)))
+
+
+def test_write_plots_writes_the_charts_data_and_readable_images(tmp_path: Path) -> None:
+    for index in range(len(Y_TRUE)):
+        write_image(tmp_path / "images" / f"{index}.jpg", (120, 80, 60), seed=index)
+    rows = pd.DataFrame({"path": [str(tmp_path / "images" / f"{k}.jpg") for k in range(len(Y_TRUE))]})
+    settings = EvaluateParams.model_validate(repo_params()["evaluate"])
+    write_plots(tmp_path / "plots", rows, Y_TRUE, PROBS, CLASSES, 0, settings, stress={})
+    names = {path.name for path in (tmp_path / "plots").iterdir()}
+    assert {"roc.csv", "pr_melanoma.csv", "confusion.csv", "reliability.csv"} <= names
+    for image in ("roc.png", "pr_melanoma.png", "confusion.png", "reliability.png", "stress.png"):
+        with Image.open(tmp_path / "plots" / image) as figure:
+            assert figure.width >= 600, image
+
+
 # --- registry and promotion ---------------------------------------------------------------------
 
 
@@ -228,3 +264,11 @@ def test_auto_promotion_needs_a_win_by_the_margin_on_the_same_split(registry: st
     promoted, reason = decide_promotion(client, "lesions", other_split, _metrics(0.90), "s2", auto)
     assert not promoted
     assert "another test split" in reason
+
+
+def test_worst_misclassified_grid_says_so_when_nothing_is_misclassified() -> None:
+    rows = pd.DataFrame({"path": ["unused.jpg", "unused.jpg"]})
+    y_true = np.array([0, 1])
+    grid = worst_misclassified_grid(rows, y_true, np.eye(2), ["melanoma", "nevus"], count=16)
+    pixels = np.asarray(grid)
+    assert (pixels < 128).any(), "a blank image: the notice is missing"

@@ -19,6 +19,7 @@ from tests.conftest import repo_params
 from tests.isic_standin import serve
 from tests.pipeline_project import (
     STAGES,
+    command_env,
     make_project,
     mlflow_client,
     mlflow_runs,
@@ -62,34 +63,46 @@ def test_repro_runs_every_stage_in_order(first_repro: str) -> None:
 
 
 def test_repro_writes_metrics_that_beat_chance(project: Path, first_repro: str) -> None:
-    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    headline = json.loads((project / "metrics" / "evaluate.json").read_text())
+    metrics = json.loads((project / "metrics" / "evaluate_details.json").read_text())
     chance = 1 / len(repo_params()["base"]["classes"])
     assert metrics["accuracy"] > 4 * chance
     assert metrics["balanced_accuracy"] > 4 * chance
     assert {"sensitivity", "specificity", "auc"} <= metrics["melanoma"].keys()
     assert metrics["model_version"] == 1
+    assert headline["bal_acc"] == metrics["balanced_accuracy"]
+    assert headline["version"] == 1
     data = json.loads((project / "metrics" / "data.json").read_text())
     assert data["images_in"] == 9 * 20
-    train = json.loads((project / "metrics" / "train.json").read_text())
+    train = json.loads((project / "metrics" / "train_details.json").read_text())
     assert train["device"] == "cpu"
+    assert json.loads((project / "metrics" / "train.json").read_text()).keys() == {"best_epoch", "seconds"}
     assert (project / "data" / "raw" / "attribution.txt").is_file()
 
 
 def test_dvc_knows_the_metrics_and_plots(project: Path, first_repro: str) -> None:
     metrics = json.loads(run(project, "dvc", "metrics", "show", "--json"))
-    files = metrics[""]["data"]
-    assert {"metrics/evaluate.json", "metrics/data.json", "metrics/train.json"} <= files.keys()
+    assert set(metrics[""]["data"]) == {"metrics/evaluate.json", "metrics/train.json"}
+    details = json.loads(run(project, "dvc", "metrics", "show", "--json", "metrics/evaluate_details.json"))
+    assert "per_class" in details[""]["data"]["metrics/evaluate_details.json"]["data"]
     plots = json.loads(run(project, "dvc", "plots", "show", "--json"))["data"]
-    assert {
-        "metrics/evaluate/confusion.csv",
-        "metrics/evaluate/confusion_normalized.csv",
-        "metrics/evaluate/roc/melanoma.csv",
-        "metrics/evaluate/pr_melanoma.csv",
-        "metrics/evaluate/reliability.csv",
-        "metrics/evaluate/worst_misclassified.png",
-        "metrics/train/plots/metrics/val_accuracy.tsv",
-        "metrics/class_counts/train.csv",
-    } <= plots.keys()
+    charts = {
+        "Training loss",
+        "Training accuracy",
+        "ROC, one curve per class (test split)",
+        "Melanoma precision-recall (test split)",
+        "Confusion matrix (test split)",
+        "Reliability (test split)",
+    }
+    images = {
+        f"metrics/evaluate/{name}.png" for name in ("roc", "pr_melanoma", "confusion", "worst_misclassified")
+    }
+    assert charts | images | {"metrics/train/curves.png"} <= plots.keys()
+    roc = plots["ROC, one curve per class (test split)"][0]["content"]
+    assert roc["encoding"]["color"]["field"] == "class"
+    assert {row["class"] for row in roc["data"]["values"]} == set(repo_params()["base"]["classes"])
+    loss = plots["Training loss"][0]["content"]["data"]["values"]
+    assert {"loss", "val_loss"} <= {key for row in loss for key in row}
 
 
 def test_every_stage_logged_an_mlflow_run(project: Path, first_repro: str) -> None:
@@ -139,7 +152,11 @@ def test_changing_train_params_reruns_only_train_and_evaluate(project: Path, fir
     assert "two-epochs" in names
     revision = names["two-epochs"]["revs"][0]["data"]
     assert revision["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
-    assert "accuracy" in revision["metrics"]["metrics/evaluate.json"]["data"]
+    assert "bal_acc" in revision["metrics"]["metrics/evaluate.json"]["data"]
+    table = run(project, "dvc", "exp", "show", "--only-changed", env={**command_env(), "COLUMNS": "120"})
+    assert "two-epochs" in table
+    assert max(len(line) for line in table.splitlines()) <= 120
+    assert "…" not in table, table
 
 
 def test_a_new_weights_file_makes_train_stale(project: Path, first_repro: str) -> None:

@@ -9,12 +9,20 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from stages.config import SplitParams
-from stages.download import fetch_isic, fetch_local
-from stages.evaluate import metrics_by_collection
-from stages.provenance import class_collection_association, collection_from_isic_id, render_provenance
-from stages.split import render_report, split_dataset
-from tests.conftest import CLASSES, as_params, make_isic_folder, manifest_of, repo_params, small_params
+from skin_lesion.metrics import metrics_by_collection
+from skin_lesion.params import SplitParams
+from skin_lesion.provenance import class_collection_association, collection_from_isic_id, render_provenance
+from skin_lesion.splitting import render_report, split_dataset
+from tests.conftest import (
+    CLASSES,
+    as_params,
+    fetch_isic_source,
+    fetch_local_source,
+    make_isic_folder,
+    manifest_of,
+    repo_params,
+    small_params,
+)
 from tests.isic_standin import StandinArchive, make_images, serve
 from tests.test_download_isic import FAST_RETRIES
 
@@ -88,7 +96,7 @@ def test_test_images_from_a_collection_train_never_saw_are_warned_about() -> Non
 def test_local_source_takes_collections_from_isic_ids(tmp_path: Path) -> None:
     root = make_isic_folder(tmp_path / "isic", train_per_class=2)
     params = as_params(small_params(download={"path": str(root), "metadata": ""}))
-    manifest = fetch_local(params, tmp_path / "out")
+    manifest = fetch_local_source(params, tmp_path / "out")
     assert set(manifest["collection"]) == {"unknown"}  # the test folder's names are not ISIC ids
 
 
@@ -99,14 +107,14 @@ def test_local_source_takes_collections_from_a_metadata_column(tmp_path: Path) -
     )
     download = {"path": str(root), "metadata": "index.csv", "diagnosis_column": "", "lesion_column": "site"}
     params = as_params(small_params(download={**download, "collection": "site"}))
-    manifest = fetch_local(params, tmp_path / "out").set_index("isic_id")["collection"]
+    manifest = fetch_local_source(params, tmp_path / "out").set_index("isic_id")["collection"]
     assert manifest["ISIC_Train_0_000"] == "clinic A"
     assert manifest["ISIC_Train_1_001"] == "clinic B"
     assert (manifest == "unknown").sum() == len(manifest) - 2
 
 
 def test_a_collection_column_needs_metadata() -> None:
-    with pytest.raises(ValidationError, match=r"download.collection=site: a metadata column needs"):
+    with pytest.raises(ValidationError, match=r"download.local.collection=site: a metadata column needs"):
         as_params(small_params(download={"source": "local", "metadata": "", "collection": "site"}))
 
 
@@ -119,7 +127,7 @@ def test_isic_query_download_records_each_attribution_as_collection(tmp_path: Pa
     with serve(archive) as api_url:
         settings = {"source": "isic", "api_url": api_url, "mode": "query", "queries": queries, "max_side": 0}
         params = as_params(small_params(download={**settings, **FAST_RETRIES, "max_per_class": 3}))
-        rows = fetch_isic(params, tmp_path / "out", tmp_path / "cache")
+        rows = fetch_isic_source(params, tmp_path / "out", tmp_path / "cache")
     # The stand-in attributes ids 1-9 to three hospitals and Anonymous (every fifth).
     expected = {"Anonymous" if n % 5 == 0 else f"Hospital {n % 3}" for n in range(1, 10)}
     assert set(rows["collection"]) == expected

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages.errors import PipelineError
-from stages.manifests import REBALANCED_COLUMNS
-from stages.rebalance import build_pipeline, find_sparse_classes, rebalance
+from skin_lesion.augment import build_pipeline, find_sparse_classes, rebalance
+from skin_lesion.errors import PipelineError
+from skin_lesion.manifests import REBALANCED_COLUMNS
 from tests.conftest import CLASSES, make_isic_folder, repo_params
 
 OPERATIONS = repo_params()["rebalance"]["operations"]

@@ -19,11 +19,12 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from stages.architectures import build_model
-from stages.errors import PipelineError
-from stages.evaluate import log_servable_model, register_version
-from stages.predict import collect_images, explain_alerts, predict_files, resolve_default_model
-from tests.conftest import CLASSES, REPO, free_port, wait_for_http, write_image
+from skin_lesion.architectures import build_model
+from skin_lesion.errors import PipelineError
+from skin_lesion.gradcam import explain_alerts
+from skin_lesion.predict import collect_images, predict_files, render_summary
+from skin_lesion.registry import log_servable_model, register_version, resolve_default_model
+from tests.conftest import CLASSES, REPO, free_port, point_mlflow_at, wait_for_http, write_image
 
 SIZE = 32
 NAME = "lesions"
@@ -43,7 +44,15 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model("baseline_cnn", SIZE, len(CLASSES), 0.0, shades_of_gray=6)
     model.save(root / "model.keras")
     with mlflow.start_run(experiment_id=experiment):
-        uri_of_model = log_servable_model(root / "model.keras", CLASSES, SIZE, "melanoma", threshold=0.0)
+        uri_of_model = log_servable_model(
+            root / "model.keras",
+            CLASSES,
+            SIZE,
+            "melanoma",
+            threshold=0.0,
+            backend=keras.backend.backend(),
+            data_source="local",
+        )
     register_version(uri_of_model, NAME, tags={})
     return root
 
@@ -52,9 +61,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tracking(store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """MLFLOW_TRACKING_URI pointed at the store, for code that configures MLflow itself."""
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    point_mlflow_at(uri, monkeypatch)
     return uri
 
 
@@ -74,9 +81,37 @@ def test_pyfunc_returns_probabilities_and_alert(tracking: str, tmp_path: Path) -
     image = write_image(tmp_path / "a.jpg", (200, 40, 40), size=50)
     out = model.predict(pd.DataFrame({"image": [_b64(image), _b64(image)]}))
     columns = ["p_melanoma", "p_nevus", "p_vascular_lesion"]
-    assert list(out.columns) == ["predicted_label", *columns, "melanoma_alert"]
+    assert list(out.columns) == ["predicted_label", *columns, "melanoma_alert", "model_warning"]
+    assert out["model_warning"].eq("").all()  # trained on real data (download.source local)
     np.testing.assert_allclose(out[columns].sum(axis=1), 1.0, rtol=1e-5)
     assert out["melanoma_alert"].all()  # threshold 0 travels with the model
+
+
+def test_a_model_trained_on_synthetic_shapes_says_so_in_every_answer(store: Path, tmp_path: Path) -> None:
+    with mlflow.start_run():
+        uri = log_servable_model(
+            store / "model.keras",
+            CLASSES,
+            SIZE,
+            "melanoma",
+            threshold=0.5,
+            backend=keras.backend.backend(),
+            data_source="synthetic",
+        )
+    model = mlflow.pyfunc.load_model(uri)
+    assert model.metadata.metadata == {"data_source": "synthetic"}
+    image = write_image(tmp_path / "a.jpg", (200, 40, 40), size=50)
+    table = predict_files(model, [image])
+    assert table["model_warning"].str.startswith("TRAINED ON SYNTHETIC SHAPES").all()
+    summary = render_summary(table).splitlines()
+    assert summary[0].startswith("WARNING: TRAINED ON SYNTHETIC SHAPES")
+    assert summary[-1] == summary[0]
+
+
+def test_pyfunc_rejects_an_empty_batch_without_a_stack_trace(tracking: str) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    with pytest.raises(MlflowException, match=r"^no images: the request has no rows$"):
+        model.predict(pd.DataFrame({"image": pd.Series([], dtype=str)}))
 
 
 def test_pyfunc_rejects_a_non_image_as_bad_input(tracking: str) -> None:
@@ -114,7 +149,8 @@ def test_predict_command_writes_csv_and_alert_lines(tracking: str, tmp_path: Pat
         [
             sys.executable,
             "-m",
-            "stages.predict",
+            "skin_lesion.cli",
+            "predict",
             str(folder),
             "--model",
             f"models:/{NAME}/1",

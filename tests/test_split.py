@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from stages.config import SplitParams
-from stages.errors import PipelineError
-from stages.split import inspect_images, render_report, split_dataset
+from skin_lesion.dedup import inspect_images
+from skin_lesion.errors import PipelineError
+from skin_lesion.params import SplitParams
+from skin_lesion.splitting import render_report, split_dataset
 from tests.conftest import CLASSES, assert_no_group_straddles, draw_lesion, manifest_of, repo_params
 
 PARAMS = SplitParams.model_validate({**repo_params()["split"], "val_fraction": 0.2, "test_fraction": 0.2})

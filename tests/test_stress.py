@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from stages.config import EvaluateParams
-from stages.evaluate import compute_metrics, stress_test
-from stages.stress import TRANSFORMS, stressed_variants
+from skin_lesion.metrics import compute_metrics
+from skin_lesion.params import EvaluateParams
+from skin_lesion.stress import TRANSFORMS, stress_test, stressed_variants
 from tests.conftest import draw_lesion, repo_params
 
 STRENGTHS = repo_params()["evaluate"]["stress"]

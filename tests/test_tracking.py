@@ -8,7 +8,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from stages.tracking import flatten_params, repo_root, stage_run, tracking_uri
+from skin_lesion.files import repo_root
+from skin_lesion.tracking import flatten_params, stage_run, tracking_uri
 from tests.conftest import as_params, small_params
 
 

@@ -18,29 +18,25 @@ from pydantic import ValidationError
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_sample_weight
 
-from stages.architectures import (
+from skin_lesion.architectures import (
     BACKBONES,
     RandomAffine,
     ShadesOfGray,
     build_model,
     load_model,
+    save_model_atomic,
     with_augmentation,
 )
-from stages.config import TrainParams
-from stages.train import (
-    MONITOR,
-    EpochLogger,
-    ResumableCheckpoint,
-    ShuffledBatches,
+from skin_lesion.batching import ShuffledBatches, cut_and_mix, load_cached_images
+from skin_lesion.callbacks import MONITOR, EpochLogger, ResumableCheckpoint
+from skin_lesion.metrics import capped_balanced_accuracy
+from skin_lesion.params import TrainParams
+from skin_lesion.training import (
     build_trainer,
-    capped_balanced_accuracy,
     compile_phase,
     configure_determinism,
-    cut_and_mix,
     detect_device,
-    load_cached_images,
     make_optimizer,
-    save_model_atomic,
     train_model,
     training_phases,
 )
@@ -348,7 +344,7 @@ def test_train_cutmix_mixes_the_training_batches(monkeypatch: pytest.MonkeyPatch
         calls.append(alpha)
         return cut_and_mix(images, labels, alpha, rng)
 
-    monkeypatch.setattr("stages.train.cut_and_mix", recording)
+    monkeypatch.setattr("skin_lesion.batching.cut_and_mix", recording)
     x, y = _data()
     params = _params(cutmix=0.5)
     train_model(x, y, x, y, params.base, params.train)
@@ -498,7 +494,7 @@ def test_decoded_cache_is_reused_when_inputs_are_unchanged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     paths = [str(write_image(tmp_path / f"{k}.jpg", (40 * k, 90, 90), seed=k)) for k in range(3)]
-    caplog.set_level(logging.INFO, logger="stages.train")
+    caplog.set_level(logging.INFO, logger="skin_lesion.batching")
     first, first_key = load_cached_images(paths, 16, tmp_path / "cache")
     second, second_key = load_cached_images(paths, 16, tmp_path / "cache")
     np.testing.assert_array_equal(first, second)
@@ -550,7 +546,7 @@ sys.path.insert(0, {str(REPO)!r})
 {_TWO_DEVICES[backend]}
 import numpy as np
 from tests.test_train import _data, _params
-from stages.train import train_model
+from skin_lesion.training import train_model
 x, y = _data(n=32)
 results = []
 for distribution in ("none", "data_parallel"):

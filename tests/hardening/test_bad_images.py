@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.download import fetch_local
-from stages.errors import PipelineError
-from stages.split import SplitResult, inspect_images, split_dataset
-from tests.conftest import CLASSES, as_params, draw_lesion, small_params
+from skin_lesion.dedup import inspect_images
+from skin_lesion.errors import PipelineError
+from skin_lesion.splitting import SplitResult, split_dataset
+from tests.conftest import CLASSES, as_params, draw_lesion, fetch_local_source, small_params
 
 MAX_PIXELS = 150 * 150
 
@@ -79,7 +79,7 @@ def _run(root: Path, tmp_path: Path, on_bad_image: str = "skip") -> SplitResult:
             split={"max_pixels": MAX_PIXELS, "on_bad_image": on_bad_image},
         )
     )
-    manifest = fetch_local(params, tmp_path / "raw")
+    manifest = fetch_local_source(params, tmp_path / "raw")
     manifest["path"] = [(tmp_path / "raw" / path).as_posix() for path in manifest["path"]]
     features = inspect_images(manifest["path"], params.split.max_pixels, params.split.min_side)
     frame = pd.concat([manifest, features], axis=1)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.config import load_params
-from stages.errors import PipelineError
+from skin_lesion.errors import PipelineError
+from skin_lesion.params import load_params
 from tests.conftest import REPO, small_params
 
 

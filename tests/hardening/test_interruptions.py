@@ -111,7 +111,7 @@ def test_kill_9_in_each_stage_then_repro_completes_with_identical_outputs(
     # 4. An uninterrupted repro finishes the job, resuming training from its checkpoint.
     output = run(project, "dvc", "repro")
     assert "resuming from the checkpoint of epoch" in output
-    assert json.loads((project / "metrics" / "train.json").read_text())["epochs"] == 8
+    assert json.loads((project / "metrics" / "train_details.json").read_text())["epochs"] == 8
     for stage in DATA_STAGES:
         assert _out_hash(project, stage) == _out_hash(reference, stage), stage
     assert _count(data / "cache" / "checkpoints", "*/*") == 0  # a finished run deletes its checkpoint

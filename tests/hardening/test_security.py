@@ -11,9 +11,9 @@ import keras
 import pytest
 from mlflow.exceptions import MlflowException
 
-from stages.download import extract_zip_safely
-from stages.errors import PipelineError
-from stages.serving import LesionClassifier, decode_base64_image
+from skin_lesion.errors import PipelineError
+from skin_lesion.serving import LesionClassifier, decode_base64_image
+from skin_lesion.sources.local import extract_zip_safely
 
 
 @pytest.mark.parametrize("name", ["../evil.jpg", "/etc/evil.jpg", "Train/../../evil.jpg"])
@@ -40,7 +40,7 @@ def test_oversized_zip_is_refused(tmp_path: Path) -> None:
     archive = tmp_path / "big.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
         handle.writestr("Train/melanoma/a.jpg", b"\0" * (2 * 2**20))
-    with pytest.raises(PipelineError, match=r"big.zip unpacks to more than download.max_extract_mb=1 MiB"):
+    with pytest.raises(PipelineError, match=r"big.zip unpacks to more than download.local.max_extract_mb=1"):
         extract_zip_safely(archive, tmp_path / "out", max_bytes=2**20)
     assert not (tmp_path / "out").exists()
 
@@ -55,7 +55,7 @@ def test_model_with_arbitrary_code_is_refused(tmp_path: Path) -> None:
 
 
 def test_oversized_image_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("stages.serving.MAX_IMAGE_BYTES", 10)
+    monkeypatch.setattr("skin_lesion.serving.MAX_IMAGE_BYTES", 10)
     with pytest.raises(MlflowException, match=r"row 3: image is larger than") as raised:
         decode_base64_image("A" * 100, 32, row=3)
     assert raised.value.get_http_status_code() == 400

@@ -9,8 +9,8 @@ import mlflow
 import pytest
 import yaml
 
-from stages.errors import PipelineError
-from stages.tracking import check_tracking_server, redact, stage_run
+from skin_lesion.errors import PipelineError
+from skin_lesion.tracking import check_tracking_server, redact, stage_run
 from tests.conftest import as_params, free_port, mlflow_server, run_stage, small_params
 
 
@@ -38,7 +38,7 @@ def test_stage_stops_before_any_work_when_server_is_down(tmp_path: Path) -> None
     assert (
         result.stderr.strip()
         .splitlines()[-1]
-        .startswith(f"ERROR stages: MLFLOW_TRACKING_URI={uri}: tracking")
+        .startswith(f"ERROR skin_lesion: MLFLOW_TRACKING_URI={uri}: tracking")
     )
     assert time.monotonic() - started < 30
     assert not (tmp_path / "data").exists()

@@ -1,4 +1,4 @@
-"""Shared plumbing: atomic outputs, manifests, image decoding, label mapping."""
+"""skin_lesion.files, images and manifests: atomic outputs, checked CSV reads, image decoding, labels."""
 
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.common import (
-    atomic_output_dir,
-    class_indices,
-    decode_rgb,
-    load_images,
-    load_rgb,
-    read_manifest,
-    write_csv_atomic,
-)
-from stages.errors import PipelineError
+from skin_lesion.errors import PipelineError
+from skin_lesion.files import atomic_output_dir, read_manifest, write_csv_atomic
+from skin_lesion.images import decode_rgb, load_images, load_rgb
+from skin_lesion.manifests import class_indices
 from tests.conftest import write_image
 
 
@@ -65,12 +59,12 @@ def test_atomic_dir_clears_temp_left_by_a_killed_run(tmp_path: Path) -> None:
 
 def test_manifest_missing_column_is_named(tmp_path: Path) -> None:
     write_csv_atomic(tmp_path / "m.csv", pd.DataFrame({"path": ["a.jpg"]}))
-    with pytest.raises(PipelineError, match=r"m.csv: manifest lacks column\(s\) label"):
+    with pytest.raises(PipelineError, match=r"m.csv has no column\(s\) label"):
         read_manifest(tmp_path / "m.csv", ["path", "label"])
 
 
 def test_missing_manifest_is_named(tmp_path: Path) -> None:
-    with pytest.raises(PipelineError, match=r"absent.csv: manifest not found"):
+    with pytest.raises(PipelineError, match=r"manifest: .*absent.csv not found \(run the stage"):
         read_manifest(tmp_path / "absent.csv", ["path"])
 
 

@@ -17,8 +17,9 @@ from typing import Any
 import keras
 from keras import layers, ops
 
-from stages.config import AugmentParams
-from stages.errors import PipelineError
+from skin_lesion.errors import PipelineError
+from skin_lesion.files import atomic_file
+from skin_lesion.params import AugmentParams
 
 BACKBONE_NAME = "backbone"  # the keras.applications net inside a model, frozen and unfrozen by name
 
@@ -53,7 +54,7 @@ def with_augmentation(model: keras.Model, augment: AugmentParams) -> keras.Model
     """`model` behind the configured random augmentation (training only); both share their weights."""
     steps: list[layers.Layer] = []
     # float32 whatever train.precision says: TensorFlow's CPU kernels for these ops are slower in
-    # bfloat16 (a 3-epoch baseline run: 167 vs 176 ms per step); the model casts at its input.
+    # bfloat16 (docs/results.md); the model casts at its input.
     dtype = "float32"
     if augment.flip or augment.rotation or augment.zoom:
         steps.append(RandomAffine(augment.flip, augment.rotation, augment.zoom, dtype=dtype))
@@ -261,3 +262,9 @@ BACKBONES: dict[str, Callable[[keras.KerasTensor, float, str], keras.KerasTensor
     "efficientnet_b0": _application(keras.applications.EfficientNetB0, None),
     "mobilenet_v3_small": _application(keras.applications.MobileNetV3Small, None),
 }
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> None:
+    """Save a .keras file through a temp name, so a killed run never leaves half a model."""
+    with atomic_file(path, suffix=".keras") as tmp:
+        model.save(tmp)

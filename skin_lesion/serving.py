@@ -14,6 +14,7 @@ import base64
 import binascii
 import importlib.metadata
 import io
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,13 +24,20 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from stages.common import load_rgb
-from stages.errors import PipelineError
+from skin_lesion.errors import PipelineError
+from skin_lesion.images import load_rgb
+
+log = logging.getLogger("skin_lesion.serving")
 
 IMAGE_COLUMN = "image"
-CHAMPION_ALIAS = "champion"  # the registry alias of the version people rely on
+MLFLOW_MODEL_NAME = "model"  # the model's name inside its MLflow run
+
+
 MAX_IMAGE_BYTES = 20 * 2**20  # one uploaded image; larger payloads get a 400
+
+
 MAX_PIXELS = 50_000_000
+SYNTHETIC_WARNING = "TRAINED ON SYNTHETIC SHAPES, NOT SKIN LESIONS: its predictions mean nothing clinically"
 
 
 def pip_requirements(backend: str) -> list[str]:
@@ -50,27 +58,42 @@ def probability_column(label: str) -> str:
     return "p_" + label.replace(" ", "_")
 
 
+def trained_on_warning(data_source: str) -> str:
+    """What every answer of a model says about its training data: nothing, unless it was not lesions."""
+    return SYNTHETIC_WARNING if data_source == "synthetic" else ""
+
+
 def prediction_frame(
-    probabilities: np.ndarray, classes: Sequence[str], melanoma_class: str, threshold: float
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    melanoma_class: str,
+    threshold: float,
+    data_source: str,
 ) -> pd.DataFrame:
-    """Class probabilities, the predicted label, P(melanoma) and the alert, one row per image."""
+    """Class probabilities, the predicted label, P(melanoma), the alert and the model's warning, per image."""
     frame = pd.DataFrame(
         probabilities.astype(float), columns=[probability_column(label) for label in classes]
     )
     frame.insert(0, "predicted_label", np.asarray(classes)[probabilities.argmax(axis=1)])
     frame["p_melanoma"] = frame[probability_column(melanoma_class)]
     frame["melanoma_alert"] = frame["p_melanoma"] >= threshold
+    frame["model_warning"] = trained_on_warning(data_source)
     return frame
 
 
-def decode_base64_image(text: str, size: int, row: int) -> np.ndarray:
-    """Decode one base64 image to a (size, size, 3) uint8 array, or raise a 400-class error."""
+def decode_base64_image(text: object, size: int, row: int) -> np.ndarray:
+    """Decode one base64 image to a (size, size, 3) uint8 array, or raise a 400-class error.
+
+    Error messages name the row and the problem, never the data itself.
+    """
+    if not isinstance(text, str):
+        raise _bad_input(f"row {row}: expected a base64-encoded image file, got a {type(text).__name__}")
     if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
         raise _bad_input(f"row {row}: image is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise _bad_input(f"row {row}: not base64 ({err})") from err
+        raise _bad_input(f"row {row}: not base64-encoded") from err
     try:
         return load_rgb(io.BytesIO(data), size, max_pixels=MAX_PIXELS)
     except PipelineError as err:
@@ -83,9 +106,12 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the Keras model (safe mode) and the configuration that travels with it."""
         # The backend loads only when a model is used.
-        from stages.architectures import load_model  # noqa: PLC0415
+        from skin_lesion.architectures import load_model  # noqa: PLC0415
 
         self.config: dict[str, Any] = dict(context.model_config)
+        warning = trained_on_warning(str(self.config.get("data_source", "")))
+        if warning:
+            log.warning("%s", warning)
         self.model = load_model(context.artifacts["keras_model"])
 
     def predict(
@@ -97,9 +123,11 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
         """Probabilities and the melanoma alert for base64-encoded images in column `image`."""
         if IMAGE_COLUMN not in model_input.columns:
             raise _bad_input(f"input needs a column {IMAGE_COLUMN!r} of base64-encoded images")
+        if model_input.empty:
+            raise _bad_input("no images: the request has no rows")
         size = int(self.config["image_size"])
         images = np.stack(
-            [decode_base64_image(str(text), size, row) for row, text in enumerate(model_input[IMAGE_COLUMN])]
+            [decode_base64_image(text, size, row) for row, text in enumerate(model_input[IMAGE_COLUMN])]
         )
         probabilities = np.asarray(self.model.predict(images, verbose=0))
         return prediction_frame(
@@ -107,6 +135,7 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
             self.config["classes"],
             self.config["melanoma_class"],
             float(self.config["melanoma_threshold"]),
+            str(self.config.get("data_source", "")),
         )
 
 

@@ -3,32 +3,34 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
-from stages.config import BaseParams
-from stages.errors import PipelineError
+from skin_lesion.errors import PipelineError
+from skin_lesion.files import repo_root
+from skin_lesion.params import BaseParams
 
 # Embedded default: a SQLite store and an artifact folder at the repository root, no server needed.
 DEFAULT_DB_NAME = "mlflow.db"
+
+
 DEFAULT_ARTIFACTS_NAME = "mlartifacts"
+
+
 HTTP_SCHEMES = ("http://", "https://")
+
+
 SERVER_SCHEMES = (*HTTP_SCHEMES, "databricks")
-
-
-def repo_root() -> Path:
-    """The repository that owns this run; DVC points DVC_ROOT at it even for queued experiments."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def tracking_uri() -> str:
@@ -122,3 +124,14 @@ def _git_commit() -> str | None:
     result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     # A repository without commits has no HEAD yet; the run is still worth recording.
     return result.stdout.strip() if result.returncode == 0 else None
+
+
+def loggable_metrics(nested: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a nested report as MLflow metrics, named by their path (`melanoma.auc`)."""
+    flat = flatten_params(nested)
+    # MLflow allows letters, digits, _ - . / and spaces in metric names; collection names may hold more.
+    return {
+        re.sub(r"[^\w\-. /]", "_", key): value
+        for key, value in flat.items()
+        if isinstance(value, (int, float))
+    }

@@ -9,10 +9,18 @@ transforms are deterministic (no random draws), so the same model and images giv
 from __future__ import annotations
 
 import io
+import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from skin_lesion.metrics import auc_or_none, balanced_accuracy
+
+log = logging.getLogger("skin_lesion.stress")
+
 
 Transform = Callable[[np.ndarray, float], np.ndarray]
 
@@ -81,3 +89,32 @@ def _per_image(images: np.ndarray, change: Callable[[Image.Image], Image.Image])
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
+def stress_test(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    y_true: np.ndarray,
+    melanoma: int,
+    clean: dict[str, Any],
+    strengths: dict[str, list[float]],
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Balanced accuracy and melanoma AUC under each acquisition change, and their drop from clean."""
+    results: dict[str, dict[str, dict[str, float | None]]] = {}
+    started = time.perf_counter()
+    for name, strength, changed in stressed_variants(images, strengths):
+        probabilities = predict(changed)
+        balanced = balanced_accuracy(y_true, probabilities.argmax(axis=1))
+        auc_value = auc_or_none(y_true == melanoma, probabilities[:, melanoma])
+        clean_auc = clean["melanoma"]["auc"]
+        results.setdefault(name, {})[f"{strength:g}"] = {
+            "balanced_accuracy": balanced,
+            "balanced_accuracy_drop": clean["balanced_accuracy"] - balanced,
+            "melanoma_auc": auc_value,
+            "melanoma_auc_drop": None if auc_value is None or clean_auc is None else clean_auc - auc_value,
+        }
+    if results:
+        variants = sum(len(rows) for rows in results.values())
+        seconds = time.perf_counter() - started
+        log.info("stress test: %d variants of %d images in %.0f s", variants, len(images), seconds)
+    return results

@@ -30,14 +30,21 @@ from urllib.parse import urljoin, urlparse
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from stages.common import sha256_file, write_text_atomic
+from skin_lesion.files import sha256_file, write_text_atomic
 
-log = logging.getLogger("stages.isic_archive")
+log = logging.getLogger("skin_lesion.isic_archive")
+
 
 # Statuses that mean "try again later": rate limiting and server-side trouble.
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
 PAGE_SIZE = 100
+
+
 CHUNK_BYTES = 1 << 20
+
+
 USER_AGENT = "skin-lesion-mlops (+https://github.com/ImageMarkup/isic-cli compatible)"
 
 

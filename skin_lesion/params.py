@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from stages.errors import PipelineError
+from skin_lesion.errors import PipelineError
 
 
 class _Section(BaseModel):
@@ -35,13 +35,7 @@ class BaseParams(_Section):
 COLLECTION_FROM_ID = "isic_id_range"
 
 
-class SyntheticParams(_Section):
-    images_per_class: int = Field(ge=2, le=10_000)
-
-
-class DownloadParams(_Section):
-    source: Literal["isic", "local", "synthetic"]
-    # isic: the ISIC Archive API
+class IsicParams(_Section):
     mode: Literal["manifest", "query"]
     api_url: str = Field(pattern=r"^https?://")
     manifest: str = Field(min_length=1)
@@ -54,15 +48,48 @@ class DownloadParams(_Section):
     max_backoff_s: float = Field(ge=0)
     connect_timeout_s: float = Field(gt=0)
     read_timeout_s: float = Field(gt=0)
-    # local: a folder or .zip
-    path: str
+
+
+class LocalParams(_Section):
+    path: str = Field(min_length=1)
     metadata: str
     lesion_column: str = Field(min_length=1)
     diagnosis_column: str
-    # isic_id_range: each image's collection from its ISIC id; else a column of download.metadata
+    # isic_id_range: each image's collection from its ISIC id; else a column of the metadata CSV
     collection: str = Field(min_length=1)
     max_extract_mb: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _check_collection(self) -> LocalParams:
+        if self.collection != COLLECTION_FROM_ID and not self.metadata:
+            raise ValueError(
+                f"download.local.collection={self.collection}: a metadata column needs a metadata CSV"
+            )
+        return self
+
+
+class SyntheticParams(_Section):
+    images_per_class: int = Field(ge=2, le=10_000)
+
+
+class DownloadParams(_Section):
+    source: Literal["isic", "local", "synthetic"]
+    isic: IsicParams
+    local: LocalParams
     synthetic: SyntheticParams
+
+    @property
+    def input(self) -> str:
+        """What the chosen source reads, in words: the manifest, the folder, or nothing."""
+        if self.source == "local":
+            return self.local.path
+        if self.source == "isic":
+            return (
+                self.isic.manifest
+                if self.isic.mode == "manifest"
+                else f"archive search at {self.isic.api_url}"
+            )
+        return "generated images"
 
 
 class SplitParams(_Section):
@@ -93,6 +120,8 @@ class AugmentParams(_Section):
 
 
 PRETRAINABLE_ARCHS = ("mobilenet", "efficientnet_b0", "mobilenet_v3_small")
+
+
 WEIGHTS_FILE_SUFFIX = ".h5"  # Keras's weights files: name.weights.h5 (Keras 3) or legacy name.h5
 
 
@@ -196,24 +225,16 @@ class Params(_Section):
         return self
 
     @model_validator(mode="after")
-    def _check_collection(self) -> Params:
-        download = self.download
-        if download.source == "local" and download.collection != COLLECTION_FROM_ID and not download.metadata:
-            raise ValueError(
-                f"download.collection={download.collection}: a metadata column needs download.metadata"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _check_queries(self) -> Params:
-        if self.download.source != "isic" or self.download.mode != "query":
+        isic = self.download.isic
+        if self.download.source != "isic" or isic.mode != "query":
             return self
-        unknown = sorted(set(self.download.queries) - set(self.base.classes))
+        unknown = sorted(set(isic.queries) - set(self.base.classes))
         if unknown:
-            raise ValueError(f"download.queries has {unknown[0]!r}, which is not in base.classes")
-        missing = sorted(set(self.base.classes) - set(self.download.queries))
+            raise ValueError(f"download.isic.queries has {unknown[0]!r}, which is not in base.classes")
+        missing = sorted(set(self.base.classes) - set(isic.queries))
         if missing:
-            raise ValueError(f"download.queries has no query for class {missing[0]!r}")
+            raise ValueError(f"download.isic.queries has no query for class {missing[0]!r}")
         return self
 
 

@@ -16,6 +16,8 @@ import pandas as pd
 from scipy.stats.contingency import association
 
 UNKNOWN = "unknown"
+
+
 # ISIC Archive id ranges of the collections that the 9-class dataset draws on: the oldest collection
 # (the ISIC 2016-2017 challenges' images), later ones, and HAM10000 (ISIC_0024306 to ISIC_0034320).
 ISIC_ID_RANGES = (
@@ -24,12 +26,19 @@ ISIC_ID_RANGES = (
     (16_000, 24_305, "ISIC 16000-24305"),
     (24_306, 34_320, "HAM10000"),
 )
+
+
 _ISIC_ID = re.compile(r"^ISIC_(\d{7})")
+
 
 # A class with at least this share of its images from one collection, in a dataset of several, is
 # called single-source; a Cramér's V from this on is a strong association (Cohen's convention).
 SINGLE_SOURCE_SHARE = 0.95
+
+
 STRONG_ASSOCIATION = 0.5
+
+
 # Train and test collection mixes further apart than this (total variation distance) are a shift.
 MIX_SHIFT = 0.2
 

@@ -1,0 +1,171 @@
+"""Keras callbacks of a training run: the validation metric, resumable checkpoints, per-epoch logging."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+from dvclive import Live
+
+from skin_lesion.errors import PipelineError
+from skin_lesion.files import write_json_atomic
+from skin_lesion.metrics import capped_balanced_accuracy
+
+log = logging.getLogger("skin_lesion.callbacks")
+
+
+MONITOR = "val_balanced_accuracy"
+CHECKPOINT_KEY_LENGTH = 24  # hex digits of the settings hash that names a checkpoint folder
+
+
+class ValidationMetrics(keras.callbacks.Callback):
+    """One pass over the validation set per epoch: val_loss, val_accuracy, val_balanced_accuracy.
+
+    val_balanced_accuracy (early stopping's monitor) is `capped_balanced_accuracy` with class_cap.
+    """
+
+    def __init__(self, x_val: np.ndarray, y_val: np.ndarray, batch_size: int, class_cap: int) -> None:
+        super().__init__()
+        self.x_val, self.y_val, self.batch_size, self.class_cap = x_val, y_val, batch_size, class_cap
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        """Add the validation metrics to this epoch's logs."""
+        probabilities = np.asarray(self.model.predict(self.x_val, batch_size=self.batch_size, verbose=0))
+        predicted = probabilities.argmax(axis=1)
+        picked = probabilities[np.arange(len(self.y_val)), self.y_val]
+        if logs is not None:
+            logs["val_loss"] = float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
+            logs["val_accuracy"] = float((predicted == self.y_val).mean())
+            logs[MONITOR] = capped_balanced_accuracy(self.y_val, predicted, self.class_cap)
+
+
+class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
+    """Keras's BackupAndRestore (weights, optimizer, epoch) of one training phase, plus what it leaves out.
+
+    It also keeps each epoch's logs, the early-stopping state and the random generators' states
+    (augmentation, dropout), so that a resumed run trains, stops, keeps its best epoch and reports its
+    history exactly as an uninterrupted one would, and replays the earlier epochs to `replay_to` (the
+    DVCLive and MLflow loggers) before carrying on.
+    """
+
+    FORMAT = 3  # bumped when the files below change, so that old checkpoints are not read
+    STATE_FILE = "resume_state.json"
+    BEST_WEIGHTS_FILE = "best_weights.npz"
+    RANDOM_STATE_FILE = "random_state.npz"
+
+    def __init__(
+        self,
+        backup_dir: Path,
+        first_epoch: int,
+        early_stopping: keras.callbacks.EarlyStopping | None,
+        replay_to: Sequence[keras.callbacks.Callback],
+    ) -> None:
+        # Kept when the fit ends: a later phase's resume restores this phase's end from it.
+        super().__init__(backup_dir=str(backup_dir), save_freq="epoch", delete_checkpoint=False)
+        self.backup_path = Path(backup_dir)
+        self.first_epoch = first_epoch
+        self.early_stopping = early_stopping
+        self.replay_to = list(replay_to)
+        self.history: dict[str, list[float]] = {}
+
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        """Restore the last checkpoint, if any, and replay its epochs to the loggers."""
+        super().on_train_begin(logs)
+        start_epoch = self.model._initial_epoch or 0
+        state_path = self.backup_path / self.STATE_FILE
+        if not start_epoch or not state_path.is_file():
+            return
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if state["epoch"] != start_epoch:
+            raise PipelineError(f"{self.backup_path}: checkpoint is inconsistent; delete it to retrain")
+        self.history = state["history"]
+        for variable, value in zip(self._random_states(), self._load(self.RANDOM_STATE_FILE), strict=True):
+            variable.assign(value)
+        if self.early_stopping is not None:
+            for name in ("wait", "best", "best_epoch"):
+                setattr(self.early_stopping, name, state["early_stopping"][name])
+            self.early_stopping.best_weights = self._load(self.BEST_WEIGHTS_FILE)
+        log.info("resuming from the checkpoint of epoch %d in %s", start_epoch, self.backup_path)
+        for epoch in range(self.first_epoch, start_epoch):
+            epoch_logs = {name: values[epoch - self.first_epoch] for name, values in self.history.items()}
+            for callback in self.replay_to:
+                callback.on_epoch_end(epoch, epoch_logs)
+
+    def on_train_end(self, logs: dict[str, float] | None = None) -> None:
+        """Forget the restored start epoch, which Keras keeps on the model for every later fit."""
+        super().on_train_end(logs)
+        # Else the next phase's fit would start at this phase's resumed epoch instead of its own first.
+        self.model._initial_epoch = None
+
+    def saved_epoch(self) -> int:
+        """How many epochs the checkpoint holds: where a resumed fit starts (0 without one)."""
+        # Keras's own record, which its on_train_begin restores the epoch from.
+        path = Path(self._training_metadata_path)
+        return json.loads(path.read_text(encoding="utf-8"))["epoch"] if path.is_file() else 0
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        """Record the epoch's logs, then checkpoint."""
+        for name, value in (logs or {}).items():
+            self.history.setdefault(name, []).append(float(value))
+        super().on_epoch_end(epoch, logs)
+
+    def _save_model(self) -> None:
+        # Keras writes the weights, then the epoch; our state goes first, stamped with the epoch it
+        # belongs to, so that a kill between the writes is detected instead of mixing epochs.
+        self.backup_path.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] = {"epoch": self._current_epoch, "history": self.history}
+        self._save(self.RANDOM_STATE_FILE, [keras.ops.convert_to_numpy(v) for v in self._random_states()])
+        if self.early_stopping is not None:
+            stopping = self.early_stopping
+            best = None if stopping.best is None else float(stopping.best)
+            state["early_stopping"] = {"wait": stopping.wait, "best": best, "best_epoch": stopping.best_epoch}
+            self._save(self.BEST_WEIGHTS_FILE, stopping.best_weights or [])
+        write_json_atomic(self.backup_path / self.STATE_FILE, state)
+        super()._save_model()
+
+    def _random_states(self) -> list[keras.Variable]:
+        # The seed generators' states are variables but not weights, so save_weights leaves them out.
+        weights = {id(weight) for weight in self.model.weights}
+        return [variable for variable in self.model.variables if id(variable) not in weights]
+
+    def _save(self, name: str, arrays: Sequence[np.ndarray]) -> None:
+        tmp = self.backup_path / f".{name}.tmp.npz"
+        np.savez(tmp, *arrays)
+        tmp.replace(self.backup_path / name)
+
+    def _load(self, name: str) -> list[np.ndarray]:
+        with np.load(self.backup_path / name) as stored:
+            return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Log each epoch's metrics to DVCLive and to the active MLflow run.
+
+    DVCLive ships a Keras callback, but it imports TensorFlow, which the JAX backend on a GPU machine
+    does not have; this one uses only Keras 3.
+    """
+
+    def __init__(self, live: Live) -> None:
+        super().__init__()
+        self.live = live
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        """Record the epoch's loss and accuracy, train and validation."""
+        metrics = {name: float(value) for name, value in (logs or {}).items()}
+        for name, value in metrics.items():
+            self.live.log_metric(name, value)
+        self.live.next_step()
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+def checkpoint_folder(cache: Path, settings: str) -> Path:
+    """One checkpoint folder per training settings (inputs, params) and checkpoint format."""
+    key = f"{settings}format {ResumableCheckpoint.FORMAT}"
+    return cache / "checkpoints" / hashlib.sha256(key.encode()).hexdigest()[:CHECKPOINT_KEY_LENGTH]

@@ -1,0 +1,120 @@
+"""Files that appear whole or not at all: atomic writes of folders, text, JSON and CSV; checked CSV reads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from skin_lesion.errors import PipelineError
+
+
+def repo_root() -> Path:
+    """The repository that owns this run; DVC points DVC_ROOT at it even for queued experiments."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def in_main_repo(path: Path) -> Path:
+    """`path` in the real repository: caches live there, not in a queued experiment's throw-away copy."""
+    return repo_root() / path
+
+
+@contextmanager
+def atomic_output_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temp folder beside `final` and move it into place only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{final.name}.tmp-"
+    # A killed earlier run may have left its temp folder behind; it was never in place, so drop it.
+    for stale in final.parent.glob(prefix + "*"):
+        shutil.rmtree(stale)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_path(tmp, final)
+
+
+@contextmanager
+def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `path`, moved onto it only if the block succeeds.
+
+    `suffix` ends the temp name, for writers that insist on an extension (Keras's `.keras`, numpy's `.npy`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temp name so that readers never see half of it."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` as indented JSON, atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
+    """Write a DataFrame as CSV without its index, atomically."""
+    write_text_atomic(path, frame.to_csv(index=False, lineterminator="\n"))
+
+
+def read_table(path: Path, columns: Sequence[str], what: str, hint: str = "") -> pd.DataFrame:
+    """A CSV as text (empty cells stay ""), checked to have `columns`; errors name `what` and the file.
+
+    `what` says what the file is: a parameter (`download.local.metadata: <path>`) or a kind of file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what}: {path} not found{hint}")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise PipelineError(f"{what}: {path} has no column(s) {', '.join(missing)}")
+    return frame
+
+
+def read_manifest(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """A manifest another stage wrote, checked to have the given columns."""
+    return read_table(path, columns, what="manifest", hint=" (run the stage that writes it first)")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace_path(new: Path, final: Path) -> None:
+    # Move the old output aside first so that `final` is either the old or the new one, never a mix.
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, trash / final.name)
+        os.replace(new, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(new, final)

@@ -1,0 +1,70 @@
+"""Image decoding: any file Pillow reads, as 8-bit RGB at the model's size, with a pixel limit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from skin_lesion.errors import PipelineError
+from skin_lesion.files import read_manifest
+from skin_lesion.manifests import SPLIT_COLUMNS, class_indices
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def decode_rgb(path: Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Fully decode an image file (path or open binary file) to RGB, honouring EXIF rotation.
+
+    Refuses images over max_pixels before decoding them (decompression bombs).
+    """
+    try:
+        with Image.open(path) as opened:
+            if max_pixels is not None and opened.width * opened.height > max_pixels:
+                raise PipelineError(
+                    f"{path}: {opened.width}x{opened.height} pixels is over split.max_pixels={max_pixels}"
+                )
+            return _to_8bit(ImageOps.exif_transpose(opened)).convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise PipelineError(f"{path}: cannot decode image ({err})") from err
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    # Pillow's convert("RGB") clips 16-bit and 32-bit grey values to 255 instead of scaling them.
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    full_scale = 255.0 if pixels.max() <= 255 else 65535.0
+    return Image.fromarray(np.uint8(np.clip(pixels / full_scale * 255.0, 0, 255).round()), "L")
+
+
+def load_rgb(path: Path | BinaryIO, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file to a (size, size, 3) uint8 RGB array, honouring EXIF rotation."""
+    image = decode_rgb(path, max_pixels=max_pixels)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_images(paths: Sequence[str | Path], size: int) -> np.ndarray:
+    """Decode many images into one (n, size, size, 3) uint8 array, on every core."""
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    # Pillow releases the GIL while it decodes and resizes, so threads use all the cores.
+    with ThreadPoolExecutor() as pool:
+        for index, image in enumerate(pool.map(lambda path: load_rgb(Path(path), size), paths)):
+            images[index] = image
+    return images
+
+
+def read_split(path: Path, classes: Sequence[str], size: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """A split manifest's rows, its images decoded at `size`, and their class indices."""
+    rows = read_manifest(path, SPLIT_COLUMNS)
+    if rows.empty:
+        raise PipelineError(f"{path}: the split is empty")
+    labels = class_indices(rows["label"], classes, source=str(path))
+    return rows, load_images(rows["path"].tolist(), size), labels

@@ -1,0 +1,245 @@
+"""The ISIC challenges' metrics, the melanoma operating point, bootstrap intervals and calibration."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    auc,
+    confusion_matrix,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+from skin_lesion.errors import PipelineError
+from skin_lesion.params import EvaluateParams
+
+
+def capped_balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, class_cap: int) -> float:
+    """Mean per-class recall, each class weighed by its number of images capped at class_cap.
+
+    class_cap 1 is balanced accuracy. A larger cap keeps a class with one or two validation images
+    (seborrheic keratosis, after cleaning the public dataset) from swinging early stopping's choice
+    by a whole class's share on one image, while classes with enough images still count equally.
+    """
+    labels, counts = np.unique(y_true, return_counts=True)
+    recalls = recall_score(y_true, y_pred, labels=labels, average=None)
+    return float(np.average(recalls, weights=np.minimum(counts, class_cap)))
+
+
+PARTIAL_AUC_SENSITIVITY = 0.8  # the ISIC challenges' "AUC above 80 % sensitivity"
+
+
+def score_test_split(
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    classes: Sequence[str],
+    melanoma: int,
+    settings: EvaluateParams,
+    seed: int,
+) -> dict[str, Any]:
+    """The test metrics, the melanoma operating point (threshold chosen on val), intervals and ECE.
+
+    `val` and `test` are (labels, probabilities) pairs.
+    """
+    (y_val, p_val), (y_test, p_test) = val, test
+    threshold = choose_threshold(y_val == melanoma, p_val[:, melanoma], settings.target_sensitivity)
+    metrics = compute_metrics(y_test, p_test, classes, melanoma)
+    metrics["melanoma"]["operating_point"] = operating_point(
+        y_test == melanoma, p_test[:, melanoma], threshold
+    )
+    metrics["confidence_intervals"] = bootstrap_intervals(
+        y_test, p_test, melanoma, threshold, settings.bootstrap, seed
+    )
+    metrics["calibration_error"] = expected_calibration_error(y_test, p_test, settings.calibration_bins)
+    return metrics
+
+
+def compute_metrics(
+    y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], melanoma: int
+) -> dict[str, Any]:
+    """The ISIC metrics from argmax decisions and probabilities; undefined values are None."""
+    labels = list(range(len(classes)))
+    y_pred = probabilities.argmax(axis=1)
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    per_class = {}
+    for k, name in enumerate(classes):
+        is_k = y_true == k
+        per_class[name] = {
+            "precision": _finite(precision_score(is_k, y_pred == k, zero_division=np.nan)),
+            "sensitivity": _ratio(matrix[k, k], matrix[k].sum()),
+            "specificity": _ratio(
+                matrix.sum() - matrix[k].sum() - matrix[:, k].sum() + matrix[k, k], (~is_k).sum()
+            ),
+            "auc": auc_or_none(is_k, probabilities[:, k]),
+            "support": int(is_k.sum()),
+        }
+    aucs = [scores["auc"] for scores in per_class.values() if scores["auc"] is not None]
+    melanoma_scores = per_class[classes[melanoma]]
+    return {
+        "test_images": len(y_true),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred),
+        "macro_auc": float(np.mean(aucs)) if aucs else None,
+        "melanoma": {
+            "sensitivity": melanoma_scores["sensitivity"],
+            "specificity": melanoma_scores["specificity"],
+            "auc": melanoma_scores["auc"],
+            "auc_sens_80": auc_above_sensitivity(
+                y_true == melanoma, probabilities[:, melanoma], PARTIAL_AUC_SENSITIVITY
+            ),
+        },
+        "per_class": per_class,
+    }
+
+
+def auc_above_sensitivity(is_positive: np.ndarray, scores: np.ndarray, sensitivity: float) -> float | None:
+    """Area under the ROC curve where the true-positive rate is at least `sensitivity` (ISIC 2019).
+
+    scikit-learn's partial AUC (roc_auc_score's max_fpr) bounds the false-positive rate and applies
+    the McClish correction; the ISIC metric bounds the true-positive rate and is not normalised.
+    """
+    if is_positive.all() or not is_positive.any():
+        return None
+    fpr, tpr, _ = roc_curve(is_positive, scores, drop_intermediate=False)
+    start = int(np.searchsorted(tpr, sensitivity, side="left"))
+    fpr_at = float(np.interp(sensitivity, tpr[start - 1 : start + 1], fpr[start - 1 : start + 1]))
+    return float(auc(np.insert(fpr[start:], 0, fpr_at), np.insert(tpr[start:], 0, sensitivity)))
+
+
+def choose_threshold(is_positive: np.ndarray, scores: np.ndarray, target_sensitivity: float) -> float:
+    """The highest threshold on the scores whose sensitivity reaches the target."""
+    if not is_positive.any():
+        raise PipelineError("evaluate.target_sensitivity: the validation split has no melanoma to tune on")
+    positives = np.sort(scores[is_positive])[::-1]
+    needed = math.ceil(target_sensitivity * len(positives) - 1e-9)
+    return float(positives[max(needed, 1) - 1])
+
+
+def operating_point(is_positive: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Sensitivity, specificity and alerts per 100 images at a threshold."""
+    alert = scores >= threshold
+    return {
+        "threshold": threshold,
+        "sensitivity": _ratio((alert & is_positive).sum(), is_positive.sum()),
+        "specificity": _ratio((~alert & ~is_positive).sum(), (~is_positive).sum()),
+        "alerts_per_100": float(100 * alert.mean()),
+    }
+
+
+def bootstrap_intervals(
+    y_true: np.ndarray, probabilities: np.ndarray, melanoma: int, threshold: float, resamples: int, seed: int
+) -> dict[str, list[float] | None]:
+    """95 % percentile intervals over test-set resamples (seeded) for the headline numbers."""
+    is_melanoma = y_true == melanoma
+    statistics: dict[str, Callable[[np.ndarray], float | None]] = {
+        "balanced_accuracy": lambda i: balanced_accuracy(y_true[i], probabilities[i].argmax(axis=1)),
+        "melanoma_sensitivity": lambda i: operating_point(
+            is_melanoma[i], probabilities[i, melanoma], threshold
+        )["sensitivity"],
+        "melanoma_auc": lambda i: auc_or_none(is_melanoma[i], probabilities[i, melanoma]),
+    }
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(y_true), size=(resamples, len(y_true)))
+    intervals: dict[str, list[float] | None] = {}
+    for name, statistic in statistics.items():
+        values = [value for value in map(statistic, samples) if value is not None]
+        intervals[name] = [float(v) for v in np.percentile(values, [2.5, 97.5])] if values else None
+    return intervals
+
+
+def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int) -> float:
+    """The gap between confidence and accuracy, averaged over equal-width confidence bins."""
+    table = reliability_table(y_true, probabilities, bins)
+    return float((table["count"] * (table["confidence"] - table["accuracy"]).abs()).sum() / len(y_true))
+
+
+def reliability_table(y_true: np.ndarray, probabilities: np.ndarray, bins: int) -> pd.DataFrame:
+    """Per confidence bin: mean confidence, accuracy and count (the reliability plot's data)."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y_true
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    rows = [
+        (confidence[which == b].mean(), correct[which == b].mean(), int((which == b).sum()))
+        for b in range(bins)
+        if (which == b).any()
+    ]
+    return pd.DataFrame(rows, columns=["confidence", "accuracy", "count"])
+
+
+def metrics_by_collection(
+    collections: pd.Series, y_true: np.ndarray, probabilities: np.ndarray, melanoma: int, threshold: float
+) -> dict[str, dict[str, Any]]:
+    """Balanced accuracy, melanoma AUC and the alert per collection, when the test split has several."""
+    names = sorted(set(collections))
+    if len(names) < 2:
+        return {}
+    results = {}
+    for name in names:
+        picked = (collections == name).to_numpy()
+        y, p = y_true[picked], probabilities[picked]
+        point = operating_point(y == melanoma, p[:, melanoma], threshold)
+        results[name] = {
+            "images": int(picked.sum()),
+            "melanomas": int((y == melanoma).sum()),
+            "balanced_accuracy": balanced_accuracy(y, p.argmax(axis=1)),
+            "melanoma_auc": auc_or_none(y == melanoma, p[:, melanoma]),
+            "alert_sensitivity": point["sensitivity"],
+            "alert_specificity": point["specificity"],
+        }
+    return results
+
+
+def experiment_row(metrics: dict[str, Any], version: int) -> dict[str, float | int | None]:
+    """The few numbers `dvc exp show` puts side by side, under short names; the rest is in the details."""
+    melanoma, point = metrics["melanoma"], metrics["melanoma"]["operating_point"]
+    return {
+        "bal_acc": metrics["balanced_accuracy"],
+        "acc": metrics["accuracy"],
+        "auc": metrics["macro_auc"],
+        "mel_auc": melanoma["auc"],
+        "mel_sens": point["sensitivity"],
+        "mel_spec": point["specificity"],
+        "mel_thr": point["threshold"],
+        "ece": metrics["calibration_error"],
+        "version": version,
+    }
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers promotion can compare, keyed as evaluate.promote_metric names them."""
+    values = {
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "accuracy": metrics["accuracy"],
+        "macro_auc": metrics["macro_auc"],
+        "melanoma_auc": metrics["melanoma"]["auc"],
+        "melanoma_auc_sens_80": metrics["melanoma"]["auc_sens_80"],
+    }
+    return {key: float(value) for key, value in values.items() if value is not None}
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The ISIC definition: the mean sensitivity over the classes present in y_true."""
+    return capped_balanced_accuracy(y_true, y_pred, class_cap=1)
+
+
+def auc_or_none(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """One-vs-rest ROC AUC; None when the split has no image (or only images) of the class."""
+    if is_positive.all() or not is_positive.any():
+        return None
+    return float(roc_auc_score(is_positive, scores))
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return float(numerator / denominator) if denominator else None
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)

@@ -1,0 +1,146 @@
+"""The model card: what the model is, how it was tested, and where it is known to fail."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skin_lesion.params import BaseParams, DownloadParams, TrainParams
+from skin_lesion.serving import trained_on_warning
+
+
+def describe_source(download: DownloadParams) -> str:
+    """The data source in one line, loudly marked when the images are generated."""
+    line = f"`{download.source}` ({download.input})"
+    if download.source == "synthetic":
+        line += " - SYNTHETIC generated shapes, not skin lesions"
+    return line
+
+
+def describe_model(train: TrainParams, image_size: int) -> str:
+    """The architecture, its starting weights and training budget in one line."""
+    start = "from scratch" if train.weights == "none" else f"fine-tuned from `{train.weights}` weights"
+    return (
+        f"`{train.arch}` {start}, at {image_size}x{image_size} pixels, "
+        f"at most {train.epochs} epochs, {train.precision}."
+    )
+
+
+def render_model_card(
+    base: BaseParams,
+    download: DownloadParams,
+    model: str,
+    target_sensitivity: float,
+    metrics: dict[str, Any],
+    shift: dict[str, Any],
+    data: dict[str, Any],
+) -> str:
+    """The model card: data and provenance, split, metrics with intervals, threshold, use, limits."""
+    intervals, warning = metrics["confidence_intervals"], trained_on_warning(download.source)
+    point = metrics["melanoma"]["operating_point"]
+
+    def with_interval(value: float | None, key: str) -> str:
+        bounds = intervals.get(key)
+        shown = "n/a" if value is None else f"{value:.3f}"
+        return shown if not bounds else f"{shown} (95 % CI {bounds[0]:.3f} to {bounds[1]:.3f})"
+
+    counts = data["class_counts"]
+    lines = [
+        f"# Model card: {base.model_name}",
+        "",
+        *([f"**{warning}.** It was trained and tested on generated images.", ""] if warning else []),
+        "**Not a diagnostic device.** A research tool that gives a second opinion on dermoscopic images;",
+        "a clinician decides. It has not been validated prospectively or on other populations.",
+        "",
+        "## Data",
+        "",
+        f"- Source: {describe_source(download)}",
+        f"- Images in: {data['images_in']}; rejected: {data['images_rejected']}; removed as duplicates, "
+        f"label conflicts or test leakage: {data['images_removed'] - data['images_rejected']} "
+        f"({data['label_conflicts']} label conflicts, {data['conflicts_settled_by_diagnosis']} "
+        f"settled by diagnosis, {data['leakage_removed']} leakage removals).",
+        f"- Split: train {sum(counts['train'].values())}, val {sum(counts['val'].values())}, "
+        f"test {sum(counts['test'].values())} images; photos of one lesion never straddle splits.",
+        "",
+        "| class | train | val | test |",
+        "| --- | --- | --- | --- |",
+        *[
+            f"| {label} | {counts['train'][label]} | {counts['val'][label]} | {counts['test'][label]} |"
+            for label in base.classes
+        ],
+        "",
+        "## Model",
+        "",
+        model,
+        "",
+        "## Test metrics",
+        "",
+        f"- Balanced multiclass accuracy: {with_interval(metrics['balanced_accuracy'], 'balanced_accuracy')}",
+        f"- Accuracy: {metrics['accuracy']:.3f}; macro one-vs-rest AUC: {_shown(metrics['macro_auc'])}",
+        f"- Melanoma AUC: {with_interval(metrics['melanoma']['auc'], 'melanoma_auc')}; "
+        f"AUC above 80 % sensitivity: {_shown(metrics['melanoma']['auc_sens_80'])}",
+        f"- Expected calibration error: {metrics['calibration_error']:.3f}",
+        "",
+        "## Melanoma alert",
+        "",
+        f"An alert is raised when P(melanoma) >= {point['threshold']:.4f}, chosen on the validation split",
+        f"to reach {target_sensitivity:.0%} sensitivity there. On the test split:",
+        f"sensitivity {with_interval(point['sensitivity'], 'melanoma_sensitivity')}, "
+        f"specificity {_shown(point['specificity'])}, {point['alerts_per_100']:.1f} alerts per 100 images.",
+        "",
+        *_collection_lines(shift["by_collection"]),
+        *_stress_lines(shift["stress"]),
+        "## Limitations",
+        "",
+        "- The test set is small; the intervals above show how uncertain these numbers are.",
+        "- Classes with few images (see the table) are learned and measured poorly.",
+        "- Dermoscopic images of mostly light skin from a few clinics; performance elsewhere is unknown.",
+        *[f"- Provenance: {warning}." for warning in data["provenance"]["warnings"]],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _collection_lines(by_collection: dict[str, dict[str, Any]]) -> list[str]:
+    if not by_collection:
+        return []
+    lines = [
+        "## By collection",
+        "",
+        "Where the model is strong, and where it may only recognise a collection:",
+        "",
+        "| collection | images | melanomas | balanced accuracy | melanoma AUC | alert sens. | alert spec. |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in by_collection.items():
+        figures = [
+            row[key]
+            for key in ("balanced_accuracy", "melanoma_auc", "alert_sensitivity", "alert_specificity")
+        ]
+        lines.append(
+            f"| {name} | {row['images']} | {row['melanomas']} | " + " | ".join(map(_shown, figures)) + " |"
+        )
+    return [*lines, ""]
+
+
+def _stress_lines(stress: dict[str, dict[str, dict[str, float | None]]]) -> list[str]:
+    if not stress:
+        return []
+    lines = [
+        "## Acquisition stress test",
+        "",
+        "The test split as other devices might show it (drop from the clean images in brackets):",
+        "",
+        "| change | strength | balanced accuracy | melanoma AUC |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, rows in stress.items():
+        for strength, row in rows.items():
+            lines.append(
+                f"| {name} | {strength} | {_shown(row['balanced_accuracy'])} "
+                f"({_shown(row['balanced_accuracy_drop'])}) | {_shown(row['melanoma_auc'])} "
+                f"({_shown(row['melanoma_auc_drop'])}) |"
+            )
+    return [*lines, ""]
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

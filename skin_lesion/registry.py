@@ -1,0 +1,194 @@
+"""The MLflow Model Registry: versions, the `challenger` and `champion` aliases, and promotion."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from skin_lesion.errors import PipelineError
+from skin_lesion.files import sha256_file
+from skin_lesion.metrics import headline
+from skin_lesion.params import EvaluateParams
+from skin_lesion.serving import (
+    IMAGE_COLUMN,
+    MLFLOW_MODEL_NAME,
+    LesionClassifier,
+    pip_requirements,
+    prediction_frame,
+)
+from skin_lesion.tracking import tracking_uri
+
+log = logging.getLogger("skin_lesion.registry")
+
+
+CHAMPION_ALIAS = "champion"  # the registry alias of the version people rely on
+NEW_VERSION_ALIAS = "challenger"  # every newly registered version
+TEST_SPLIT_TAG = "test_split"  # fingerprint of the test split a version was scored on
+FINGERPRINT_LENGTH = 16  # hex digits of the test split manifest's sha256 kept in that tag
+
+
+def split_fingerprint(manifest: Path) -> str:
+    """The fingerprint of a split manifest that versions scored on the same split share."""
+    return sha256_file(manifest)[:FINGERPRINT_LENGTH]
+
+
+def log_servable_model(
+    keras_path: Path,
+    classes: Sequence[str],
+    image_size: int,
+    melanoma_class: str,
+    threshold: float,
+    backend: str,
+    data_source: str,
+) -> str:
+    """Log the pyfunc that wraps the Keras model with its preprocessing and threshold; return its URI.
+
+    `data_source` (download.source) travels with it: a model trained on synthetic shapes says so in
+    every answer (`model_warning`) and in its metadata.
+    """
+    config = {
+        "classes": list(classes),
+        "image_size": image_size,
+        "melanoma_class": melanoma_class,
+        "melanoma_threshold": threshold,
+        "data_source": data_source,
+    }
+    example = pd.DataFrame({IMAGE_COLUMN: ["<base64-encoded image file>"]})
+    output = prediction_frame(
+        np.full((1, len(classes)), 1 / len(classes)), classes, melanoma_class, threshold, data_source
+    )
+    info = mlflow.pyfunc.log_model(
+        name=MLFLOW_MODEL_NAME,
+        python_model=LesionClassifier(),
+        artifacts={"keras_model": str(keras_path)},
+        model_config=config,
+        metadata={"data_source": data_source},
+        code_paths=[str(Path(__file__).parent)],
+        signature=infer_signature(example, output),
+        pip_requirements=pip_requirements(backend),
+    )
+    return info.model_uri
+
+
+def version_tags(
+    train_run_id: str, evaluate_run_id: str, test_split: str, metrics: dict[str, Any], data_source: str
+) -> dict[str, str]:
+    """What a registered version carries: its runs, data source, test split, threshold, headline metrics."""
+    threshold = metrics["melanoma"]["operating_point"]["threshold"]
+    return {
+        "data_source": data_source,
+        "train_run_id": train_run_id,
+        "evaluate_run_id": evaluate_run_id,
+        TEST_SPLIT_TAG: test_split,
+        "melanoma_threshold": f"{threshold:.6f}",
+        **{f"test_{key}": str(value) for key, value in headline(metrics).items()},
+    }
+
+
+def register_and_promote(
+    model_uri: str,
+    name: str,
+    card: str,
+    tags: dict[str, str],
+    metrics: dict[str, Any],
+    settings: EvaluateParams,
+) -> tuple[str, str]:
+    """Register a new version (@challenger), decide `champion` by evaluate.promote; version and why."""
+    version = register_version(model_uri, name=name, tags=tags, description=card)
+    client = MlflowClient()
+    promoted, reason = decide_promotion(client, name, version, metrics, tags[TEST_SPLIT_TAG], settings)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    client.set_model_version_tag(name, version, "promotion", reason)
+    mlflow.set_tags({"registered_version": version, "promotion": reason})
+    return version, reason
+
+
+def register_version(model_uri: str, name: str, tags: dict[str, str], description: str = "") -> str:
+    """Register `model_uri` as a new version of `name`, tagged and described; alias it `challenger`."""
+    version = str(mlflow.register_model(model_uri, name, tags=tags).version)
+    client = MlflowClient()
+    if description:
+        client.update_model_version(name, version, description=description)
+    client.set_registered_model_alias(name, NEW_VERSION_ALIAS, version)
+    return version
+
+
+def decide_promotion(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    metrics: dict[str, Any],
+    test_split: str,
+    settings: EvaluateParams,
+) -> tuple[bool, str]:
+    """Whether `version` becomes champion under evaluate.promote, and why (recorded as a tag)."""
+    if settings.promote == "manual":
+        return False, "evaluate.promote=manual: a person sets the champion alias"
+    metric = settings.promote_metric
+    ours = headline(metrics)[metric]
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:
+        return True, f"no champion yet; version {version} has {metric} {ours:.4f}"
+    if champion.tags.get(TEST_SPLIT_TAG) != test_split:
+        return False, f"champion version {champion.version} was tested on another test split; not compared"
+    theirs = float(champion.tags[f"test_{metric}"])
+    beats = ours > theirs + settings.promote_margin
+    verdict = "beats" if beats else "does not beat"
+    comparison = f"champion version {champion.version} ({theirs:.4f}) by more than {settings.promote_margin}"
+    return beats, f"{metric} {ours:.4f} {verdict} {comparison}"
+
+
+def resolve_default_model(name: str) -> str:
+    """`models:/name@champion`, or the newest version with a warning when no champion is set."""
+    client = MlflowClient()
+    try:
+        client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise PipelineError(
+                f"no registered model {name!r} in {tracking_uri()}: run the pipeline first"
+            ) from None
+        newest = max(int(version.version) for version in versions)
+        log.warning(
+            "no %r alias on %s yet; using its newest version %d (set the alias in the MLflow UI)",
+            CHAMPION_ALIAS,
+            name,
+            newest,
+        )
+        return f"models:/{name}/{newest}"
+    return f"models:/{name}@{CHAMPION_ALIAS}"
+
+
+def promote(client: MlflowClient, name: str, version: str, alias: str, force: bool = False) -> str:
+    """Point `alias` at `version` of `name`; refuse when the alias's version was tested on another split."""
+    try:
+        candidate = client.get_model_version(name, version)
+    except MlflowException:
+        raise PipelineError(f"{name} has no version {version} in {tracking_uri()}") from None
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    if current is not None and not force:
+        ours, theirs = candidate.tags.get(TEST_SPLIT_TAG), current.tags.get(TEST_SPLIT_TAG)
+        if ours != theirs:
+            raise PipelineError(
+                f"version {version} was tested on another test split than @{alias} (version"
+                f" {current.version}), so their metrics do not compare; --force promotes it anyway"
+            )
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "promotion", f"set @{alias} by hand")
+    before = f" (was version {current.version})" if current is not None else ""
+    return f"{name} version {version} is now @{alias}{before}"

@@ -1,0 +1,26 @@
+"""How a stage runs from the command line: logging set up, the tracking server checked, errors as one line."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from skin_lesion.errors import PipelineError
+from skin_lesion.tracking import check_tracking_server
+
+log = logging.getLogger("skin_lesion")
+
+
+def run_cli(main: Callable[[], None]) -> int:
+    """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1.
+
+    A tracking server that does not answer stops the stage before it does any work.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        check_tracking_server()
+        main()
+    except PipelineError as err:
+        log.error("%s", err)
+        return 1
+    return 0

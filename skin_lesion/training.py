@@ -1,0 +1,266 @@
+"""Training: the phases of a fit (warm-up with a frozen backbone, then fine-tuning), optimizer and devices."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from sklearn.utils.class_weight import compute_sample_weight
+
+from skin_lesion.architectures import build_model, has_backbone, set_backbone_trainable, with_augmentation
+from skin_lesion.batching import ShuffledBatches
+from skin_lesion.callbacks import MONITOR, ResumableCheckpoint, ValidationMetrics
+from skin_lesion.errors import PipelineError
+from skin_lesion.params import BaseParams, TrainParams
+
+
+def check_weights_file(weights: str, folder: Path) -> None:
+    """A weights file must exist inside `folder`, which DVC tracks, so that new weights retrain."""
+    if weights in ("none", "imagenet"):
+        return
+    path = Path(weights)
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise PipelineError(f"train.weights: {weights}: put the file under {folder}/, which DVC tracks")
+    if not path.is_file():
+        raise PipelineError(f"train.weights: {weights}: file not found")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Epochs [first_epoch, end_epoch) trained at one learning rate with one set of trainable layers."""
+
+    name: str
+    first_epoch: int
+    end_epoch: int
+    learning_rate: float
+    unfreeze: str | int  # the backbone's layers trained, from the top: a count (0: frozen) or "all"
+
+
+def training_phases(train: TrainParams) -> list[Phase]:
+    """A pretrained backbone: warm-up with it frozen, then fine-tuning at a lower rate; else one phase."""
+    if not train.pretrained:
+        return [Phase("train", 0, train.epochs, train.learning_rate, "all")]
+    phases = []
+    if train.freeze_epochs:
+        phases.append(Phase("warm_up", 0, train.freeze_epochs, train.learning_rate, 0))
+    if train.epochs > train.freeze_epochs:
+        phases.append(
+            Phase(
+                "fine_tune", train.freeze_epochs, train.epochs, train.fine_tune_learning_rate, train.unfreeze
+            )
+        )
+    return phases
+
+
+def train_model(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    base: BaseParams,
+    train: TrainParams,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    checkpoint_dir: Path | None = None,
+) -> tuple[keras.Model, dict[str, Any]]:
+    """Fit the configured model phase by phase, keeping the last phase's best val balanced accuracy.
+
+    It trains behind its augmentation layers; the model returned (to save and serve) has none.
+
+    With `checkpoint_dir`, every epoch is checkpointed there (a folder per phase) and a killed run
+    resumes from the last one, in the phase it was in.
+    """
+    configure_determinism(base.seed, train.deterministic)
+    callbacks = callbacks or []
+    sample_weight = compute_sample_weight("balanced", y_train) if train.class_weight == "balanced" else None
+    data = (x_train, keras.utils.to_categorical(y_train, len(base.classes)), sample_weight, x_val, y_val)
+    phases = training_phases(train)
+    epochs_run: dict[str, list[float]] = {}
+    epochs_trained = 0
+    started = time.perf_counter()
+    # One scope for the whole fit: every phase compiles and trains under the same strategy.
+    with distribution_scope(train.distribution):
+        model, trainer = build_trainer(base, train)
+        for phase in phases:
+            checkpoint = checkpoint_dir / phase.name if checkpoint_dir else None
+            ran, history = fit_phase(
+                model, trainer, data, base.seed, train, phase, phase is phases[-1], callbacks, checkpoint
+            )
+            epochs_trained += ran
+            for name, values in history.items():
+                epochs_run.setdefault(name, []).extend(values)
+    seconds = time.perf_counter() - started
+    if checkpoint_dir and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)  # finished: nothing left to resume
+    scores = epochs_run[MONITOR]
+    # The best epoch of the last phase (a warm-up's epochs are not candidates); with early stopping
+    # the model holds its weights, else the last epoch's.
+    best = phases[-1].first_epoch + int(np.argmax(scores[phases[-1].first_epoch :]))
+    kept = best if train.early_stopping_patience else len(scores) - 1
+    summary = {
+        "arch": train.arch,
+        "weights": "file" if train.weights not in ("none", "imagenet") else train.weights,
+        "precision": train.precision,
+        "backend": keras.backend.backend(),
+        "device": detect_device(),
+        "epochs": len(scores),
+        "best_epoch": best + 1,
+        "best_val_balanced_accuracy": float(scores[best]),
+        "kept_epoch": kept + 1,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(epochs_trained * len(x_train) / seconds, 2),
+        "train_images": len(x_train),
+        "val_images": len(x_val),
+        **{key: float(values[kept]) for key, values in epochs_run.items() if key != "learning_rate"},
+    }
+    return model, summary
+
+
+def fit_phase(
+    model: keras.Model,
+    trainer: keras.Model,
+    data: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray],
+    seed: int,
+    train: TrainParams,
+    phase: Phase,
+    last: bool,
+    callbacks: list[keras.callbacks.Callback],
+    checkpoint_dir: Path | None,
+) -> tuple[int, dict[str, list[float]]]:
+    """Train one phase; return how many epochs it trained now and the logs of all its epochs."""
+    x_train, y_train, sample_weight, x_val, y_val = data
+    batches_per_epoch = math.ceil(len(x_train) / train.batch_size)
+    compile_phase(model, trainer, train, phase, batches_per_epoch * (phase.end_epoch - phase.first_epoch))
+    # Early stopping, and so the epoch kept, only in the last phase: a warm-up is there to end.
+    early_stopping = None
+    if train.early_stopping_patience and last:
+        early_stopping = keras.callbacks.EarlyStopping(
+            monitor=MONITOR, mode="max", patience=train.early_stopping_patience, restore_best_weights=True
+        )
+    recorder = None
+    if checkpoint_dir:
+        recorder = ResumableCheckpoint(checkpoint_dir, phase.first_epoch, early_stopping, callbacks)
+    # The validation pass comes first so that the callbacks after it see its metrics.
+    phase_callbacks = [
+        ValidationMetrics(x_val, y_val, train.batch_size, train.val_class_cap),
+        *([early_stopping] if early_stopping else []),
+        *([recorder] if recorder else []),
+        *callbacks,
+    ]
+    # A resumed fit carries on with the batch order the interrupted one would have used.
+    first_epoch = max(recorder.saved_epoch() if recorder else 0, phase.first_epoch)
+    batches = ShuffledBatches(
+        x_train, y_train, train.batch_size, seed, sample_weight, train.cutmix, first_epoch=first_epoch
+    )
+    history = trainer.fit(
+        batches,
+        initial_epoch=phase.first_epoch,
+        epochs=phase.end_epoch,
+        steps_per_epoch=batches_per_epoch,
+        shuffle=False,  # the batches shuffle themselves
+        callbacks=phase_callbacks,
+        verbose=2,
+    )
+    trained = len(history.history.get(MONITOR, []))
+    # A resumed fit's History only holds the epochs it ran; the checkpoint recorded the earlier ones.
+    return trained, recorder.history if recorder else history.history
+
+
+def build_trainer(base: BaseParams, train: TrainParams) -> tuple[keras.Model, keras.Model]:
+    """The model to save, and the model that fits it behind augmentation (compiled per phase)."""
+    # Global in Keras, and read when layers are built: train.precision holds for every net built after.
+    keras.mixed_precision.set_dtype_policy(train.precision)
+    model = build_model(
+        train.arch, base.image_size, len(base.classes), train.dropout, train.weights, train.shades_of_gray
+    )
+    return model, with_augmentation(model, train.augment)
+
+
+def compile_phase(
+    model: keras.Model, trainer: keras.Model, train: TrainParams, phase: Phase, steps: int
+) -> None:
+    """Set which backbone layers the phase trains; compile the trainer for its `steps` at its rate."""
+    if has_backbone(model):
+        set_backbone_trainable(model, phase.unfreeze)
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = phase.learning_rate
+    if train.schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(phase.learning_rate, decay_steps=steps)
+    trainer.compile(
+        optimizer=make_optimizer(learning_rate, train.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+
+def make_optimizer(
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule, weight_decay: float
+) -> keras.optimizers.Optimizer:
+    """Adam, or AdamW with `weight_decay` on the kernels when it is above 0."""
+    if not weight_decay:
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    # Decaying biases and batch norm's scale and offset only pulls them off their learned values.
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+@contextlib.contextmanager
+def distribution_scope(kind: str) -> Iterator[None]:
+    """Build and compile under data parallelism over all visible devices when asked to."""
+    if kind == "none":
+        yield
+        return
+    backend = keras.backend.backend()
+    if backend == "jax":
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(None)
+    elif backend == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415 - only this backend needs its own strategy
+
+        # Reduction to one device, not the default collective all-reduce, which failed once the
+        # fine-tuning phase recompiled: the replicas disagreed on the gradients' shapes (the warm-up's).
+        strategy = tf.distribute.MirroredStrategy(cross_device_ops=tf.distribute.ReductionToOneDevice())
+        with strategy.scope():
+            yield
+    else:
+        raise PipelineError(f"train.distribution={kind}: not supported on the {backend} backend")
+
+
+def configure_determinism(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and the backend; ask TensorFlow for deterministic kernels if wanted."""
+    keras.utils.set_random_seed(seed)
+    if deterministic and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415 - only this backend has the switch
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def detect_device() -> str:
+    """'gpu' when the active Keras backend sees a GPU (and so trains on it), else 'cpu'."""
+    backend = keras.backend.backend()
+    # Each backend asks its own runtime; importing only the active one keeps the others optional.
+    if backend == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    elif backend == "jax":
+        import jax  # noqa: PLC0415
+
+        has_gpu = any(device.platform == "gpu" for device in jax.devices())
+    elif backend == "torch":
+        import torch  # noqa: PLC0415
+
+        has_gpu = torch.cuda.is_available()
+    else:
+        has_gpu = False
+    return "gpu" if has_gpu else "cpu"

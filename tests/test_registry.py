@@ -1,0 +1,81 @@
+"""skin_lesion.registry and `skin-lesion promote`: aliases move only between comparable versions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from skin_lesion.errors import PipelineError
+from skin_lesion.registry import CHAMPION_ALIAS, TEST_SPLIT_TAG, promote, split_fingerprint
+from tests.conftest import REPO, point_mlflow_at
+
+NAME = "skin-lesion-classifier"  # base.model_name in the committed params.yaml
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    """A registry with versions 1 and 2 scored on test split `a`, version 3 on split `b`; 1 is champion."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    point_mlflow_at(uri, monkeypatch)
+    registry = MlflowClient(uri, uri)
+    registry.create_registered_model(NAME)
+    for split in ("a", "a", "b"):
+        registry.create_model_version(
+            NAME, source=(tmp_path / "model").as_uri(), tags={TEST_SPLIT_TAG: split}
+        )
+    registry.set_registered_model_alias(NAME, CHAMPION_ALIAS, "1")
+    return registry
+
+
+def _champion(client: MlflowClient) -> str:
+    return str(client.get_model_version_by_alias(NAME, CHAMPION_ALIAS).version)
+
+
+def test_promote_moves_the_alias_to_a_version_on_the_same_test_split(client: MlflowClient) -> None:
+    message = promote(client, NAME, "2", CHAMPION_ALIAS)
+    assert _champion(client) == "2"
+    assert message == f"{NAME} version 2 is now @champion (was version 1)"
+    assert client.get_model_version(NAME, "2").tags["promotion"] == "set @champion by hand"
+
+
+def test_promote_refuses_a_version_scored_on_another_test_split(client: MlflowClient) -> None:
+    with pytest.raises(PipelineError, match=r"version 3 was tested on another test split than @champion"):
+        promote(client, NAME, "3", CHAMPION_ALIAS)
+    assert _champion(client) == "1"
+
+
+def test_promote_with_force_moves_the_alias_anyway(client: MlflowClient) -> None:
+    promote(client, NAME, "3", CHAMPION_ALIAS, force=True)
+    assert _champion(client) == "3"
+
+
+def test_promote_names_a_version_that_does_not_exist(client: MlflowClient) -> None:
+    with pytest.raises(PipelineError, match=rf"{NAME} has no version 9"):
+        promote(client, NAME, "9", CHAMPION_ALIAS)
+
+
+def test_promote_command_sets_the_alias_and_refuses_in_one_line(client: MlflowClient, tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+    def skin_lesion(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "skin_lesion.cli", *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+
+    moved = skin_lesion("promote", "2")
+    assert moved.returncode == 0, moved.stderr
+    assert _champion(client) == "2"
+    refused = skin_lesion("promote", "3")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("ERROR skin_lesion: version 3 was tested")
+    assert "Traceback" not in refused.stderr
+
+
+def test_split_fingerprint_changes_with_the_split(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("path,label\nx.jpg,nevus\n")
+    (tmp_path / "b.csv").write_text("path,label\ny.jpg,nevus\n")
+    assert split_fingerprint(tmp_path / "a.csv") != split_fingerprint(tmp_path / "b.csv")
+    assert len(split_fingerprint(tmp_path / "a.csv")) == 16
