@@ -1,0 +1,7 @@
+"""The skin-lesion pipeline's library: one module per concern; docs/design.md has the map."""
+
+import os
+
+# Before TensorFlow is first imported: its INFO lines (CPU instruction banners and the like) are noise
+# in a stage's log; its warnings and errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")

@@ -27,6 +27,9 @@ DEFAULT_DB_NAME = "mlflow.db"
 DEFAULT_ARTIFACTS_NAME = "mlartifacts"
 
 
+# MLflow 3's UI opens an experiment of this kind on its runs (not the GenAI traces view).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 HTTP_SCHEMES = ("http://", "https://")
 
 
@@ -93,6 +96,10 @@ def flatten_params(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _experiment_id(name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+            mlflow.MlflowClient().set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+            )
         return experiment.experiment_id
     artifact_location = None
     if not tracking_uri().startswith(SERVER_SCHEMES):
@@ -100,7 +107,9 @@ def _experiment_id(name: str) -> str:
         # folder, which is a throw-away copy of the repo when DVC runs a queued experiment.
         artifact_location = (repo_root() / DEFAULT_ARTIFACTS_NAME).as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location)
+        return mlflow.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+        )
     except MlflowException:
         # Another stage running in parallel may have created it in the meantime.
         experiment = mlflow.get_experiment_by_name(name)

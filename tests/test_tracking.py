@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from skin_lesion.files import repo_root
-from skin_lesion.tracking import flatten_params, stage_run, tracking_uri
+from skin_lesion.tracking import configure_mlflow, flatten_params, stage_run, tracking_uri
 from tests.conftest import as_params, small_params
 
 
@@ -67,3 +67,14 @@ def test_failed_stage_marks_run_failed(in_tmp: Path) -> None:
     with pytest.raises(ValueError, match="boom"):
         fail_inside_run()
     assert mlflow.get_run(run_ids[0]).info.status == "FAILED"
+
+
+def test_experiment_is_marked_as_model_training_for_the_ui(in_tmp: Path) -> None:
+    params = as_params(small_params())
+    # An experiment made before the tag existed gets it on the next stage run.
+    configure_mlflow()
+    mlflow.create_experiment(params.base.experiment_name, artifact_location=(in_tmp / "a").as_uri())
+    with stage_run("split", params.base, params.split) as run:
+        experiment_id = run.info.experiment_id
+    tags = mlflow.get_experiment(experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"

@@ -138,7 +138,8 @@ def download_all(
             pool.submit(fetch_to_cache, client, cache, isic_id, found.get(isic_id), sha256): isic_id
             for isic_id, sha256 in sorted(expected.items())
         }
-        with tqdm(total=len(ids), unit="img", desc="download", mininterval=1.0) as progress:
+        # disable=None: a bar on a terminal, nothing in a log file (one line per update would flood it).
+        with tqdm(total=len(ids), unit="img", desc="download", mininterval=1.0, disable=None) as progress:
             for future in as_completed(futures):
                 isic_id = futures[future]
                 try:
