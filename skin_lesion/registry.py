@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +15,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from PIL import Image
 
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import sha256_file
@@ -21,7 +24,6 @@ from skin_lesion.params import EvaluateParams
 from skin_lesion.serving import (
     IMAGE_COLUMN,
     MLFLOW_MODEL_NAME,
-    LesionClassifier,
     pip_requirements,
     prediction_frame,
 )
@@ -33,6 +35,7 @@ log = logging.getLogger("skin_lesion.registry")
 CHAMPION_ALIAS = "champion"  # the registry alias of the version people rely on
 NEW_VERSION_ALIAS = "challenger"  # every newly registered version
 TEST_SPLIT_TAG = "test_split"  # fingerprint of the test split a version was scored on
+EXAMPLE_SKIN_TONE = (224, 172, 150)
 FINGERPRINT_LENGTH = 16  # hex digits of the test split manifest's sha256 kept in that tag
 
 
@@ -62,13 +65,14 @@ def log_servable_model(
         "melanoma_threshold": threshold,
         "data_source": data_source,
     }
-    example = pd.DataFrame({IMAGE_COLUMN: ["<base64-encoded image file>"]})
+    example = pd.DataFrame({IMAGE_COLUMN: [example_image(image_size)]})
     output = prediction_frame(
         np.full((1, len(classes)), 1 / len(classes)), classes, melanoma_class, threshold, data_source
     )
     info = mlflow.pyfunc.log_model(
         name=MLFLOW_MODEL_NAME,
-        python_model=LesionClassifier(),
+        python_model=Path(__file__).with_name("pyfunc_model.py"),
+        input_example=example,
         artifacts={"keras_model": str(keras_path)},
         model_config=config,
         metadata={"data_source": data_source},
@@ -77,6 +81,13 @@ def log_servable_model(
         pip_requirements=pip_requirements(backend),
     )
     return info.model_uri
+
+
+def example_image(size: int) -> str:
+    """A plain skin-toned PNG, base64-encoded: the input example MLflow stores and checks the model with."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), EXAMPLE_SKIN_TONE).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def version_tags(

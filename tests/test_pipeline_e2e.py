@@ -62,6 +62,18 @@ def test_repro_runs_every_stage_in_order(first_repro: str) -> None:
     assert positions == sorted(positions)
 
 
+def test_stage_logs_hold_no_third_party_noise(first_repro: str) -> None:
+    noise = [
+        "failed call to cuInit",  # TensorFlow probing for CUDA on a machine without it
+        "This TensorFlow binary is optimized",  # TensorFlow's start-up banner
+        "Creating initial MLflow database tables",  # MLflow's INFO lines
+        "CloudPickle",  # MLflow's warning about pickled models
+        "input example was not provided",
+        "Downloading artifacts",  # MLflow's progress bar
+    ]
+    assert [line for line in noise if line in first_repro] == []
+
+
 def test_repro_writes_metrics_that_beat_chance(project: Path, first_repro: str) -> None:
     headline = json.loads((project / "metrics" / "evaluate.json").read_text())
     metrics = json.loads((project / "metrics" / "evaluate_details.json").read_text())

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
+from PIL import Image
 
 from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
@@ -185,6 +186,8 @@ def test_grad_cam_overlays_are_written_for_alerts(tracking: str, tmp_path: Path)
     explain_alerts(model, table, tmp_path / "cams")
     written = sorted(path.name for path in (tmp_path / "cams").iterdir())
     assert written == ["ok_0_gradcam.png", "ok_1_gradcam.png", "ok_2_gradcam.png"]
+    with Image.open(tmp_path / "cams" / "ok_0_gradcam.png") as figure:
+        assert figure.width >= 2 * 384  # the original and the overlay, each at a readable size
 
 
 @pytest.mark.slow

@@ -226,8 +226,9 @@ def _probe(client: ArchiveClient, api_url: str) -> None:
         client.probe()
     except ArchiveError as err:
         raise PipelineError(
-            f"download.isic.api_url: {api_url} does not answer ({err}); without internet, "
-            "use download.source: local with a copy of the dataset"
+            f"download.isic.api_url: {api_url} does not answer ({err}); without internet, use"
+            " download.source: local with a copy of the dataset, or download.source: synthetic for a"
+            " smoke run on generated images"
         ) from err
 
 
