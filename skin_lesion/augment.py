@@ -76,7 +76,14 @@ def augment_class(
     for index in range(count):
         source = Path(sources[order[index % len(sources)]])
         with Image.open(source) as image:
-            augmented = transform(image.convert("RGB"))
+            try:
+                augmented = transform(image.convert("RGB"))
+            except (ValueError, IndexError, ZeroDivisionError) as err:
+                # Augmentor checks no sizes: a crop or distortion larger than the image fails in it.
+                raise PipelineError(
+                    f"rebalance.operations: cannot augment {source} ({image.width}x{image.height} px): "
+                    f"{err}; does an operation ask for more pixels than the image has?"
+                ) from err
         name = f"aug_{index:05d}_{source.stem}.jpg"
         augmented.save(out / name, quality=jpeg_quality)
         rows.append(((Path(out.name) / name).as_posix(), source.as_posix(), out.name))

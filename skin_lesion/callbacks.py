@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,30 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
     def _load(self, name: str) -> list[np.ndarray]:
         with np.load(self.backup_path / name) as stored:
             return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop at the first batch whose loss is NaN or infinite, with one line naming the epoch.
+
+    Keras's TerminateOnNaN stops quietly, and the stage would then save and register a broken model.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        """Remember the epoch, for the message."""
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, float] | None = None) -> None:
+        """Raise when the batch's loss is not a finite number."""
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise PipelineError(
+                f"train: the loss became {float(loss)} in epoch {self.epoch + 1}, batch {batch + 1}; "
+                "no model was saved (try a lower train.learning_rate)"
+            )
 
 
 class EpochLogger(keras.callbacks.Callback):

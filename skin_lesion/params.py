@@ -6,18 +6,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from skin_lesion.errors import PipelineError
 
+# Strict numbers: `epochs: true` or `epochs: 2.5` is refused, not read as 1 or 2 (YAML has no other
+# way to say a number is not one). A whole number still counts as a float.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf or .nan anywhere: they pass every range check and break the run later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BaseParams(_Section):
-    seed: int = Field(ge=0)
-    image_size: int = Field(ge=8, le=1024)
+    seed: Int = Field(ge=0)
+    image_size: Int = Field(ge=8, le=1024)
     model_name: str = Field(min_length=1)
     experiment_name: str = Field(min_length=1)
     melanoma_class: str
@@ -40,14 +46,14 @@ class IsicParams(_Section):
     api_url: str = Field(pattern=r"^https?://")
     manifest: str = Field(min_length=1)
     queries: dict[str, str]
-    max_per_class: int = Field(ge=1)
-    workers: int = Field(ge=1, le=64)
-    max_side: int = Field(ge=0)
-    retries: int = Field(ge=1, le=50)
-    backoff_s: float = Field(ge=0)
-    max_backoff_s: float = Field(ge=0)
-    connect_timeout_s: float = Field(gt=0)
-    read_timeout_s: float = Field(gt=0)
+    max_per_class: Int = Field(ge=1)
+    workers: Int = Field(ge=1, le=64)
+    max_side: Int = Field(ge=0)
+    retries: Int = Field(ge=1, le=50)
+    backoff_s: Float = Field(ge=0)
+    max_backoff_s: Float = Field(ge=0)
+    connect_timeout_s: Float = Field(gt=0)
+    read_timeout_s: Float = Field(gt=0)
 
 
 class LocalParams(_Section):
@@ -57,7 +63,7 @@ class LocalParams(_Section):
     diagnosis_column: str
     # isic_id_range: each image's collection from its ISIC id; else a column of the metadata CSV
     collection: str = Field(min_length=1)
-    max_extract_mb: int = Field(ge=1)
+    max_extract_mb: Int = Field(ge=1)
 
     @model_validator(mode="after")
     def _check_collection(self) -> LocalParams:
@@ -69,7 +75,7 @@ class LocalParams(_Section):
 
 
 class SyntheticParams(_Section):
-    images_per_class: int = Field(ge=2, le=10_000)
+    images_per_class: Int = Field(ge=2, le=10_000)
 
 
 class DownloadParams(_Section):
@@ -93,30 +99,30 @@ class DownloadParams(_Section):
 
 
 class SplitParams(_Section):
-    val_fraction: float = Field(gt=0, lt=0.5)
-    test_fraction: float = Field(gt=0, lt=0.5)
+    val_fraction: Float = Field(gt=0, lt=0.5)
+    test_fraction: Float = Field(gt=0, lt=0.5)
     on_bad_image: Literal["skip", "error"]
-    max_pixels: int = Field(ge=1)
-    min_side: int = Field(ge=1)
-    near_duplicate_distance: int = Field(ge=-1, le=32)
-    group_distance: int = Field(ge=-1, le=32)
+    max_pixels: Int = Field(ge=1)
+    min_side: Int = Field(ge=1)
+    near_duplicate_distance: Int = Field(ge=-1, le=32)
+    group_distance: Int = Field(ge=-1, le=32)
     conflicts: Literal["diagnosis", "drop", "majority", "error"]
     diagnosis_classes: dict[str, list[str]]
 
 
 class RebalanceParams(_Section):
-    samples_per_class: int = Field(ge=0)
-    jpeg_quality: int = Field(ge=1, le=100)
-    min_source_images: int = Field(ge=0)
+    samples_per_class: Int = Field(ge=0)
+    jpeg_quality: Int = Field(ge=1, le=100)
+    min_source_images: Int = Field(ge=0)
     operations: dict[str, dict[str, Any]]
 
 
 class AugmentParams(_Section):
     flip: bool
-    rotation: float = Field(ge=0, le=0.5)
-    zoom: float = Field(ge=0, lt=1)
-    contrast: float = Field(ge=0, le=1)
-    brightness: float = Field(ge=0, le=1)
+    rotation: Float = Field(ge=0, le=0.5)
+    zoom: Float = Field(ge=0, lt=1)
+    contrast: Float = Field(ge=0, le=1)
+    brightness: Float = Field(ge=0, le=1)
 
 
 PRETRAINABLE_ARCHS = ("mobilenet", "efficientnet_b0", "mobilenet_v3_small")
@@ -129,24 +135,24 @@ class TrainParams(_Section):
     arch: Literal["baseline_cnn", "resnet_small", "mobilenet", "efficientnet_b0", "mobilenet_v3_small"]
     # none | imagenet (Keras downloads them) | the path of a Keras weights file for the backbone
     weights: str = Field(min_length=1)
-    epochs: int = Field(ge=1)
+    epochs: Int = Field(ge=1)
     # Pretrained backbones only: epochs of warm-up with the backbone frozen, then fine-tuning of its
     # top `unfreeze` layers (all: the whole backbone) at fine_tune_learning_rate.
-    freeze_epochs: int = Field(ge=0)
-    unfreeze: Literal["all"] | Annotated[int, Field(ge=0)]
-    fine_tune_learning_rate: float = Field(gt=0)
-    batch_size: int = Field(ge=1)
-    learning_rate: float = Field(gt=0)
+    freeze_epochs: Int = Field(ge=0)
+    unfreeze: Literal["all"] | Annotated[Int, Field(ge=0)]
+    fine_tune_learning_rate: Float = Field(gt=0)
+    batch_size: Int = Field(ge=1)
+    learning_rate: Float = Field(gt=0)
     schedule: Literal["constant", "cosine"]
-    weight_decay: float = Field(ge=0, lt=1)
-    label_smoothing: float = Field(ge=0, lt=1)
+    weight_decay: Float = Field(ge=0, lt=1)
+    label_smoothing: Float = Field(ge=0, lt=1)
     class_weight: Literal["none", "balanced"]
     use_rebalanced: bool
-    early_stopping_patience: int = Field(ge=0)
-    val_class_cap: int = Field(ge=1)
-    dropout: float = Field(ge=0, lt=1)
-    shades_of_gray: float = Field(ge=0)
-    cutmix: float = Field(ge=0)
+    early_stopping_patience: Int = Field(ge=0)
+    val_class_cap: Int = Field(ge=1)
+    dropout: Float = Field(ge=0, lt=1)
+    shades_of_gray: Float = Field(ge=0)
+    cutmix: Float = Field(ge=0)
     augment: AugmentParams
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"]
     distribution: Literal["none", "data_parallel"]
@@ -176,17 +182,17 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    batch_size: int = Field(ge=1)
-    target_sensitivity: float = Field(gt=0, le=1)
-    bootstrap: int = Field(ge=0)
-    calibration_bins: int = Field(ge=2, le=100)
-    worst_examples: int = Field(ge=0, le=64)
+    batch_size: Int = Field(ge=1)
+    target_sensitivity: Float = Field(gt=0, le=1)
+    bootstrap: Int = Field(ge=0)
+    calibration_bins: Int = Field(ge=2, le=100)
+    worst_examples: Int = Field(ge=0, le=64)
     promote: Literal["manual", "auto"]
     promote_metric: Literal[
         "balanced_accuracy", "accuracy", "macro_auc", "melanoma_auc", "melanoma_auc_sens_80"
     ]
-    promote_margin: float = Field(ge=0)
-    stress: dict[Literal["colour_cast", "darken", "blur", "jpeg_quality", "resolution"], list[float]]
+    promote_margin: Float = Field(ge=0)
+    stress: dict[Literal["colour_cast", "darken", "blur", "jpeg_quality", "resolution"], list[Float]]
 
     @model_validator(mode="after")
     def _check_stress(self) -> EvaluateParams:

@@ -17,7 +17,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from skin_lesion.architectures import build_model, has_backbone, set_backbone_trainable, with_augmentation
 from skin_lesion.batching import ShuffledBatches
-from skin_lesion.callbacks import MONITOR, ResumableCheckpoint, ValidationMetrics
+from skin_lesion.callbacks import MONITOR, ResumableCheckpoint, StopOnNonFiniteLoss, ValidationMetrics
 from skin_lesion.errors import PipelineError
 from skin_lesion.params import BaseParams, TrainParams
 
@@ -77,6 +77,10 @@ def train_model(
     With `checkpoint_dir`, every epoch is checkpointed there (a folder per phase) and a killed run
     resumes from the last one, in the phase it was in.
     """
+    if train.batch_size > len(x_train):
+        raise PipelineError(
+            f"train.batch_size: {train.batch_size} is more than the {len(x_train)} training images"
+        )
     configure_determinism(base.seed, train.deterministic)
     callbacks = callbacks or []
     sample_weight = compute_sample_weight("balanced", y_train) if train.class_weight == "balanced" else None
@@ -149,6 +153,7 @@ def fit_phase(
         recorder = ResumableCheckpoint(checkpoint_dir, phase.first_epoch, early_stopping, callbacks)
     # The validation pass comes first so that the callbacks after it see its metrics.
     phase_callbacks = [
+        StopOnNonFiniteLoss(),
         ValidationMetrics(x_val, y_val, train.batch_size, train.val_class_cap),
         *([early_stopping] if early_stopping else []),
         *([recorder] if recorder else []),

@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from playwright.sync_api import Route, sync_playwright
 
 from tests.conftest import repo_params
 from tests.isic_standin import serve
@@ -38,6 +39,10 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, pd.
     archive, manifest = synthetic_archive(tmp_path_factory.mktemp("synthetic"))
     with serve(archive) as api_url:
         yield api_url, manifest
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +120,29 @@ def test_dvc_knows_the_metrics_and_plots(project: Path, first_repro: str) -> Non
     assert {row["class"] for row in roc["data"]["values"]} == set(repo_params()["base"]["classes"])
     loss = plots["Training loss"][0]["content"]["data"]["values"]
     assert {"loss", "val_loss"} <= {key for row in loss for key in row}
+
+
+def test_plots_page_reads_without_internet(project: Path, first_repro: str, tmp_path: Path) -> None:
+    run(project, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    refused: list[str] = []
+
+    def offline(route: Route) -> None:
+        refused.append(route.request.url)
+        route.abort()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(offline=True)
+        context.route("http*://**/*", offline)
+        page = context.new_page()
+        page.goto((tmp_path / "plots" / "index.html").as_uri(), wait_until="load")
+        widths = page.eval_on_selector_all("img", "images => images.map(image => image.naturalWidth)")
+        page.screenshot(path=str(tmp_path / "plots.png"), full_page=True)
+        browser.close()
+    # Every figure is an image that shows without the Vega scripts the page would fetch from a CDN.
+    assert len(widths) >= 7
+    assert all(width >= 600 for width in widths), widths
+    assert refused, "the page fetched nothing from the network: is the offline check still testing it?"
 
 
 def test_every_stage_logged_an_mlflow_run(project: Path, first_repro: str) -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from skin_lesion.augment import build_pipeline, find_sparse_classes, rebalance
+from skin_lesion.augment import augment_class, build_pipeline, find_sparse_classes, rebalance
 from skin_lesion.errors import PipelineError
 from skin_lesion.manifests import REBALANCED_COLUMNS
-from tests.conftest import CLASSES, make_isic_folder, repo_params
+from tests.conftest import CLASSES, make_isic_folder, repo_params, write_image
 
 OPERATIONS = repo_params()["rebalance"]["operations"]
 
@@ -96,3 +96,10 @@ def test_classes_with_few_training_images_are_found(tmp_path: Path) -> None:
     train = train.drop(index=train.index[train["label"] == "nevus"][1:])  # nevus: 1 image
     assert find_sparse_classes(train, min_source_images=2) == {"nevus": 1}
     assert find_sparse_classes(train, min_source_images=0) == {}
+
+
+def test_an_operation_larger_than_the_images_is_one_line_naming_the_image(tmp_path: Path) -> None:
+    source = write_image(tmp_path / "src" / "a.jpg", (120, 60, 60), size=24)
+    operations = {"crop_by_size": {"probability": 1.0, "width": 100, "height": 100, "centre": False}}
+    with pytest.raises(PipelineError, match=r"rebalance.operations: cannot augment .*a.jpg \(24x24 px\)"):
+        augment_class([str(source)], 2, operations, jpeg_quality=90, seed=0, out=tmp_path / "out")

@@ -28,7 +28,8 @@ from skin_lesion.architectures import (
     with_augmentation,
 )
 from skin_lesion.batching import ShuffledBatches, cut_and_mix, load_cached_images
-from skin_lesion.callbacks import MONITOR, EpochLogger, ResumableCheckpoint
+from skin_lesion.callbacks import MONITOR, EpochLogger, ResumableCheckpoint, StopOnNonFiniteLoss
+from skin_lesion.errors import PipelineError
 from skin_lesion.metrics import capped_balanced_accuracy
 from skin_lesion.params import TrainParams
 from skin_lesion.training import (
@@ -588,3 +589,19 @@ def test_saved_model_loads_safely_and_leaves_no_temp(tmp_path: Path) -> None:
     loaded = load_model(tmp_path / "models" / "model.keras")
     x, _ = _data(n=2)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5)
+
+
+def test_a_loss_that_becomes_nan_stops_training_with_the_epoch_named() -> None:
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    # log(-1): a loss that is NaN from the first batch on.
+    model.compile(optimizer="sgd", loss=lambda y_true, y_pred: keras.ops.log(y_pred * 0 - 1))
+    x, y = np.ones((8, 2)), np.ones((8, 1))
+    with pytest.raises(PipelineError, match=r"train: the loss became nan in epoch 1, batch 1; no model"):
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[StopOnNonFiniteLoss()])
+
+
+def test_a_batch_larger_than_the_training_set_is_refused() -> None:
+    x, y = _data(n=6)
+    params = _params(batch_size=8)
+    with pytest.raises(PipelineError, match=r"train.batch_size: 8 is more than the 6 training images"):
+        train_model(x, y, x, y, params.base, params.train)

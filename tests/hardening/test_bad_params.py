@@ -73,3 +73,40 @@ def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match=r"params.yaml: not valid YAML") as raised:
         load_params(path)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "expected"),
+    [
+        ("train", {"epochs": True}, r"train.epochs: Input should be a valid integer"),
+        ("train", {"epochs": 2.5}, r"train.epochs: Input should be a valid integer"),
+        ("train", {"learning_rate": float("inf")}, r"train.learning_rate: Input should be a finite number"),
+        ("train", {"dropout": float("nan")}, r"train.dropout: Input should be a finite number"),
+        (
+            "evaluate",
+            {"target_sensitivity": True},
+            r"evaluate.target_sensitivity: Input should be a valid number",
+        ),
+        (
+            "rebalance",
+            {"samples_per_class": False},
+            r"rebalance.samples_per_class: Input should be a valid integer",
+        ),
+    ],
+)
+def test_values_that_pass_a_lax_schema_but_make_no_sense_are_refused(
+    tmp_path: Path, section: str, values: dict, expected: str
+) -> None:
+    with pytest.raises(PipelineError, match=expected):
+        load_params(_write(tmp_path, small_params(**{section: values})))
+
+
+def test_non_finite_numbers_written_in_yaml_are_refused(tmp_path: Path) -> None:
+    text = (
+        (REPO / "params.yaml")
+        .read_text(encoding="utf-8")
+        .replace("learning_rate: 0.001", "learning_rate: .inf")
+    )
+    (tmp_path / "params.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"train.learning_rate: Input should be a finite number"):
+        load_params(tmp_path / "params.yaml")
