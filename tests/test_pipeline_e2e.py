@@ -20,7 +20,6 @@ from tests.conftest import repo_params
 from tests.isic_standin import serve
 from tests.pipeline_project import (
     STAGES,
-    command_env,
     make_project,
     mlflow_client,
     mlflow_runs,
@@ -193,10 +192,12 @@ def test_changing_train_params_reruns_only_train_and_evaluate(project: Path, fir
     revision = names["two-epochs"]["revs"][0]["data"]
     assert revision["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
     assert "bal_acc" in revision["metrics"]["metrics/evaluate.json"]["data"]
-    table = run(project, "dvc", "exp", "show", "--only-changed", env={**command_env(), "COLUMNS": "120"})
-    assert "two-epochs" in table
-    assert max(len(line) for line in table.splitlines()) <= 120
-    assert "…" not in table, table
+    # `dvc exp show` spreads every metric into a column: ten headline numbers, not hundreds.
+    shown_metrics = [
+        name for data in revision["metrics"].values() for name in data["data"] if not isinstance(name, dict)
+    ]
+    assert set(revision["metrics"]) == {"metrics/evaluate.json", "metrics/train.json"}
+    assert len(shown_metrics) <= 11, shown_metrics
 
 
 def test_a_new_weights_file_makes_train_stale(project: Path, first_repro: str) -> None:
