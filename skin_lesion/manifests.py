@@ -24,6 +24,8 @@ def class_indices(labels: Sequence[str], classes: Sequence[str], source: str) ->
 
 
 MANIFEST_NAME = "manifest.csv"  # in download's and rebalance's output folders
+SKIPPED_NAME = "skipped.csv"  # in download's output folder: what the local source did not take, and why
+SKIPPED_COLUMNS = ["path", "reason"]
 
 
 # download: every image with its label, official split (train|test) and provenance: the download

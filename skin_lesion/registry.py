@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 from PIL import Image
 
 from skin_lesion.errors import PipelineError
@@ -77,7 +77,9 @@ def log_servable_model(
         model_config=config,
         metadata={"data_source": data_source},
         code_paths=[str(Path(__file__).parent)],
-        signature=infer_signature(example, output),
+        # Outputs only: MLflow's own input check answers a bad request with the request's data in the
+        # message; LesionClassifier checks the input itself and names only the row and the problem.
+        signature=ModelSignature(outputs=infer_signature(example, output).outputs),
         pip_requirements=pip_requirements(backend),
     )
     return info.model_uri

@@ -104,8 +104,11 @@ def split_dataset(frame: pd.DataFrame, classes: Sequence[str], params: SplitPara
     return SplitResult(splits=splits, removed=removed_frame, report=report)
 
 
-def render_report(result: SplitResult) -> str:
-    """A readable Markdown data report: the figures, then every removed image with its reason."""
+def render_report(result: SplitResult, skipped: pd.DataFrame) -> str:
+    """A readable Markdown data report: the figures, then every removed image with its reason.
+
+    `skipped` lists what the download did not take from a local dataset (links, other files).
+    """
     report = result.report
     lines = ["# Data report", "", "| figure | value |", "| --- | --- |"]
     lines += [f"| {key} | {value} |" for key, value in report.items() if isinstance(value, int)]
@@ -139,6 +142,8 @@ def render_report(result: SplitResult) -> str:
         rows = result.removed[result.removed["category"] == category]
         lines += ["", f"## {title} ({len(rows)})", ""]
         lines += [f"- `{row.path}` ({row.label}, {row.split}): {row.reason}" for row in rows.itertuples()]
+    lines += ["", f"## Entries of the dataset folder the download skipped ({len(skipped)})", ""]
+    lines += [f"- `{row.path}`: {row.reason}" for row in skipped.itertuples()]
     return "\n".join(lines) + "\n"
 
 

@@ -33,7 +33,14 @@ from skin_lesion.files import (
     write_json_atomic,
     write_text_atomic,
 )
-from skin_lesion.manifests import MANIFEST_NAME, RAW_COLUMNS, REMOVED_COLUMNS, SPLIT_COLUMNS
+from skin_lesion.manifests import (
+    MANIFEST_NAME,
+    RAW_COLUMNS,
+    REMOVED_COLUMNS,
+    SKIPPED_COLUMNS,
+    SKIPPED_NAME,
+    SPLIT_COLUMNS,
+)
 from skin_lesion.params import load_params
 from skin_lesion.runner import run_cli
 from skin_lesion.splitting import render_report, split_dataset
@@ -54,6 +61,10 @@ def main() -> None:
     params = load_params()
 
     manifest = read_manifest(args.raw / MANIFEST_NAME, RAW_COLUMNS)
+    # Only the local source skips entries of a dataset folder (links out of it, other files).
+    skipped = pd.DataFrame(columns=SKIPPED_COLUMNS)
+    if (args.raw / SKIPPED_NAME).is_file():
+        skipped = read_manifest(args.raw / SKIPPED_NAME, SKIPPED_COLUMNS)
 
     with stage_run("split", params.base, params.split):
         features = inspect_images(manifest["path"], params.split.max_pixels, params.split.min_side)
@@ -64,8 +75,9 @@ def main() -> None:
             for name, frame in result.splits.items():
                 write_csv_atomic(tmp / f"{name}.csv", frame[SPLIT_COLUMNS])
             write_csv_atomic(tmp / "removed.csv", result.removed[REMOVED_COLUMNS])
+        result.report["files_skipped"] = len(skipped)
         write_json_atomic(args.report, result.report)
-        write_text_atomic(args.report_md, render_report(result))
+        write_text_atomic(args.report_md, render_report(result, skipped))
         with atomic_output_dir(args.counts) as tmp:
             for name, counts in result.report["class_counts"].items():
                 rows = pd.DataFrame({"label": list(counts), "count": list(counts.values())})

@@ -30,7 +30,8 @@ def _zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
 
 def test_local_folder_keeps_train_and_test_splits(tmp_path: Path) -> None:
     root = make_isic_folder(tmp_path / "isic", train_per_class=3, test_per_class=2)
-    images = list_local_images(root, CLASSES)
+    images, skipped = list_local_images(root, CLASSES)
+    assert skipped.empty
     assert len(images) == 15
     assert {(image.split, image.label) for image in images} == {
         (split, label) for split in ("train", "test") for label in CLASSES
@@ -39,7 +40,7 @@ def test_local_folder_keeps_train_and_test_splits(tmp_path: Path) -> None:
 
 def test_copy_images_writes_files_and_manifest(tmp_path: Path) -> None:
     root = make_isic_folder(tmp_path / "isic", train_per_class=2)
-    manifest = copy_images(list_local_images(root, CLASSES), tmp_path / "out", source="local")
+    manifest = copy_images(list_local_images(root, CLASSES)[0], tmp_path / "out", source="local")
     assert list(manifest.columns) == RAW_COLUMNS
     first = manifest.iloc[0]
     copied = tmp_path / "out" / first["path"]

@@ -133,6 +133,22 @@ def test_predict_folder_keeps_going_past_a_corrupt_file(tracking: str, tmp_path:
     assert table.iloc[1:]["p_melanoma"].notna().all()
 
 
+def test_a_file_over_the_size_limit_gets_an_error_row_and_the_rest_are_predicted(
+    tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("skin_lesion.predict.MAX_IMAGE_BYTES", 2**20)
+    big = tmp_path / "big.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(big)  # noise: over 1 MiB
+    small = write_image(tmp_path / "small.jpg", (200, 40, 40), size=50)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    table = predict_files(model, [big, small])
+    assert list(table["path"]) == [str(big), str(small)]
+    assert table.iloc[0]["error"] == "larger than the 1 MiB limit for one image"
+    assert table.iloc[1]["error"] == ""
+    assert table.iloc[1]["p_melanoma"] >= 0
+
+
 def test_default_model_is_the_champion_or_else_the_newest(tracking: str, store: Path) -> None:
     client = mlflow.MlflowClient()
     assert resolve_default_model(NAME) == f"models:/{NAME}/1"
@@ -238,3 +254,22 @@ def _post(port: int, rows: list[list[str]]) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (pd.DataFrame({"image": [12345]}), r"^row 0: expected a base64-encoded image file, got a int$"),
+        (pd.DataFrame({"img": ["abc"]}), r"^input needs a column 'image' of base64-encoded images$"),
+        (pd.DataFrame({"image": [base64.b64encode(b"hello" * 60).decode()]}), r"^row 0: cannot decode image"),
+    ],
+)
+def test_bad_requests_are_named_without_echoing_their_data(
+    tracking: str, frame: pd.DataFrame, expected: str
+) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    with pytest.raises(MlflowException, match=expected) as raised:
+        model.predict(frame)
+    message = str(raised.value)
+    assert "aGVsbG8" not in message  # the request's base64 data
+    assert "dtype" not in message  # a DataFrame's repr

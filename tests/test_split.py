@@ -10,6 +10,7 @@ from PIL import Image, ImageFilter
 
 from skin_lesion.dedup import inspect_images
 from skin_lesion.errors import PipelineError
+from skin_lesion.manifests import SKIPPED_COLUMNS
 from skin_lesion.params import SplitParams
 from skin_lesion.splitting import render_report, split_dataset
 from tests.conftest import CLASSES, assert_no_group_straddles, draw_lesion, manifest_of, repo_params
@@ -302,7 +303,7 @@ def test_inspect_hashes_decoded_pixels(tmp_path: Path) -> None:
 def test_markdown_report_lists_every_removal(tmp_path: Path) -> None:
     manifest, _ = _planted(tmp_path)
     result = split_dataset(manifest, CLASSES, PARAMS, seed=0)
-    report = render_report(result)
+    report = render_report(result, pd.DataFrame(columns=SKIPPED_COLUMNS))
     for path in result.removed["path"]:
         assert f"`{path}`" in report
     assert "## Label conflicts (2)" in report

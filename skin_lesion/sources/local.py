@@ -12,6 +12,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,9 +20,9 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.files import read_table, sha256_file
+from skin_lesion.files import read_table, sha256_file, write_csv_atomic
 from skin_lesion.images import IMAGE_SUFFIXES
-from skin_lesion.manifests import OFFICIAL_SPLITS, RAW_COLUMNS
+from skin_lesion.manifests import OFFICIAL_SPLITS, RAW_COLUMNS, SKIPPED_COLUMNS, SKIPPED_NAME
 from skin_lesion.params import COLLECTION_FROM_ID, LocalParams
 from skin_lesion.provenance import UNKNOWN, collection_from_isic_id
 
@@ -46,8 +47,9 @@ def fetch_local(settings: LocalParams, classes: Sequence[str], out: Path) -> pd.
                 raise PipelineError(f"download.local.path: {root} is a file but not a .zip")
             extract_zip_safely(root, Path(scratch), settings.max_extract_mb * 2**20)
             root = find_dataset_root(Path(scratch), label=settings.path)
-        images = list_local_images(root, classes)
+        images, skipped = list_local_images(root, classes)
         manifest = copy_images(images, out, source="local")
+        write_csv_atomic(out / SKIPPED_NAME, skipped)
         columns = {"lesion_id": settings.lesion_column, "diagnosis": settings.diagnosis_column}
         if settings.collection != COLLECTION_FROM_ID:
             columns["collection"] = settings.collection
@@ -86,7 +88,14 @@ def extract_zip_safely(archive_path: Path, dest: Path, max_bytes: int) -> None:
                     f"download.local.path: {archive_path} unpacks to more than "
                     f"download.local.max_extract_mb={max_bytes // 2**20} MiB"
                 )
-        archive.extractall(dest)
+        for entry in archive.infolist():
+            try:
+                archive.extract(entry, dest)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+                # A bad CRC, or a header that understates a member's size, shows only while reading it.
+                raise PipelineError(
+                    f"download.local.path: {archive_path}: member {entry.filename!r} is damaged ({err})"
+                ) from err
 
 
 def find_dataset_root(folder: Path, label: str) -> Path:
@@ -99,32 +108,61 @@ def find_dataset_root(folder: Path, label: str) -> Path:
     raise PipelineError(f"download.local.path: {label} has no Train/ folder")
 
 
-def list_local_images(root: Path, classes: Sequence[str]) -> list[_Image]:
-    """List images under <root>/Train|Test/<class>/, checking class names against base.classes."""
+def list_local_images(root: Path, classes: Sequence[str]) -> tuple[list[_Image], pd.DataFrame]:
+    """Images under <root>/Train|Test/<class>/, and every entry skipped there with its reason.
+
+    Links are followed only while they stay inside the dataset: one that leads out of it (to
+    /etc/passwd, say) would copy that file into data/raw and the DVC cache.
+    """
     if not (root / "Train").is_dir():
         raise PipelineError(f"download.local.path: {root} has no Train/ folder")
+    inside = root.resolve()
     images: list[_Image] = []
+    skipped: list[tuple[str, str]] = []
     for folder_name, split in OFFICIAL_SPLITS.items():
         split_dir = root / folder_name
         if not split_dir.is_dir():
             continue
-        for class_dir in sorted(child for child in split_dir.iterdir() if child.is_dir()):
+        for class_dir in sorted(split_dir.iterdir()):
+            reason = _skip_reason(class_dir, inside, folder=True)
+            if reason:
+                skipped.append((class_dir.relative_to(root).as_posix(), reason))
+                continue
             # Unknown classes are kept here so that `split` rejects them with a reason in the report
             # (or stops, in strict mode) instead of them vanishing without trace.
             if class_dir.name not in classes:
                 log.warning("%s: class not in base.classes; split will reject its images", class_dir)
-            files = sorted(
-                path
-                for path in class_dir.iterdir()
-                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-            )
+            files = []
+            for path in sorted(class_dir.iterdir()):
+                reason = _skip_reason(path, inside, folder=False)
+                if reason:
+                    skipped.append((path.relative_to(root).as_posix(), reason))
+                else:
+                    files.append(path)
             if not files:
                 log.warning("%s: class folder has no images", class_dir)
             images.extend(_Image(path, class_dir.name, split) for path in files)
     missing = sorted(set(classes) - {image.label for image in images})
     if missing:
         log.warning("no images for class(es): %s", ", ".join(missing))
-    return images
+    for path, reason in skipped:
+        log.warning("skipped %s: %s", path, reason)
+    return images, pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+
+
+def _skip_reason(path: Path, inside: Path, folder: bool) -> str:
+    """Why an entry of a split or class folder is not taken; empty when it is."""
+    if path.is_symlink() and not path.exists():
+        return "a link to nothing"
+    if path.is_symlink() and not path.resolve().is_relative_to(inside):
+        return f"a link out of the dataset (to {path.resolve()}); refused"
+    if folder:
+        return "" if path.is_dir() else "a file where class folders belong"
+    if path.is_dir():
+        return "a folder inside a class folder (not searched)"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file name ({', '.join(IMAGE_SUFFIXES)})"
+    return ""
 
 
 def copy_images(images: Sequence[_Image], out: Path, source: str) -> pd.DataFrame:
