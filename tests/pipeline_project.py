@@ -54,6 +54,7 @@ def make_project(root: Path, api_url: str, manifest: pd.DataFrame, **sections: d
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     run(root, "git", "init", "-q")
     run(root, "dvc", "init", "-q")
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # dvc.yaml's custom chart template
     run(root, "dvc", "config", "core.analytics", "false")
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-q", "-m", "pipeline")
