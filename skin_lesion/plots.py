@@ -174,7 +174,7 @@ def _reliability_figure(reliability: pd.DataFrame) -> Figure:
     return figure
 
 
-GRID_TILE_PX = 128  # a tile's width holds about 21 caption characters
+GRID_TILE_PX = 160  # a tile's width holds about 26 caption characters
 GRID_CAPTION_PX = 30  # two lines of Pillow's default font
 GRID_COLUMNS = 4
 
@@ -200,8 +200,8 @@ def worst_misclassified_grid(
         with Image.open(rows["path"].iloc[index]) as image:
             grid.paste(image.convert("RGB").resize((tile, tile)), (x, y))
         confidence = probabilities[index, predicted[index]]
-        draw.text((x + 2, y + tile + 2), f"true: {classes[y_true[index]][:15]}", fill="black")
+        draw.text((x + 2, y + tile + 2), f"true: {classes[y_true[index]][:20]}", fill="black")
         draw.text(
-            (x + 2, y + tile + 15), f"said: {classes[predicted[index]][:10]} {confidence:.2f}", fill="red"
+            (x + 2, y + tile + 15), f"said: {classes[predicted[index]][:15]} {confidence:.2f}", fill="red"
         )
     return grid

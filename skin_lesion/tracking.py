@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import logging
 import os
 import re
 import subprocess
@@ -27,9 +29,12 @@ DEFAULT_DB_NAME = "mlflow.db"
 DEFAULT_ARTIFACTS_NAME = "mlartifacts"
 
 
+log = logging.getLogger("skin_lesion.tracking")
+
 # MLflow 3's UI opens an experiment of this kind on its runs (not the GenAI traces view).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
 HTTP_SCHEMES = ("http://", "https://")
 
 
@@ -47,28 +52,66 @@ def check_tracking_server(timeout_s: float = 5.0) -> None:
     if not uri.startswith(HTTP_SCHEMES):
         return
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+        with urllib.request.urlopen(probe_request(uri), timeout=timeout_s):
             pass
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise PipelineError(
+                f"MLFLOW_TRACKING_URI={redact(uri)}: the tracking server refused the credentials"
+                f" (HTTP {err.code}); check MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN"
+            ) from None
+        raise PipelineError(
+            f"MLFLOW_TRACKING_URI={redact(uri)}: tracking server answered HTTP {err.code}"
+        ) from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as err:
         reason = getattr(err, "reason", err)
         raise PipelineError(
-            f"MLFLOW_TRACKING_URI={redact(uri)}: tracking server not reachable ({reason})"
-        ) from err
+            f"MLFLOW_TRACKING_URI={redact(uri)}: tracking server not reachable ({redact(str(reason))})"
+        ) from None
 
 
-def redact(uri: str) -> str:
-    """The URI without any password in it, fit for messages and logs."""
+def probe_request(uri: str) -> urllib.request.Request:
+    """A one-experiment search on the server, with the credentials MLflow itself would send.
+
+    A search, not /health: an auth-enabled server answers /health to anyone, so only a call that
+    needs the credentials shows whether they are accepted.
+
+    Those are a user and password in the URI, else MLFLOW_TRACKING_USERNAME and _PASSWORD (basic
+    auth), else MLFLOW_TRACKING_TOKEN (bearer); urllib does not take credentials from a URI itself.
+    """
     parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    path = parts.path.rstrip("/") + "/api/2.0/mlflow/experiments/search"
+    url = urllib.parse.urlunsplit(parts._replace(netloc=netloc, path=path, query="max_results=1"))
+    request = urllib.request.Request(url)
+    username = urllib.parse.unquote(parts.username or "") or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = urllib.parse.unquote(parts.password or "") or os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if username and password:
+        basic = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        request.add_header("Authorization", f"Basic {basic}")
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    return request
+
+
+def redact(text: str) -> str:
+    """The text with the password of any URL in it replaced by ***, fit for messages and logs."""
+    return re.sub(
+        r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@", r"\g<scheme>\g<user>:***@", text
+    )
 
 
 def configure_mlflow() -> None:
     """Point MLflow at the tracking store (and the registry, which lives in the same store)."""
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_registry_uri(tracking_uri())
+    uri = tracking_uri()
+    if redact(uri) != uri:
+        # MLflow prints each run's link with the URI's password in it; stage_run logs it redacted.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
 
 
 @contextmanager
@@ -77,6 +120,9 @@ def stage_run(stage: str, base: BaseParams, section: BaseModel) -> Iterator[mlfl
     configure_mlflow()
     experiment_id = _experiment_id(base.experiment_name)
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=_run_tags(stage)) as run:
+        if tracking_uri().startswith(HTTP_SCHEMES):
+            server = redact(tracking_uri()).rstrip("/")
+            log.info("MLflow run: %s/#/experiments/%s/runs/%s", server, experiment_id, run.info.run_id)
         mlflow.log_params(flatten_params({"base": base.model_dump(), stage: section.model_dump()}))
         yield run
 

@@ -205,7 +205,7 @@ SERVER_START_S = 120
 
 
 @contextmanager
-def mlflow_server(folder: Path) -> Iterator[str]:
+def mlflow_server(folder: Path, *options: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifact root); yields its URI."""
     port = free_port()
     server = subprocess.Popen(
@@ -213,11 +213,12 @@ def mlflow_server(folder: Path) -> Iterator[str]:
             sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
             "--default-artifact-root", (folder / "artifacts").as_uri(),
-            "--host", "127.0.0.1", "--port", str(port),
+            "--host", "127.0.0.1", "--port", str(port), *options,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:

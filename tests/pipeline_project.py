@@ -47,7 +47,8 @@ def make_project(root: Path, api_url: str, manifest: pd.DataFrame, **sections: d
     params["download"]["isic"].update(api_url=api_url, workers=4, backoff_s=0.05)
     (root / params["download"]["isic"]["manifest"]).parent.mkdir(parents=True)
     manifest.to_csv(root / params["download"]["isic"]["manifest"], index=False)
-    params["rebalance"]["samples_per_class"] = 16
+    # 20 images per class leave 11 to 16 in train: some below the sparse-class warning's threshold.
+    params["rebalance"].update(samples_per_class=16, min_source_images=14)
     params["train"].update(OFFLINE_TRAIN, epochs=6, batch_size=16)
     for name, values in sections.items():
         params[name].update(values)

@@ -60,3 +60,43 @@ def test_stage_runs_land_on_a_real_server(tmp_path: Path, monkeypatch: pytest.Mo
         assert logged.data.metrics["images_in"] == 3
         everything = str(logged.data.params) + str(logged.data.tags)
         assert "never-logged-secret" not in everything
+
+
+ADMIN_PASSWORD = "s3cret-Passw0rd-for-tests"
+
+
+@pytest.mark.slow
+def test_credentials_in_the_uri_work_and_are_never_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    config = tmp_path / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
+        f"admin_password = {ADMIN_PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        encoding="utf-8",
+    )
+    auth = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only-secret"}
+    with mlflow_server(tmp_path, "--app-name", "basic-auth", env=auth) as plain:
+        with_password = plain.replace("http://", f"http://admin:{ADMIN_PASSWORD}@")
+        # A wrong password is one line naming the URI, without the password.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", plain.replace("http://", "http://admin:wrong@"))
+        with pytest.raises(PipelineError, match=r"admin:\*\*\*@127.0.0.1:\d+: the tracking server refused"):
+            check_tracking_server()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", with_password)
+        check_tracking_server()
+        params = as_params(small_params())
+        with stage_run("split", params.base, params.split) as run:
+            mlflow.log_metric("images_in", 3)
+        # The same credentials as environment variables, as MLflow documents them.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", plain)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+        check_tracking_server()
+        logged = mlflow.MlflowClient(with_password).get_run(run.info.run_id)
+    assert logged.data.metrics["images_in"] == 3
+    recorded = " ".join([*logged.data.tags.values(), *logged.data.params.values()])
+    printed = capfd.readouterr()
+    assert ADMIN_PASSWORD not in recorded
+    assert ADMIN_PASSWORD not in printed.out + printed.err
