@@ -6,17 +6,20 @@ import hashlib
 import json
 import logging
 import math
+import shutil
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 import keras
 import mlflow
 import numpy as np
 from dvclive import Live
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.files import write_json_atomic
+from skin_lesion.files import atomic_output_dir, restore_interrupted_swap
 from skin_lesion.metrics import capped_balanced_accuracy
 
 log = logging.getLogger("skin_lesion.callbacks")
@@ -75,6 +78,11 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         self.early_stopping = early_stopping
         self.replay_to = list(replay_to)
         self.history: dict[str, list[float]] = {}
+        restore_interrupted_swap(self.backup_path)
+        problem = self.unreadable()
+        if problem:
+            log.warning("%s: checkpoint unreadable (%s); training from the start", self.backup_path, problem)
+            shutil.rmtree(self.backup_path)
 
     def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
         """Restore the last checkpoint, if any, and replay its epochs to the loggers."""
@@ -117,33 +125,68 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
             self.history.setdefault(name, []).append(float(value))
         super().on_epoch_end(epoch, logs)
 
+    def unreadable(self) -> str:
+        """Why the checkpoint in place cannot be resumed from; empty when it can (or there is none).
+
+        Every file is read in full, without touching the model, so that a damaged checkpoint is
+        discarded before any of it is loaded.
+        """
+        if not self.backup_path.exists():
+            return ""
+        try:
+            keras_epoch = json.loads(Path(self._training_metadata_path).read_text(encoding="utf-8"))["epoch"]
+            state = json.loads((self.backup_path / self.STATE_FILE).read_text(encoding="utf-8"))
+            if state["epoch"] != keras_epoch:
+                return f"its files are from epochs {state['epoch']} and {keras_epoch}"
+            self._load(self.RANDOM_STATE_FILE)
+            if "early_stopping" in state:
+                self._load(self.BEST_WEIGHTS_FILE)
+            with h5py.File(self._weights_path, "r") as weights:
+                weights.visititems(_read_dataset)
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
+            return f"{type(err).__name__}: {err}"
+        return ""
+
     def _save_model(self) -> None:
-        # Keras writes the weights, then the epoch; our state goes first, stamped with the epoch it
-        # belongs to, so that a kill between the writes is detected instead of mixing epochs.
-        self.backup_path.mkdir(parents=True, exist_ok=True)
-        state: dict[str, Any] = {"epoch": self._current_epoch, "history": self.history}
-        self._save(self.RANDOM_STATE_FILE, [keras.ops.convert_to_numpy(v) for v in self._random_states()])
-        if self.early_stopping is not None:
-            stopping = self.early_stopping
-            best = None if stopping.best is None else float(stopping.best)
-            state["early_stopping"] = {"wait": stopping.wait, "best": best, "best_epoch": stopping.best_epoch}
-            self._save(self.BEST_WEIGHTS_FILE, stopping.best_weights or [])
-        write_json_atomic(self.backup_path / self.STATE_FILE, state)
-        super()._save_model()
+        # All of an epoch's files go to a new folder that then replaces the previous one, so that a
+        # kill at any instant leaves one complete checkpoint: the previous epoch's or this one's.
+        with atomic_output_dir(self.backup_path) as folder:
+            state: dict[str, Any] = {"epoch": self._current_epoch, "history": self.history}
+            randoms = [keras.ops.convert_to_numpy(v) for v in self._random_states()]
+            np.savez(folder / self.RANDOM_STATE_FILE, *randoms)
+            if self.early_stopping is not None:
+                stopping = self.early_stopping
+                best = None if stopping.best is None else float(stopping.best)
+                state["early_stopping"] = {
+                    "wait": stopping.wait,
+                    "best": best,
+                    "best_epoch": stopping.best_epoch,
+                }
+                np.savez(folder / self.BEST_WEIGHTS_FILE, *(stopping.best_weights or []))
+            (folder / self.STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+            # Keras's own files (weights, epoch) into the same new folder, then back to their place.
+            in_place = self._weights_path, self._training_metadata_path
+            self._weights_path = str(folder / Path(in_place[0]).name)
+            self._training_metadata_path = str(folder / Path(in_place[1]).name)
+            try:
+                super()._save_model()
+            finally:
+                self._weights_path, self._training_metadata_path = in_place
 
     def _random_states(self) -> list[keras.Variable]:
         # The seed generators' states are variables but not weights, so save_weights leaves them out.
         weights = {id(weight) for weight in self.model.weights}
         return [variable for variable in self.model.variables if id(variable) not in weights]
 
-    def _save(self, name: str, arrays: Sequence[np.ndarray]) -> None:
-        tmp = self.backup_path / f".{name}.tmp.npz"
-        np.savez(tmp, *arrays)
-        tmp.replace(self.backup_path / name)
-
     def _load(self, name: str) -> list[np.ndarray]:
         with np.load(self.backup_path / name) as stored:
             return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
+def _read_dataset(_: str, item: h5py.Group | h5py.Dataset) -> None:
+    # Reading every array finds a truncated file; h5py.File opens one without complaint.
+    if isinstance(item, h5py.Dataset):
+        item[()]
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):

@@ -36,6 +36,7 @@ def atomic_output_dir(final: Path) -> Iterator[Path]:
     # A killed earlier run may have left its temp folder behind; it was never in place, so drop it.
     for stale in final.parent.glob(prefix + "*"):
         shutil.rmtree(stale)
+    restore_interrupted_swap(final)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     try:
         yield tmp
@@ -107,6 +108,14 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def restore_interrupted_swap(final: Path) -> None:
+    """Put the previous output back if a kill fell between moving it aside and moving the new one in."""
+    for trash in sorted(final.parent.glob(f".{final.name}.old-*")):
+        if not final.exists() and (trash / final.name).exists():
+            os.replace(trash / final.name, final)
+        shutil.rmtree(trash)
 
 
 def _replace_path(new: Path, final: Path) -> None:
