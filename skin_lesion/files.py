@@ -127,3 +127,14 @@ def _replace_path(new: Path, final: Path) -> None:
         shutil.rmtree(trash)
     else:
         os.replace(new, final)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs here: its temp files and MLflow runs are not yet stale."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -30,7 +30,7 @@ from urllib.parse import urljoin, urlparse
 import requests
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from skin_lesion.files import sha256_file, write_text_atomic
+from skin_lesion.files import process_alive, sha256_file, write_text_atomic
 
 log = logging.getLogger("skin_lesion.isic_archive")
 
@@ -238,19 +238,9 @@ def remove_partial_files(cache: Path) -> None:
     """Delete temp files that killed earlier runs left in the cache (not those of live processes)."""
     for partial in cache.glob(".*.part-*-*"):
         pid = int(partial.name.rsplit(".part-", 1)[1].split("-")[0])
-        if not _process_alive(pid):
+        # Queued experiments share the cache, so another live run's temp files must be left alone.
+        if not process_alive(pid):
             partial.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    # Queued experiments share the cache, so another live run's temp files must be left alone.
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_record(record: Any, isic_id: str) -> None:

@@ -6,6 +6,7 @@ import base64
 import logging
 import os
 import re
+import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -19,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.files import repo_root
+from skin_lesion.files import process_alive, repo_root
 from skin_lesion.params import BaseParams
 
 # Embedded default: a SQLite store and an artifact folder at the repository root, no server needed.
@@ -33,6 +34,8 @@ log = logging.getLogger("skin_lesion.tracking")
 
 # MLflow 3's UI opens an experiment of this kind on its runs (not the GenAI traces view).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+HOST_TAG = "host"  # where a stage ran, and its process: a run left RUNNING by a dead one was killed
+PID_TAG = "pid"
 MODEL_TRAINING_KIND = "custom_model_development"
 URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
 HTTP_SCHEMES = ("http://", "https://")
@@ -119,12 +122,35 @@ def stage_run(stage: str, base: BaseParams, section: BaseModel) -> Iterator[mlfl
     """Start an MLflow run for `stage`, tagged with the DVC experiment and git commit, params logged."""
     configure_mlflow()
     experiment_id = _experiment_id(base.experiment_name)
+    mark_killed_runs(experiment_id, stage)
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=_run_tags(stage)) as run:
         if tracking_uri().startswith(HTTP_SCHEMES):
             server = redact(tracking_uri()).rstrip("/")
             log.info("MLflow run: %s/#/experiments/%s/runs/%s", server, experiment_id, run.info.run_id)
         mlflow.log_params(flatten_params({"base": base.model_dump(), stage: section.model_dump()}))
         yield run
+
+
+def mark_killed_runs(experiment_id: str, stage: str) -> None:
+    """Mark KILLED the runs of `stage` left RUNNING on this machine by a process that no longer exists.
+
+    A killed stage never ends its MLflow run; without this it would show as running for ever.
+    """
+    host = socket.gethostname()
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.stage = '{stage}' and attributes.status = 'RUNNING' and tags.{HOST_TAG} = '{host}'",
+    )
+    for run in runs:
+        pid = int(run.data.tags.get(PID_TAG, "0"))
+        if pid and not process_alive(pid):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            log.warning(
+                "MLflow run %s of stage %s was left running by a killed process: marked KILLED",
+                run.info.run_id,
+                stage,
+            )
 
 
 def flatten_params(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -165,7 +191,7 @@ def _experiment_id(name: str) -> str:
 
 
 def _run_tags(stage: str) -> dict[str, str]:
-    tags = {"stage": stage}
+    tags = {"stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     for variable in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         if os.environ.get(variable):
             tags[variable] = os.environ[variable]

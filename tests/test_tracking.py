@@ -78,3 +78,21 @@ def test_experiment_is_marked_as_model_training_for_the_ui(in_tmp: Path) -> None
         experiment_id = run.info.experiment_id
     tags = mlflow.get_experiment(experiment_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_run_left_running_by_a_killed_stage_is_marked_killed(in_tmp: Path) -> None:
+    params = as_params(small_params())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    configure_mlflow()
+    with stage_run("train", params.base, params.train) as run:
+        killed_id = run.info.run_id
+    client = mlflow.MlflowClient()
+    # As a kill -9 leaves it: still RUNNING, from a process that is gone.
+    client.update_run(killed_id, status="RUNNING")
+    client.set_tag(killed_id, "pid", str(dead.pid))
+    with stage_run("train", params.base, params.train) as run:
+        live_id = run.info.run_id
+        assert client.get_run(live_id).info.status == "RUNNING"
+    assert client.get_run(killed_id).info.status == "KILLED"
+    assert client.get_run(live_id).info.status == "FINISHED"
