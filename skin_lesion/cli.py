@@ -1,12 +1,16 @@
 """The `skin-lesion` command: what users run by hand.
 
     skin-lesion predict PATH... [--model URI] [--output preds.csv] [--explain DIR]
+    skin-lesion serve [--model URI] [--host 127.0.0.1] [--port 5001]
     skin-lesion promote VERSION [--alias champion] [--force]
 
 `predict`: PATH is an image file or a folder (searched recursively). The default model is
 `models:/<base.model_name>@champion`, or the newest version when no champion is set yet. A file that
 cannot be read gets an error row; the others are still predicted. --explain writes a Grad-CAM overlay
 per alerted image, showing which regions drove P(melanoma).
+
+`serve`: the model over HTTP in MLflow's request format, with an answer row for every image of a
+batch (skin_lesion/server.py says how it differs from `mlflow models serve`).
 
 `promote`: point an alias (champion by default) at a registered version, refusing a version that was
 tested on another test split than the one the alias holds now (their metrics do not compare).
@@ -20,6 +24,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import uvicorn
 from mlflow import MlflowClient
 
 from skin_lesion.files import write_csv_atomic
@@ -28,6 +33,7 @@ from skin_lesion.params import load_params
 from skin_lesion.predict import BATCH_SIZE, collect_images, predict_files, render_summary
 from skin_lesion.registry import CHAMPION_ALIAS, promote, resolve_default_model
 from skin_lesion.runner import run_cli
+from skin_lesion.server import create_app
 from skin_lesion.tracking import configure_mlflow
 
 log = logging.getLogger("skin_lesion.cli")
@@ -51,6 +57,16 @@ def predict_command(args: argparse.Namespace) -> None:
     sys.stdout.write(render_summary(predictions) + "\n")
     if args.explain:
         explain_alerts(model, predictions, args.explain)
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    """Serve the model over HTTP until interrupted."""
+    configure_mlflow()
+    uri = args.model or resolve_default_model(load_params().base.model_name)
+    log.info("serving %s on http://%s:%d (POST /invocations, GET /health)", uri, args.host, args.port)
+    uvicorn.run(
+        create_app(mlflow.pyfunc.load_model(uri), uri), host=args.host, port=args.port, log_level="warning"
+    )
 
 
 def promote_command(args: argparse.Namespace) -> None:
@@ -77,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--explain", type=Path, help="folder for Grad-CAM overlays of alerted images")
     predict.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="default: %(default)s")
     predict.set_defaults(command=predict_command)
+    serve = commands.add_parser("serve", help="the model over HTTP, a row per image, errors per row")
+    serve.add_argument("--model", help="MLflow model URI or folder (default: the registered champion)")
+    serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    serve.add_argument("--port", type=_positive, default=5001, help="default: %(default)s")
+    serve.set_defaults(command=serve_command)
     promote_parser = commands.add_parser("promote", help="point an alias at a registered version")
     promote_parser.add_argument("version", help="the registered version, e.g. 3")
     promote_parser.add_argument("--alias", default=CHAMPION_ALIAS, help="default: %(default)s")

@@ -30,7 +30,10 @@ def decode_rgb(path: Path | BinaryIO, max_pixels: int | None = None) -> Image.Im
                     f"{path}: {opened.width}x{opened.height} pixels is over split.max_pixels={max_pixels}"
                 )
             return _to_8bit(ImageOps.exif_transpose(opened)).convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError as err:
+        # Pillow's message names the file object (`<_io.BytesIO object at 0x…>`) for bytes; say it plainly.
+        raise PipelineError(f"{path}: cannot decode image (not a format Pillow reads)") from err
+    except (OSError, Image.DecompressionBombError) as err:
         raise PipelineError(f"{path}: cannot decode image ({err})") from err
 
 

@@ -129,6 +129,10 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
         images = np.stack(
             [decode_base64_image(text, size, row) for row, text in enumerate(model_input[IMAGE_COLUMN])]
         )
+        return self.score(images)
+
+    def score(self, images: np.ndarray) -> pd.DataFrame:
+        """The prediction frame of decoded (n, size, size, 3) uint8 images."""
         probabilities = np.asarray(self.model.predict(images, verbose=0))
         return prediction_frame(
             probabilities,

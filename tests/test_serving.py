@@ -273,3 +273,57 @@ def test_bad_requests_are_named_without_echoing_their_data(
     message = str(raised.value)
     assert "aGVsbG8" not in message  # the request's base64 data
     assert "dtype" not in message  # a DataFrame's repr
+
+
+def _post_body(port: int, body: bytes) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_skin_lesion_serve_answers_every_image_of_a_batch(tracking: str, tmp_path: Path) -> None:
+    # Served from a downloaded copy: no tracking server needed while it runs.
+    folder = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model"))
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "skin_lesion.cli", "serve", "--model", folder, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server, SERVER_START_S)
+        good = _b64(write_image(tmp_path / "x.jpg", (150, 60, 60), size=40))
+        broken = base64.b64encode(b"not an image at all").decode()
+        status, body = _post(port, [[good], [broken], ["%%% not base64"], [good]])
+        assert status == 200, body
+        rows = json.loads(body)["predictions"]
+        assert [row["error"] for row in rows] == [
+            "",
+            "row 1: cannot decode image (not a format Pillow reads)",
+            "row 2: not base64-encoded",
+            "",
+        ]
+        assert rows[1]["p_melanoma"] is None
+        assert rows[0]["melanoma_alert"] is True
+        for payload, expected in [
+            (
+                b'{"dataframe_split": {"columns": ["image"], "data": []}}',
+                "no images: the request has no rows",
+            ),
+            (b"not json", "the request is not JSON"),
+            (b'{"dataframe_split": {"columns": ["img"], "data": [["x"]]}}', "needs a column 'image'"),
+        ]:
+            status, body = _post_body(port, payload)
+            assert status == 400, body
+            assert expected in json.loads(body)["message"]
+            assert "Traceback" not in body
+            assert str(REPO) not in body
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
