@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import shutil
+import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +60,7 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
     DVCLive and MLflow loggers) before carrying on.
     """
 
-    FORMAT = 3  # bumped when the files below change, so that old checkpoints are not read
+    FORMAT = 4  # bumped when the files below change, so that old checkpoints are not read
     STATE_FILE = "resume_state.json"
     BEST_WEIGHTS_FILE = "best_weights.npz"
     RANDOM_STATE_FILE = "random_state.npz"
@@ -70,6 +71,7 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         first_epoch: int,
         early_stopping: keras.callbacks.EarlyStopping | None,
         replay_to: Sequence[keras.callbacks.Callback],
+        clock: TrainingClock | None = None,
     ) -> None:
         # Kept when the fit ends: a later phase's resume restores this phase's end from it.
         super().__init__(backup_dir=str(backup_dir), save_freq="epoch", delete_checkpoint=False)
@@ -78,6 +80,7 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         self.early_stopping = early_stopping
         self.replay_to = list(replay_to)
         self.history: dict[str, list[float]] = {}
+        self.clock = clock or TrainingClock()
         restore_interrupted_swap(self.backup_path)
         problem = self.unreadable()
         if problem:
@@ -95,6 +98,7 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         if state["epoch"] != start_epoch:
             raise PipelineError(f"{self.backup_path}: checkpoint is inconsistent; delete it to retrain")
         self.history = state["history"]
+        self.clock.resume_at(state["seconds"])
         for variable, value in zip(self._random_states(), self._load(self.RANDOM_STATE_FILE), strict=True):
             variable.assign(value)
         if self.early_stopping is not None:
@@ -151,7 +155,11 @@ class ResumableCheckpoint(keras.callbacks.BackupAndRestore):
         # All of an epoch's files go to a new folder that then replaces the previous one, so that a
         # kill at any instant leaves one complete checkpoint: the previous epoch's or this one's.
         with atomic_output_dir(self.backup_path) as folder:
-            state: dict[str, Any] = {"epoch": self._current_epoch, "history": self.history}
+            state: dict[str, Any] = {
+                "epoch": self._current_epoch,
+                "history": self.history,
+                "seconds": self.clock.seconds(),
+            }
             randoms = [keras.ops.convert_to_numpy(v) for v in self._random_states()]
             np.savez(folder / self.RANDOM_STATE_FILE, *randoms)
             if self.early_stopping is not None:
@@ -231,6 +239,22 @@ class EpochLogger(keras.callbacks.Callback):
             self.live.log_metric(name, value)
         self.live.next_step()
         mlflow.log_metrics(metrics, step=epoch)
+
+
+class TrainingClock:
+    """The seconds a training has taken, the killed runs that a resumed one continues included."""
+
+    def __init__(self) -> None:
+        self.before = 0.0
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Training time so far."""
+        return self.before + time.perf_counter() - self.started
+
+    def resume_at(self, seconds: float) -> None:
+        """Carry on from a checkpoint that had taken `seconds` to reach."""
+        self.before, self.started = seconds, time.perf_counter()
 
 
 def checkpoint_folder(cache: Path, settings: str) -> Path:

@@ -17,7 +17,13 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from skin_lesion.architectures import build_model, has_backbone, set_backbone_trainable, with_augmentation
 from skin_lesion.batching import ShuffledBatches
-from skin_lesion.callbacks import MONITOR, ResumableCheckpoint, StopOnNonFiniteLoss, ValidationMetrics
+from skin_lesion.callbacks import (
+    MONITOR,
+    ResumableCheckpoint,
+    StopOnNonFiniteLoss,
+    TrainingClock,
+    ValidationMetrics,
+)
 from skin_lesion.errors import PipelineError
 from skin_lesion.params import BaseParams, TrainParams
 
@@ -88,19 +94,28 @@ def train_model(
     phases = training_phases(train)
     epochs_run: dict[str, list[float]] = {}
     epochs_trained = 0
-    started = time.perf_counter()
+    started, clock = time.perf_counter(), TrainingClock()
     # One scope for the whole fit: every phase compiles and trains under the same strategy.
     with distribution_scope(train.distribution):
         model, trainer = build_trainer(base, train)
         for phase in phases:
             checkpoint = checkpoint_dir / phase.name if checkpoint_dir else None
             ran, history = fit_phase(
-                model, trainer, data, base.seed, train, phase, phase is phases[-1], callbacks, checkpoint
+                model,
+                trainer,
+                data,
+                base.seed,
+                train,
+                phase,
+                phase is phases[-1],
+                callbacks,
+                checkpoint,
+                clock,
             )
             epochs_trained += ran
             for name, values in history.items():
                 epochs_run.setdefault(name, []).extend(values)
-    seconds = time.perf_counter() - started
+    seconds, this_run = clock.seconds(), time.perf_counter() - started
     if checkpoint_dir and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)  # finished: nothing left to resume
     scores = epochs_run[MONITOR]
@@ -118,8 +133,8 @@ def train_model(
         "best_epoch": best + 1,
         "best_val_balanced_accuracy": float(scores[best]),
         "kept_epoch": kept + 1,
-        "seconds": round(seconds, 2),
-        "images_per_second": round(epochs_trained * len(x_train) / seconds, 2),
+        "seconds": round(seconds, 2),  # with the time of the killed runs it resumed
+        "images_per_second": round(epochs_trained * len(x_train) / this_run, 2),
         "train_images": len(x_train),
         "val_images": len(x_val),
         **{key: float(values[kept]) for key, values in epochs_run.items() if key != "learning_rate"},
@@ -137,6 +152,7 @@ def fit_phase(
     last: bool,
     callbacks: list[keras.callbacks.Callback],
     checkpoint_dir: Path | None,
+    clock: TrainingClock | None = None,
 ) -> tuple[int, dict[str, list[float]]]:
     """Train one phase; return how many epochs it trained now and the logs of all its epochs."""
     x_train, y_train, sample_weight, x_val, y_val = data
@@ -150,7 +166,7 @@ def fit_phase(
         )
     recorder = None
     if checkpoint_dir:
-        recorder = ResumableCheckpoint(checkpoint_dir, phase.first_epoch, early_stopping, callbacks)
+        recorder = ResumableCheckpoint(checkpoint_dir, phase.first_epoch, early_stopping, callbacks, clock)
     # The validation pass comes first so that the callbacks after it see its metrics.
     phase_callbacks = [
         StopOnNonFiniteLoss(),

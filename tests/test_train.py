@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -605,3 +606,19 @@ def test_a_batch_larger_than_the_training_set_is_refused() -> None:
     params = _params(batch_size=8)
     with pytest.raises(PipelineError, match=r"train.batch_size: 8 is more than the 6 training images"):
         train_model(x, y, x, y, params.base, params.train)
+
+
+def test_a_resumed_run_reports_the_time_of_the_whole_training(tmp_path: Path) -> None:
+    x, y = _data(n=48)
+    x_val, y_val = _data(n=24, seed=1)
+    params = _params(epochs=4, early_stopping_patience=0)
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        train_model(x, y, x_val, y_val, params.base, params.train, [_KillAfter(3)], checkpoint_dir=tmp_path)
+    killed_run = time.perf_counter() - started
+    started = time.perf_counter()
+    _, summary = train_model(x, y, x_val, y_val, params.base, params.train, [], checkpoint_dir=tmp_path)
+    resumed_run = time.perf_counter() - started
+    # Three epochs came from the killed run: the reported time counts them, the resumed run alone not.
+    assert summary["seconds"] > resumed_run
+    assert summary["seconds"] < killed_run + resumed_run
