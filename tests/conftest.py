@@ -24,6 +24,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from skin_lesion.params import Params
+from skin_lesion.registry import log_servable_model
 from skin_lesion.sources.isic import fetch_isic
 from skin_lesion.sources.local import fetch_local
 
@@ -163,6 +164,15 @@ def assert_no_group_straddles(splits: dict[str, pd.DataFrame], key: str = "group
     for name, frame in splits.items():
         for value in frame[key]:
             assert seen.setdefault(value, name) == name, f"{key} {value} is in {seen[value]} and {name}"
+
+
+def log_test_model(keras_path: Path, classes: list[str], size: int, threshold: float, source: str) -> str:
+    """Log the pyfunc of a saved Keras model in the active MLflow run, as evaluate does; its URI."""
+    import keras  # noqa: PLC0415 - only the tests that log models pay for importing Keras here
+
+    return log_servable_model(
+        keras_path, classes, size, "melanoma", threshold, backend=keras.backend.backend(), data_source=source
+    )
 
 
 def point_mlflow_at(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,8 +24,16 @@ from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
 from skin_lesion.gradcam import explain_alerts
 from skin_lesion.predict import collect_images, predict_files, render_summary
-from skin_lesion.registry import log_servable_model, register_version, resolve_default_model
-from tests.conftest import CLASSES, REPO, free_port, point_mlflow_at, wait_for_http, write_image
+from skin_lesion.registry import register_version, resolve_default_model
+from tests.conftest import (
+    CLASSES,
+    REPO,
+    free_port,
+    log_test_model,
+    point_mlflow_at,
+    wait_for_http,
+    write_image,
+)
 
 SIZE = 32
 NAME = "lesions"
@@ -45,15 +53,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model("baseline_cnn", SIZE, len(CLASSES), 0.0, shades_of_gray=6)
     model.save(root / "model.keras")
     with mlflow.start_run(experiment_id=experiment):
-        uri_of_model = log_servable_model(
-            root / "model.keras",
-            CLASSES,
-            SIZE,
-            "melanoma",
-            threshold=0.0,
-            backend=keras.backend.backend(),
-            data_source="local",
-        )
+        uri_of_model = log_test_model(root / "model.keras", CLASSES, SIZE, threshold=0.0, source="local")
     register_version(uri_of_model, NAME, tags={})
     return root
 
@@ -90,15 +90,7 @@ def test_pyfunc_returns_probabilities_and_alert(tracking: str, tmp_path: Path) -
 
 def test_a_model_trained_on_synthetic_shapes_says_so_in_every_answer(store: Path, tmp_path: Path) -> None:
     with mlflow.start_run():
-        uri = log_servable_model(
-            store / "model.keras",
-            CLASSES,
-            SIZE,
-            "melanoma",
-            threshold=0.5,
-            backend=keras.backend.backend(),
-            data_source="synthetic",
-        )
+        uri = log_test_model(store / "model.keras", CLASSES, SIZE, threshold=0.5, source="synthetic")
     model = mlflow.pyfunc.load_model(uri)
     assert model.metadata.metadata == {"data_source": "synthetic"}
     image = write_image(tmp_path / "a.jpg", (200, 40, 40), size=50)
@@ -245,15 +237,7 @@ def test_served_model_answers_on_localhost(tracking: str, tmp_path: Path) -> Non
 
 
 def _post(port: int, rows: list[list[str]]) -> tuple[int, str]:
-    payload = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations", data=payload, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
+    return _post_body(port, json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode())
 
 
 @pytest.mark.parametrize(

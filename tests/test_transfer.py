@@ -16,9 +16,8 @@ from pydantic import ValidationError
 from skin_lesion.architectures import BACKBONE_NAME, build_model
 from skin_lesion.errors import PipelineError
 from skin_lesion.params import TrainParams
-from skin_lesion.registry import log_servable_model
 from skin_lesion.training import Phase, check_weights_file, train_model, training_phases
-from tests.conftest import CLASSES, draw_lesion, small_params, tiny_backbone_weights
+from tests.conftest import CLASSES, draw_lesion, log_test_model, small_params, tiny_backbone_weights
 from tests.test_train import SIZE, _data, _Epochs, _KillAfter, _params
 
 
@@ -184,15 +183,7 @@ def test_registered_pyfunc_needs_no_preprocessing_of_its_own(weights_file: Path,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run():
-        model_uri = log_servable_model(
-            tmp_path / "model.keras",
-            CLASSES,
-            SIZE,
-            "melanoma",
-            threshold=0.5,
-            backend=keras.backend.backend(),
-            data_source="local",
-        )
+        model_uri = log_test_model(tmp_path / "model.keras", CLASSES, SIZE, threshold=0.5, source="local")
     served = mlflow.pyfunc.load_model(model_uri)
     encoded = base64.b64encode((tmp_path / "lesion.png").read_bytes()).decode("ascii")
     out = served.predict(pd.DataFrame({"image": [encoded]}))
