@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageFilter
 
-from skin_lesion.metrics import auc_or_none, balanced_accuracy
+from skin_lesion.metrics import auc_or_none, balanced_accuracy, metrics_by_collection
 
 log = logging.getLogger("skin_lesion.stress")
 
@@ -89,6 +90,24 @@ def _per_image(images: np.ndarray, change: Callable[[Image.Image], Image.Image])
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
+def source_shift_report(
+    predict: Callable[[np.ndarray], np.ndarray],
+    collections: pd.Series,
+    images: np.ndarray,
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    melanoma: int,
+    clean: dict[str, Any],
+    strengths: dict[str, list[float]],
+) -> dict[str, Any]:
+    """How the model fares by collection of the test split, and under acquisition changes."""
+    threshold = clean["melanoma"]["operating_point"]["threshold"]
+    return {
+        "by_collection": metrics_by_collection(collections, y_true, probabilities, melanoma, threshold),
+        "stress": stress_test(predict, images, y_true, melanoma, clean, strengths),
+    }
 
 
 def stress_test(

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import keras
 import mlflow
@@ -26,9 +27,9 @@ import numpy as np
 from skin_lesion.architectures import load_model
 from skin_lesion.files import write_json_atomic, write_text_atomic
 from skin_lesion.images import read_split
-from skin_lesion.metrics import experiment_row, metrics_by_collection, score_test_split
+from skin_lesion.metrics import experiment_row, score_test_split
 from skin_lesion.model_card import describe_model, render_model_card
-from skin_lesion.params import load_params
+from skin_lesion.params import Params, load_params
 from skin_lesion.plots import write_plots
 from skin_lesion.registry import (
     NEW_VERSION_ALIAS,
@@ -38,7 +39,7 @@ from skin_lesion.registry import (
     version_tags,
 )
 from skin_lesion.runner import run_cli
-from skin_lesion.stress import stress_test
+from skin_lesion.stress import source_shift_report
 from skin_lesion.tracking import loggable_metrics, stage_run
 
 log = logging.getLogger("stages.evaluate")
@@ -62,14 +63,9 @@ def main() -> None:
     with stage_run("evaluate", base, settings) as run:
         scored = (y_val, p_val), (y_test, p_test)
         metrics = score_test_split(*scored, base.classes, melanoma, settings, base.seed)
-        threshold = metrics["melanoma"]["operating_point"]["threshold"]
-        # Apart from metrics/evaluate.json, which `dvc exp show` spreads into columns.
-        shift = {
-            "by_collection": metrics_by_collection(
-                test_rows["collection"], y_test, p_test, melanoma, threshold
-            ),
-            "stress": stress_test(predict, x_test, y_test, melanoma, metrics, settings.stress),
-        }
+        shift = source_shift_report(
+            predict, test_rows["collection"], x_test, y_test, p_test, melanoma, metrics, settings.stress
+        )
         write_plots(args.plots, test_rows, y_test, p_test, base.classes, melanoma, settings, shift["stress"])
         write_json_atomic(args.shift_report, shift)
         trained = describe_model(params.train, base.image_size)
@@ -83,19 +79,7 @@ def main() -> None:
         for artifact in (args.shift_report, args.model_card):
             mlflow.log_artifact(str(artifact))
 
-        train_run = json.loads(args.model_info.read_text(encoding="utf-8"))["run_id"]
-        fingerprint = split_fingerprint(args.split / "test.csv")
-        tags = version_tags(train_run, run.info.run_id, fingerprint, metrics, params.download.source)
-        model_uri = log_servable_model(
-            args.model,
-            base.classes,
-            base.image_size,
-            base.melanoma_class,
-            threshold,
-            keras.backend.backend(),
-            params.download.source,
-        )
-        version, reason = register_and_promote(model_uri, base.model_name, card, tags, metrics, settings)
+        version, reason = register(args, params, run.info.run_id, metrics, card)
         metrics["model_version"] = int(version)
         write_json_atomic(args.details, metrics)
         write_json_atomic(args.metrics, experiment_row(metrics, int(version)))
@@ -108,6 +92,26 @@ def main() -> None:
         NEW_VERSION_ALIAS,
         reason,
     )
+
+
+def register(
+    args: argparse.Namespace, params: Params, run_id: str, metrics: dict[str, Any], card: str
+) -> tuple[str, str]:
+    """Log the servable model, register it as @challenger and decide `champion`; version and why."""
+    base, source = params.base, params.download.source
+    train_run = json.loads(args.model_info.read_text(encoding="utf-8"))["run_id"]
+    tags = version_tags(train_run, run_id, split_fingerprint(args.split / "test.csv"), metrics, source)
+    threshold = metrics["melanoma"]["operating_point"]["threshold"]
+    model_uri = log_servable_model(
+        args.model,
+        base.classes,
+        base.image_size,
+        base.melanoma_class,
+        threshold,
+        keras.backend.backend(),
+        source,
+    )
+    return register_and_promote(model_uri, base.model_name, card, tags, metrics, params.evaluate)
 
 
 def parse_args() -> argparse.Namespace:
