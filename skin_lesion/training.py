@@ -115,15 +115,27 @@ def train_model(
             epochs_trained += ran
             for name, values in history.items():
                 epochs_run.setdefault(name, []).extend(values)
-    seconds, this_run = clock.seconds(), time.perf_counter() - started
     if checkpoint_dir and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)  # finished: nothing left to resume
+    speed = epochs_trained * len(x_train) / (time.perf_counter() - started)  # this process's epochs
+    summary = training_summary(train, epochs_run, phases[-1].first_epoch, clock.seconds(), speed)
+    return model, {**summary, "train_images": len(x_train), "val_images": len(x_val)}
+
+
+def training_summary(
+    train: TrainParams,
+    epochs_run: dict[str, list[float]],
+    last_phase_start: int,
+    seconds: float,
+    images_per_second: float,
+) -> dict[str, Any]:
+    """What train.json records: the set-up, the best and the kept epoch and its logs, the time."""
     scores = epochs_run[MONITOR]
     # The best epoch of the last phase (a warm-up's epochs are not candidates); with early stopping
     # the model holds its weights, else the last epoch's.
-    best = phases[-1].first_epoch + int(np.argmax(scores[phases[-1].first_epoch :]))
+    best = last_phase_start + int(np.argmax(scores[last_phase_start:]))
     kept = best if train.early_stopping_patience else len(scores) - 1
-    summary = {
+    return {
         "arch": train.arch,
         "weights": "file" if train.weights not in ("none", "imagenet") else train.weights,
         "precision": train.precision,
@@ -134,12 +146,9 @@ def train_model(
         "best_val_balanced_accuracy": float(scores[best]),
         "kept_epoch": kept + 1,
         "seconds": round(seconds, 2),  # with the time of the killed runs it resumed
-        "images_per_second": round(epochs_trained * len(x_train) / this_run, 2),
-        "train_images": len(x_train),
-        "val_images": len(x_val),
+        "images_per_second": round(images_per_second, 2),
         **{key: float(values[kept]) for key, values in epochs_run.items() if key != "learning_rate"},
     }
-    return model, summary
 
 
 def fit_phase(
