@@ -42,7 +42,16 @@ class ValidationMetrics(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         """Add the validation metrics to this epoch's logs."""
-        probabilities = np.asarray(self.model.predict(self.x_val, batch_size=self.batch_size, verbose=0))
+        # Batch by batch, not model.predict: its tf.data pipeline, under TensorFlow's op determinism,
+        # logs a spurious NodeDef error every time it is built.
+        probabilities = np.concatenate(
+            [
+                keras.ops.convert_to_numpy(
+                    self.model.predict_on_batch(self.x_val[start : start + self.batch_size])
+                )
+                for start in range(0, len(self.x_val), self.batch_size)
+            ]
+        )
         predicted = probabilities.argmax(axis=1)
         picked = probabilities[np.arange(len(self.y_val)), self.y_val]
         if logs is not None:

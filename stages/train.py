@@ -68,7 +68,9 @@ def main() -> None:
         info = mlflow.keras.log_model(
             model,
             name=MLFLOW_MODEL_NAME,
-            signature=infer_signature(x_val[:2], model.predict(x_val[:2], verbose=0)),
+            signature=infer_signature(
+                x_val[:2], keras.ops.convert_to_numpy(model.predict_on_batch(x_val[:2]))
+            ),
             pip_requirements=pip_requirements(keras.backend.backend()),
         )
         write_json_atomic(args.model_info, {"run_id": run.info.run_id, "model_uri": info.model_uri})
