@@ -30,6 +30,21 @@ MONITOR = "val_balanced_accuracy"
 CHECKPOINT_KEY_LENGTH = 24  # hex digits of the settings hash that names a checkpoint folder
 
 
+def predict_in_batches(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model's outputs, calling it on one batch at a time.
+
+    Not model.predict: its tf.data pipeline, under TensorFlow's op determinism, logs a spurious
+    NodeDef error each time it is built; and not predict_on_batch, which under a distribution
+    strategy returns every replica's copy of the batch.
+    """
+    return np.concatenate(
+        [
+            keras.ops.convert_to_numpy(model(images[start : start + batch_size], training=False))
+            for start in range(0, len(images), batch_size)
+        ]
+    )
+
+
 class ValidationMetrics(keras.callbacks.Callback):
     """One pass over the validation set per epoch: val_loss, val_accuracy, val_balanced_accuracy.
 
@@ -42,16 +57,7 @@ class ValidationMetrics(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         """Add the validation metrics to this epoch's logs."""
-        # Batch by batch, not model.predict: its tf.data pipeline, under TensorFlow's op determinism,
-        # logs a spurious NodeDef error every time it is built.
-        probabilities = np.concatenate(
-            [
-                keras.ops.convert_to_numpy(
-                    self.model.predict_on_batch(self.x_val[start : start + self.batch_size])
-                )
-                for start in range(0, len(self.x_val), self.batch_size)
-            ]
-        )
+        probabilities = predict_in_batches(self.model, self.x_val, self.batch_size)
         predicted = probabilities.argmax(axis=1)
         picked = probabilities[np.arange(len(self.y_val)), self.y_val]
         if logs is not None:

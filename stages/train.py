@@ -21,7 +21,7 @@ from mlflow.models import infer_signature
 
 from skin_lesion.architectures import save_model_atomic
 from skin_lesion.batching import load_cached_images
-from skin_lesion.callbacks import EpochLogger, checkpoint_folder
+from skin_lesion.callbacks import EpochLogger, checkpoint_folder, predict_in_batches
 from skin_lesion.files import in_main_repo, read_manifest, write_json_atomic
 from skin_lesion.manifests import REBALANCED_COLUMNS, SPLIT_COLUMNS, class_indices
 from skin_lesion.params import load_params
@@ -68,9 +68,7 @@ def main() -> None:
         info = mlflow.keras.log_model(
             model,
             name=MLFLOW_MODEL_NAME,
-            signature=infer_signature(
-                x_val[:2], keras.ops.convert_to_numpy(model.predict_on_batch(x_val[:2]))
-            ),
+            signature=infer_signature(x_val[:2], predict_in_batches(model, x_val[:2], batch_size=2)),
             pip_requirements=pip_requirements(keras.backend.backend()),
         )
         write_json_atomic(args.model_info, {"run_id": run.info.run_id, "model_uri": info.model_uri})
