@@ -158,6 +158,8 @@ def _confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[
     ConfusionMatrixDisplay(counts, display_labels=list(classes)).plot(
         ax=axis, colorbar=True, xticks_rotation=45, cmap="Blues"
     )
+    for label in axis.get_xticklabels():
+        label.set_horizontalalignment("right")  # long class names end under their column
     axis.set(title="Confusion matrix (test split): rows are the true class")
     return figure
 

@@ -86,7 +86,7 @@ def main() -> None:
     log.info(
         "test balanced accuracy %.3f, melanoma AUC %s; %s version %s is @%s; %s",
         metrics["balanced_accuracy"],
-        metrics["melanoma"]["auc"],
+        "n/a" if metrics["melanoma"]["auc"] is None else f"{metrics['melanoma']['auc']:.3f}",
         base.model_name,
         version,
         NEW_VERSION_ALIAS,
