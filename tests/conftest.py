@@ -118,6 +118,19 @@ def run_stage(cwd: Path, module: str, *args: str, **env: str) -> subprocess.Comp
     )
 
 
+def run_skin_lesion(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run the `skin-lesion` command in `cwd` as a user would, with extra environment variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "skin_lesion.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
 def make_isic_folder(root: Path, train_per_class: int = 6, test_per_class: int = 0) -> Path:
     """An ISIC-layout folder: root/Train/<class>/*.jpg and optionally root/Test/<class>/*.jpg."""
     colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ from mlflow import MlflowClient
 
 from skin_lesion.errors import PipelineError
 from skin_lesion.registry import CHAMPION_ALIAS, TEST_SPLIT_TAG, promote, split_fingerprint
-from tests.conftest import REPO, point_mlflow_at
+from tests.conftest import REPO, point_mlflow_at, run_skin_lesion
 
 NAME = "skin-lesion-classifier"  # base.model_name in the committed params.yaml
 
@@ -61,14 +59,10 @@ def test_promote_names_a_version_that_does_not_exist(client: MlflowClient) -> No
 def test_promote_command_sets_the_alias_and_refuses_in_one_line(client: MlflowClient, tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text(encoding="utf-8"))
 
-    def skin_lesion(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "skin_lesion.cli", *args]
-        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
-
-    moved = skin_lesion("promote", "2")
+    moved = run_skin_lesion(tmp_path, "promote", "2")
     assert moved.returncode == 0, moved.stderr
     assert _champion(client) == "2"
-    refused = skin_lesion("promote", "3")
+    refused = run_skin_lesion(tmp_path, "promote", "3")
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1].startswith("ERROR skin_lesion: version 3 was tested")
     assert "Traceback" not in refused.stderr

@@ -31,6 +31,7 @@ from tests.conftest import (
     free_port,
     log_test_model,
     point_mlflow_at,
+    run_skin_lesion,
     wait_for_http,
     write_image,
 )
@@ -154,24 +155,10 @@ def test_default_model_is_the_champion_or_else_the_newest(tracking: str, store: 
 def test_predict_command_writes_csv_and_alert_lines(tracking: str, tmp_path: Path) -> None:
     folder = _folder(tmp_path)
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "skin_lesion.cli",
-            "predict",
-            str(folder),
-            "--model",
-            f"models:/{NAME}/1",
-            "--output",
-            "p.csv",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": tracking},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_skin_lesion(
+        tmp_path, "predict", str(folder), "--model", f"models:/{NAME}/1", "--output", "p.csv",
+        PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=tracking,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert list(table.columns)[:2] == ["path", "predicted_label"]

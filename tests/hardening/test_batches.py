@@ -5,8 +5,6 @@ Served batches get the same treatment from `skin-lesion serve` (tests/test_servi
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -16,7 +14,7 @@ import pandas as pd
 from PIL import Image
 
 from skin_lesion.architectures import build_model
-from tests.conftest import CLASSES, REPO, log_test_model, write_image
+from tests.conftest import CLASSES, REPO, log_test_model, run_skin_lesion, write_image
 
 
 def test_predict_on_a_folder_with_an_oversized_and_a_corrupt_file_gives_every_file_a_row(
@@ -33,24 +31,7 @@ def test_predict_on_a_folder_with_an_oversized_and_a_corrupt_file_gives_every_fi
     Image.fromarray(noise).save(folder / "b_huge.png", compress_level=0)  # over 20 MiB
     (folder / "c_broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text(encoding="utf-8"))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "skin_lesion.cli",
-            "predict",
-            str(folder),
-            "--model",
-            uri,
-            "--output",
-            "p.csv",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_skin_lesion(tmp_path, "predict", str(folder), "--model", uri, "--output", "p.csv")
     assert result.returncode == 0, result.stderr
     rows = pd.read_csv(tmp_path / "p.csv", keep_default_na=False).set_index("path")
     assert [Path(path).name for path in rows.index] == ["a_ok.jpg", "b_huge.png", "c_broken.jpg"]
