@@ -22,6 +22,7 @@ from skin_lesion.files import atomic_file
 from skin_lesion.params import AugmentParams
 
 BACKBONE_NAME = "backbone"  # the keras.applications net inside a model, frozen and unfrozen by name
+OUTPUT_LAYER = "probs"  # the softmax head; its input is the image's embedding (skin_lesion/ood.py)
 
 
 def build_model(
@@ -41,7 +42,7 @@ def build_model(
     x = layers.Rescaling(1.0, name="to_float")(x)  # a cast to the compute dtype, values 0..255
     x = BACKBONES[arch](x, dropout, weights)
     # float32 softmax so that probabilities stay exact under mixed precision too.
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="probs")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name=OUTPUT_LAYER)(x)
     return keras.Model(inputs, outputs, name=arch)
 
 

@@ -3,6 +3,9 @@
     skin-lesion predict PATH... [--model URI] [--output preds.csv] [--explain DIR]
     skin-lesion serve [--model URI] [--host 127.0.0.1] [--port 5001]
     skin-lesion promote VERSION [--alias champion] [--force]
+    skin-lesion review [--model URI] [--host 127.0.0.1] [--port 5002] [--db feedback/review.db]
+    skin-lesion export-feedback OUT [--db feedback/review.db]
+    skin-lesion monitor [--model URI] [--db feedback/review.db] [--days 30] [--tolerance 0.1]
 
 `predict`: PATH is an image file or a folder (searched recursively). The default model is
 `models:/<base.model_name>@champion`, or the newest version when no champion is set yet. A file that
@@ -14,27 +17,43 @@ batch (skin_lesion/server.py says how it differs from `mlflow models serve`).
 
 `promote`: point an alias (champion by default) at a registered version, refusing a version that was
 tested on another test split than the one the alias holds now (their metrics do not compare).
+
+`review`: the clinician's web page (skin_lesion/review.py). Beyond 127.0.0.1 it needs a token in
+SKIN_LESION_REVIEW_TOKEN. `export-feedback`: the diagnoses recorded there, as a dataset folder for
+`download.source: local`. `monitor`: the logged predictions' alert rate, OOD rate and class mix
+against the model's test split, and a figure of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import mlflow
 import uvicorn
 from mlflow import MlflowClient
 
-from skin_lesion.files import write_csv_atomic
+from skin_lesion.errors import PipelineError
+from skin_lesion.feedback import EXPORT_METADATA, FeedbackStore, export_feedback
+from skin_lesion.files import atomic_file, write_csv_atomic
 from skin_lesion.gradcam import explain_alerts
+from skin_lesion.monitoring import drift_figure, drift_report, render_drift
 from skin_lesion.params import load_params
 from skin_lesion.predict import BATCH_SIZE, collect_images, predict_files, render_summary
-from skin_lesion.registry import CHAMPION_ALIAS, promote, resolve_default_model
+from skin_lesion.registry import CHAMPION_ALIAS, describe_version, promote, resolve_default_model
+from skin_lesion.review import create_review_app
 from skin_lesion.runner import run_cli
 from skin_lesion.server import create_app
-from skin_lesion.tracking import configure_mlflow
+from skin_lesion.tracking import configure_mlflow, redact, tracking_uri
+
+DEFAULT_DB = Path("feedback/review.db")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TOKEN_VARIABLE = "SKIN_LESION_REVIEW_TOKEN"
+DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves the default SQLite store
 
 log = logging.getLogger("skin_lesion.cli")
 
@@ -67,6 +86,60 @@ def serve_command(args: argparse.Namespace) -> None:
     uvicorn.run(
         create_app(mlflow.pyfunc.load_model(uri), uri), host=args.host, port=args.port, log_level="warning"
     )
+
+
+def review_command(args: argparse.Namespace) -> None:
+    """Serve the review page until interrupted."""
+    token = os.environ.get(TOKEN_VARIABLE) or None
+    if args.host not in LOOPBACK and token is None:
+        raise PipelineError(
+            f"--host {args.host} opens the page to other machines: set {TOKEN_VARIABLE} to an access token"
+        )
+    configure_mlflow()
+    uri = args.model or resolve_default_model(load_params().base.model_name)
+    version = describe_version(MlflowClient(), uri)
+    server = tracking_uri() if tracking_uri().startswith("http") else DEFAULT_MLFLOW_UI
+    ui = args.mlflow_ui or redact(server)
+    app = create_review_app(mlflow.pyfunc.load_model(uri), version, FeedbackStore(args.db), ui, token)
+    address = f"http://{args.host}:{args.port}/" + ("?token=<the token>" if token else "")
+    log.info("review page for %s on %s (diagnoses in %s)", uri, address, args.db)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def export_feedback_command(args: argparse.Namespace) -> None:
+    """Write the recorded diagnoses as a dataset folder for download.source: local."""
+    table = export_feedback(FeedbackStore(args.db), args.out, load_params().base.classes)
+    counts = ", ".join(f"{label} {count}" for label, count in table["diagnosis"].value_counts().items())
+    log.info("wrote %d diagnosed images to %s/Train (%s)", len(table), args.out, counts)
+    log.info(
+        "train on them: dvc exp run -S download.source=local -S download.local.path=%s"
+        " -S download.local.metadata=%s -S download.local.lesion_column=lesion_id"
+        " -S download.local.diagnosis_column= -S download.local.collection=collection",
+        args.out,
+        EXPORT_METADATA,
+    )
+
+
+def monitor_command(args: argparse.Namespace) -> None:
+    """Compare the logged predictions of a model with its test split; print and plot it."""
+    configure_mlflow()
+    uri = args.model or resolve_default_model(load_params().base.model_name)
+    version = describe_version(MlflowClient(), uri)
+    config = mlflow.pyfunc.load_model(uri).model_config
+    log_table = FeedbackStore(args.db).predictions(since=datetime.now(UTC) - timedelta(days=args.days))
+    if version["version"]:
+        log_table = log_table[log_table["model_version"] == version["version"]]
+    else:
+        log_table = log_table[log_table["model"] == uri]
+    figures = config.get("test_figures") or {}
+    report = drift_report(log_table, figures, config["classes"], args.tolerance)
+    model = f"{version['name']} version {version['version']}" if version["version"] else uri
+    sys.stdout.write(render_drift(report, model) + "\n")
+    if report["images"]:
+        figure_path = args.plot or args.db.with_name("monitor.png")
+        with atomic_file(figure_path, suffix=".png") as tmp:
+            drift_figure(report, model).savefig(tmp, dpi=100)
+        log.info("figure: %s", figure_path)
 
 
 def promote_command(args: argparse.Namespace) -> None:
@@ -103,6 +176,24 @@ def _parser() -> argparse.ArgumentParser:
     promote_parser.add_argument("--alias", default=CHAMPION_ALIAS, help="default: %(default)s")
     promote_parser.add_argument("--force", action="store_true", help="even if tested on another test split")
     promote_parser.set_defaults(command=promote_command)
+    review = commands.add_parser("review", help="the clinician's review page in a browser")
+    review.add_argument("--model", help="MLflow model URI (default: the registered champion)")
+    review.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    review.add_argument("--port", type=_positive, default=5002, help="default: %(default)s")
+    review.add_argument("--db", type=Path, default=DEFAULT_DB, help="diagnoses and prediction log")
+    review.add_argument("--mlflow-ui", help=f"for run links (default: server or {DEFAULT_MLFLOW_UI})")
+    review.set_defaults(command=review_command)
+    export = commands.add_parser("export-feedback", help="recorded diagnoses as a dataset folder")
+    export.add_argument("out", type=Path, help="folder to write (<out>/Train/<class>/*, <out>/index.csv)")
+    export.add_argument("--db", type=Path, default=DEFAULT_DB, help="default: %(default)s")
+    export.set_defaults(command=export_feedback_command)
+    monitor = commands.add_parser("monitor", help="recent predictions against the model's test split")
+    monitor.add_argument("--model", help="MLflow model URI (default: the registered champion)")
+    monitor.add_argument("--db", type=Path, default=DEFAULT_DB, help="default: %(default)s")
+    monitor.add_argument("--days", type=_positive, default=30, help="default: %(default)s")
+    monitor.add_argument("--tolerance", type=float, default=0.1, help="largest change not flagged as drift")
+    monitor.add_argument("--plot", type=Path, help="figure to write (default: monitor.png beside --db)")
+    monitor.set_defaults(command=monitor_command)
     return parser
 
 

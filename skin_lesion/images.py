@@ -48,7 +48,11 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 def load_rgb(path: Path | BinaryIO, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file to a (size, size, 3) uint8 RGB array, honouring EXIF rotation."""
-    image = decode_rgb(path, max_pixels=max_pixels)
+    return resize_rgb(decode_rgb(path, max_pixels=max_pixels), size)
+
+
+def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
+    """A decoded RGB image as the (size, size, 3) uint8 array the model takes."""
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)

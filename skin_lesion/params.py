@@ -192,6 +192,7 @@ class EvaluateParams(_Section):
         "balanced_accuracy", "accuracy", "macro_auc", "melanoma_auc", "melanoma_auc_sens_80"
     ]
     promote_margin: Float = Field(ge=0)
+    ood_quantile: Float = Field(gt=0, lt=1)
     stress: dict[Literal["colour_cast", "darken", "blur", "jpeg_quality", "resolution"], list[Float]]
 
     @model_validator(mode="after")

@@ -6,6 +6,7 @@ import base64
 import io
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,15 @@ def log_servable_model(
     threshold: float,
     backend: str,
     data_source: str,
+    ood_path: Path | None = None,
+    test_figures: dict[str, Any] | None = None,
 ) -> str:
     """Log the pyfunc that wraps the Keras model with its preprocessing and threshold; return its URI.
 
     `data_source` (download.source) travels with it: a model trained on synthetic shapes says so in
-    every answer (`model_warning`) and in its metadata.
+    every answer (`model_warning`) and in its metadata. `ood_path` is its OOD summary (.npz of
+    skin_lesion/ood.py); `test_figures` are what its test split said (monitoring.reference_figures),
+    which the review page and `skin-lesion monitor` read from the registry.
     """
     config = {
         "classes": list(classes),
@@ -64,16 +69,26 @@ def log_servable_model(
         "melanoma_class": melanoma_class,
         "melanoma_threshold": threshold,
         "data_source": data_source,
+        "test_figures": test_figures or {},
     }
     example = pd.DataFrame({IMAGE_COLUMN: [example_image(image_size)]})
     output = prediction_frame(
-        np.full((1, len(classes)), 1 / len(classes)), classes, melanoma_class, threshold, data_source
+        np.full((1, len(classes)), 1 / len(classes)),
+        classes,
+        melanoma_class,
+        threshold,
+        data_source,
+        ood_scores=np.zeros(1),
+        ood_threshold=1.0,
     )
+    artifacts = {"keras_model": str(keras_path)}
+    if ood_path is not None:
+        artifacts["ood"] = str(ood_path)
     info = mlflow.pyfunc.log_model(
         name=MLFLOW_MODEL_NAME,
         python_model=Path(__file__).with_name("pyfunc_model.py"),
         input_example=example,
-        artifacts={"keras_model": str(keras_path)},
+        artifacts=artifacts,
         model_config=config,
         metadata={"data_source": data_source},
         code_paths=[str(Path(__file__).parent)],
@@ -205,3 +220,31 @@ def promote(client: MlflowClient, name: str, version: str, alias: str, force: bo
     client.set_model_version_tag(name, version, "promotion", f"set @{alias} by hand")
     before = f" (was version {current.version})" if current is not None else ""
     return f"{name} version {version} is now @{alias}{before}"
+
+
+def describe_version(client: MlflowClient, model_uri: str) -> dict[str, Any]:
+    """Name, version, aliases, registration time, run and model card of a `models:/` URI's version.
+
+    Other URIs (a run's model, a folder) are not registered versions: only the URI is known.
+    """
+    name, _, ref = model_uri.removeprefix("models:/").partition("@")
+    if not model_uri.startswith("models:/"):
+        return {"uri": model_uri, "name": "", "version": "", "aliases": [], "registered": "", "card": ""}
+    if ref:
+        version = client.get_model_version_by_alias(name, ref)
+    else:
+        name, _, number = name.partition("/")
+        version = client.get_model_version(name, number)
+    run = client.get_run(version.run_id)
+    return {
+        "uri": model_uri,
+        "name": name,
+        "version": str(version.version),
+        "aliases": list(version.aliases),
+        "registered": datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime(
+            "%Y-%m-%d %H:%M UTC"
+        ),
+        "run_id": version.run_id,
+        "experiment_id": run.info.experiment_id,
+        "card": version.description or "",
+    }

@@ -5,7 +5,8 @@ by `evaluate`), so every consumer of `models:/<name>@champion` preprocesses and 
 the predict command, `mlflow.pyfunc.load_model`, and `mlflow models serve`.
 
 Input: a DataFrame with a column `image` of base64-encoded image files (JPEG, PNG, ...).
-Output: one row per image: `predicted_label`, `p_<class>` per class, `p_melanoma`, `melanoma_alert`.
+Output: one row per image: `predicted_label`, `p_<class>` per class, `p_melanoma`, `melanoma_alert`,
+`ood_score` and `unlike_training` (skin_lesion/ood.py), and `model_warning`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib.metadata
 import io
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -69,14 +71,24 @@ def prediction_frame(
     melanoma_class: str,
     threshold: float,
     data_source: str,
+    ood_scores: np.ndarray | None = None,
+    ood_threshold: float | None = None,
 ) -> pd.DataFrame:
-    """Class probabilities, the predicted label, P(melanoma), the alert and the model's warning, per image."""
+    """Class probabilities, the predicted label, P(melanoma), the alert, the OOD flag and the warning.
+
+    A model registered without an OOD summary (before it existed) answers NaN scores and no flags.
+    """
     frame = pd.DataFrame(
         probabilities.astype(float), columns=[probability_column(label) for label in classes]
     )
     frame.insert(0, "predicted_label", np.asarray(classes)[probabilities.argmax(axis=1)])
     frame["p_melanoma"] = frame[probability_column(melanoma_class)]
     frame["melanoma_alert"] = frame["p_melanoma"] >= threshold
+    if ood_scores is None or ood_threshold is None:
+        frame["ood_score"], frame["unlike_training"] = np.nan, False
+    else:
+        frame["ood_score"] = np.asarray(ood_scores, dtype=float)
+        frame["unlike_training"] = frame["ood_score"] > ood_threshold
     frame["model_warning"] = trained_on_warning(data_source)
     return frame
 
@@ -113,6 +125,12 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
         if warning:
             log.warning("%s", warning)
         self.model = load_model(context.artifacts["keras_model"])
+        self.ood = None
+        if "ood" in context.artifacts:
+            from skin_lesion.ood import OodModel, with_embeddings  # noqa: PLC0415
+
+            self.ood = OodModel.load(Path(context.artifacts["ood"]))
+            self.network = with_embeddings(self.model)
 
     def predict(
         self,
@@ -133,13 +151,20 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
 
     def score(self, images: np.ndarray) -> pd.DataFrame:
         """The prediction frame of decoded (n, size, size, 3) uint8 images."""
-        probabilities = np.asarray(self.model.predict(images, verbose=0))
+        scores, threshold = None, None
+        if self.ood is None:
+            probabilities = np.asarray(self.model.predict(images, verbose=0))
+        else:
+            probabilities, embeddings = self.network.predict(images, verbose=0)
+            scores, threshold = self.ood.score(embeddings), self.ood.threshold
         return prediction_frame(
-            probabilities,
+            np.asarray(probabilities),
             self.config["classes"],
             self.config["melanoma_class"],
             float(self.config["melanoma_threshold"]),
             str(self.config.get("data_source", "")),
+            scores,
+            threshold,
         )
 
 

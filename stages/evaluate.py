@@ -7,7 +7,10 @@
   100 images).
 - Bootstrap 95 % intervals (evaluate.bootstrap resamples), expected calibration error, DVC plots, and
   a model card (metrics/model_card.md).
-- The model, wrapped with its classes, image size and threshold (stages/serving.py), becomes a new
+- An out-of-distribution summary (skin_lesion/ood.py): the training split's embeddings, with a flagging
+  threshold at evaluate.ood_quantile of the validation split's distances.
+- The model, wrapped with its classes, image size, threshold, OOD summary and test figures
+  (skin_lesion/serving.py), becomes a new
   version of base.model_name with alias `challenger`. evaluate.promote decides `champion`: `manual`
   leaves it to a person, `auto` moves it when the challenger beats it on the same test split.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,8 @@ from skin_lesion.files import write_json_atomic, write_text_atomic
 from skin_lesion.images import read_split
 from skin_lesion.metrics import experiment_row, score_test_split
 from skin_lesion.model_card import describe_model, render_model_card
+from skin_lesion.monitoring import reference_figures
+from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings
 from skin_lesion.params import Params, load_params
 from skin_lesion.plots import write_plots
 from skin_lesion.registry import (
@@ -56,9 +62,14 @@ def main() -> None:
     def predict(images: np.ndarray) -> np.ndarray:
         return np.asarray(model.predict(images, batch_size=settings.batch_size, verbose=0))
 
-    _, x_val, y_val = read_split(args.split / "val.csv", base.classes, base.image_size)
-    test_rows, x_test, y_test = read_split(args.split / "test.csv", base.classes, base.image_size)
-    p_val, p_test = predict(x_val), predict(x_test)
+    def predict_split(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rows, images, labels = read_split(args.split / name, base.classes, base.image_size)
+        return rows, images, labels, *predict_with_embeddings(model, images, settings.batch_size)
+
+    *_, e_train = predict_split("train.csv")
+    _, _, y_val, p_val, e_val = predict_split("val.csv")
+    test_rows, x_test, y_test, p_test, e_test = predict_split("test.csv")
+    ood = fit_ood(e_train, e_val, settings.ood_quantile)
 
     with stage_run("evaluate", base, settings) as run:
         scored = (y_val, p_val), (y_test, p_test)
@@ -79,7 +90,10 @@ def main() -> None:
         for artifact in (args.shift_report, args.model_card):
             mlflow.log_artifact(str(artifact))
 
-        version, reason = register(args, params, run.info.run_id, metrics, card)
+        figures = reference_figures(
+            metrics, y_test, p_test, ood.score(e_test) > ood.threshold, base.classes, melanoma
+        )
+        version, reason = register(args, params, run.info.run_id, metrics, card, ood, figures)
         metrics["model_version"] = int(version)
         write_json_atomic(args.details, metrics)
         write_json_atomic(args.metrics, experiment_row(metrics, int(version)))
@@ -95,22 +109,32 @@ def main() -> None:
 
 
 def register(
-    args: argparse.Namespace, params: Params, run_id: str, metrics: dict[str, Any], card: str
+    args: argparse.Namespace,
+    params: Params,
+    run_id: str,
+    metrics: dict[str, Any],
+    card: str,
+    ood: OodModel,
+    figures: dict[str, Any],
 ) -> tuple[str, str]:
     """Log the servable model, register it as @challenger and decide `champion`; version and why."""
     base, source = params.base, params.download.source
     train_run = json.loads(args.model_info.read_text(encoding="utf-8"))["run_id"]
     tags = version_tags(train_run, run_id, split_fingerprint(args.split / "test.csv"), metrics, source)
     threshold = metrics["melanoma"]["operating_point"]["threshold"]
-    model_uri = log_servable_model(
-        args.model,
-        base.classes,
-        base.image_size,
-        base.melanoma_class,
-        threshold,
-        keras.backend.backend(),
-        source,
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        ood.save(Path(folder) / "ood.npz")
+        model_uri = log_servable_model(
+            args.model,
+            base.classes,
+            base.image_size,
+            base.melanoma_class,
+            threshold,
+            keras.backend.backend(),
+            source,
+            ood_path=Path(folder) / "ood.npz",
+            test_figures=figures,
+        )
     return register_and_promote(model_uri, base.model_name, card, tags, metrics, params.evaluate)
 
 

@@ -179,12 +179,18 @@ def assert_no_group_straddles(splits: dict[str, pd.DataFrame], key: str = "group
             assert seen.setdefault(value, name) == name, f"{key} {value} is in {seen[value]} and {name}"
 
 
-def log_test_model(keras_path: Path, classes: list[str], size: int, threshold: float, source: str) -> str:
-    """Log the pyfunc of a saved Keras model in the active MLflow run, as evaluate does; its URI."""
+def log_test_model(
+    keras_path: Path, classes: list[str], size: int, threshold: float, source: str, **extra: Any
+) -> str:
+    """Log the pyfunc of a saved Keras model in the active MLflow run, as evaluate does; its URI.
+
+    `extra`: log_servable_model's optional ood_path and test_figures.
+    """
     import keras  # noqa: PLC0415 - only the tests that log models pay for importing Keras here
 
+    backend = keras.backend.backend()
     return log_servable_model(
-        keras_path, classes, size, "melanoma", threshold, backend=keras.backend.backend(), data_source=source
+        keras_path, classes, size, "melanoma", threshold, backend=backend, data_source=source, **extra
     )
 
 
@@ -202,6 +208,10 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     return tmp_path
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from playwright.sync_api import Route, sync_playwright
 
-from tests.conftest import repo_params
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, repo_params
 from tests.isic_standin import serve
 from tests.pipeline_project import (
     STAGES,
@@ -39,10 +39,6 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, pd.
     archive, manifest = synthetic_archive(tmp_path_factory.mktemp("synthetic"))
     with serve(archive) as api_url:
         yield api_url, manifest
-
-
-CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,10 @@ def test_pyfunc_returns_probabilities_and_alert(tracking: str, tmp_path: Path) -
     image = write_image(tmp_path / "a.jpg", (200, 40, 40), size=50)
     out = model.predict(pd.DataFrame({"image": [_b64(image), _b64(image)]}))
     columns = ["p_melanoma", "p_nevus", "p_vascular_lesion"]
-    assert list(out.columns) == ["predicted_label", *columns, "melanoma_alert", "model_warning"]
+    flags = ["melanoma_alert", "ood_score", "unlike_training", "model_warning"]
+    assert list(out.columns) == ["predicted_label", *columns, *flags]
+    assert out["ood_score"].isna().all()  # registered without an OOD summary: no scores, no flags
+    assert not out["unlike_training"].any()
     assert out["model_warning"].eq("").all()  # trained on real data (download.source local)
     np.testing.assert_allclose(out[columns].sum(axis=1), 1.0, rtol=1e-5)
     assert out["melanoma_alert"].all()  # threshold 0 travels with the model

@@ -1,0 +1,182 @@
+"""What the review page keeps: a log of every prediction, and the diagnoses clinicians confirm.
+
+Both live in one SQLite file (`skin-lesion review --db`). Images are stored beside it, named by their
+sha256, only once a diagnosis is recorded for them. `export_feedback` turns the confirmed diagnoses
+into a folder the pipeline ingests with `download.source: local`, closing the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from skin_lesion.errors import PipelineError
+from skin_lesion.files import atomic_file, atomic_output_dir, write_csv_atomic
+
+OTHER_DIAGNOSIS = "other/unknown"  # recorded, but not a class to train on
+EXPORT_METADATA = "index.csv"
+EXPORT_COLLECTION = "review feedback"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY, time TEXT NOT NULL, model TEXT NOT NULL, model_version TEXT,
+    sha256 TEXT NOT NULL, predicted_label TEXT, p_melanoma REAL, melanoma_alert INTEGER,
+    ood_score REAL, unlike_training INTEGER, problems TEXT, probabilities TEXT
+);
+CREATE TABLE IF NOT EXISTS diagnoses (
+    sha256 TEXT PRIMARY KEY, time TEXT NOT NULL, filename TEXT, image TEXT NOT NULL,
+    diagnosis TEXT NOT NULL, biopsy TEXT, model_version TEXT, p_melanoma REAL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """A clinician's confirmed diagnosis of one image."""
+
+    sha256: str
+    filename: str
+    diagnosis: str
+    biopsy: str
+    model_version: str
+    p_melanoma: float | None
+
+
+class FeedbackStore:
+    """The SQLite file of predictions and diagnoses, and the folder of diagnosed images beside it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.images = self.path.parent / "images"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # A connection per call: the web server writes from worker threads.
+        try:
+            db = sqlite3.connect(self.path, timeout=30)
+        except sqlite3.Error as err:
+            raise PipelineError(f"{self.path}: cannot open the feedback database ({err})") from err
+        try:
+            with db:
+                yield db
+        except sqlite3.DatabaseError as err:
+            raise PipelineError(f"{self.path}: feedback database error ({err})") from err
+        finally:
+            db.close()
+
+    def log_predictions(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Append scored images to the prediction log (no image bytes)."""
+        now = _now()
+        with self._connect() as db:
+            db.executemany(
+                "INSERT INTO predictions (time, model, model_version, sha256, predicted_label, p_melanoma,"
+                " melanoma_alert, ood_score, unlike_training, problems, probabilities)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        now,
+                        row["model"],
+                        row["model_version"],
+                        row["sha256"],
+                        row["predicted_label"],
+                        row["p_melanoma"],
+                        int(row["melanoma_alert"]),
+                        row["ood_score"],
+                        int(row["unlike_training"]),
+                        json.dumps(row["problems"]),
+                        json.dumps(row["probabilities"]),
+                    )
+                    for row in rows
+                ],
+            )
+
+    def record_diagnosis(self, diagnosis: Diagnosis, image: bytes, suffix: str) -> None:
+        """Store the image (named by its sha256) and its diagnosis; a later record replaces an earlier one."""
+        if hashlib.sha256(image).hexdigest() != diagnosis.sha256:
+            raise PipelineError(f"image bytes do not match sha256 {diagnosis.sha256}")
+        target = self.images / f"{diagnosis.sha256}{suffix}"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(target, suffix=suffix) as tmp:
+                tmp.write_bytes(image)
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO diagnoses VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    diagnosis.sha256,
+                    _now(),
+                    diagnosis.filename,
+                    target.name,
+                    diagnosis.diagnosis,
+                    diagnosis.biopsy,
+                    diagnosis.model_version,
+                    diagnosis.p_melanoma,
+                ),
+            )
+
+    def diagnoses(self) -> pd.DataFrame:
+        """Every recorded diagnosis, newest first."""
+        with self._connect() as db:
+            return pd.read_sql_query("SELECT * FROM diagnoses ORDER BY time DESC", db)
+
+    def predictions(self, since: datetime | None = None) -> pd.DataFrame:
+        """The prediction log, oldest first, from `since` on."""
+        start = (since or datetime.min.replace(tzinfo=UTC)).isoformat()
+        with self._connect() as db:
+            return pd.read_sql_query(
+                "SELECT * FROM predictions WHERE time >= ? ORDER BY id", db, params=(start,)
+            )
+
+
+def export_feedback(store: FeedbackStore, out: Path, classes: Sequence[str]) -> pd.DataFrame:
+    """Write the diagnosed images as <out>/Train/<class>/<sha>.<ext> plus <out>/index.csv; the rows.
+
+    Diagnoses outside `classes` (other/unknown) are left out: there is no class to train them as.
+    Each image is its own lesion (`lesion_id`), as the page knows nothing else about it.
+    """
+    records = store.diagnoses()
+    records = records[records["diagnosis"].isin(classes)]
+    if records.empty:
+        raise PipelineError(f"{store.path}: no diagnoses of the model's classes to export")
+    rows = []
+    with atomic_output_dir(out) as tmp:
+        for record in records.itertuples():
+            source = store.images / record.image
+            if not source.is_file():
+                raise PipelineError(f"{source}: the diagnosed image is missing from the feedback store")
+            stem = record.sha256[:20]
+            target = tmp / "Train" / record.diagnosis / f"{stem}{source.suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+            rows.append(
+                {
+                    "isic_id": stem,
+                    "lesion_id": stem,
+                    "diagnosis": record.diagnosis,
+                    "collection": EXPORT_COLLECTION,
+                    "biopsy": record.biopsy,
+                    "filename": record.filename,
+                    "recorded": record.time,
+                    "model_version": record.model_version,
+                    "sha256": record.sha256,
+                }
+            )
+        table = pd.DataFrame(rows).sort_values("isic_id", ignore_index=True)
+        write_csv_atomic(tmp / EXPORT_METADATA, table)
+    return table
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

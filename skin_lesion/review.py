@@ -1,0 +1,337 @@
+"""`skin-lesion review`: a web page where a clinician triages images with the registered model.
+
+Each uploaded image gets a card: the class probabilities, P(melanoma) and the alert (worded with the
+version's own test figures), a Grad-CAM overlay on demand, and a flag when the image is unlike the
+training data or unfit to judge. A clinician records the confirmed diagnosis per image; those records
+(skin_lesion/feedback.py) become training data through `skin-lesion export-feedback`.
+
+Uploaded images stay in memory (the last SESSION_IMAGES of them, for Grad-CAM and diagnoses) and are
+written to disk only when a diagnosis is recorded. Every prediction is logged without the image.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import re
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Any
+
+import jinja2
+import mlflow
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+
+from skin_lesion.errors import PipelineError
+from skin_lesion.feedback import OTHER_DIAGNOSIS, Diagnosis, FeedbackStore
+from skin_lesion.gradcam import EXPLANATION_DPI, FIGURE_IMAGE_PX, explanation_figure, grad_cam
+from skin_lesion.images import decode_rgb, resize_rgb
+from skin_lesion.monitoring import threshold_in_words
+from skin_lesion.quality import quality_problems
+from skin_lesion.serving import MAX_IMAGE_BYTES, MAX_PIXELS, probability_column, trained_on_warning
+
+MAX_IMAGES_PER_REQUEST = 16  # the page sends larger selections in chunks, showing progress
+# One request carries at most one image's worth of base64 (plus JSON): the page sends a file near the
+# limit alone, and a larger one is answered 413 without being read in full.
+MAX_REQUEST_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 2**20
+SESSION_IMAGES = 256  # uploads kept in memory for Grad-CAM and diagnoses, oldest dropped first
+TOKEN_COOKIE = "review_token"
+DISCLAIMER = "Research tool, not a diagnostic device: every decision rests with a clinician."
+SIGNATURES = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png"}
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("skin_lesion", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image held in memory: its bytes, file type and what the model said of it."""
+
+    data: bytes
+    suffix: str
+    filename: str
+    p_melanoma: float
+
+
+class Session:
+    """The uploads of this server's lifetime, newest last, at most SESSION_IMAGES of them."""
+
+    def __init__(self) -> None:
+        self._uploads: OrderedDict[str, Upload] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, sha256: str, upload: Upload) -> None:
+        """Remember an upload, forgetting the oldest beyond SESSION_IMAGES."""
+        with self._lock:
+            self._uploads[sha256] = upload
+            self._uploads.move_to_end(sha256)
+            while len(self._uploads) > SESSION_IMAGES:
+                self._uploads.popitem(last=False)
+
+    def get(self, sha256: str) -> Upload | None:
+        """The upload with this sha256, if still held."""
+        with self._lock:
+            return self._uploads.get(sha256)
+
+
+def create_review_app(
+    model: mlflow.pyfunc.PyFuncModel,
+    version: dict[str, Any],
+    store: FeedbackStore,
+    mlflow_ui: str,
+    token: str | None = None,
+) -> FastAPI:
+    """The review page and its JSON API, for one loaded model (`version` from registry.describe_version)."""
+    app = FastAPI(title="skin-lesion review", docs_url=None, redoc_url=None, openapi_url=None)
+    classifier = model.unwrap_python_model()
+    config = classifier.config
+    session = Session()
+    page = page_context(config, version, mlflow_ui)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Any) -> Response:
+        if token is None or request.url.path == "/health":
+            return await call_next(request)
+        offered = request.headers.get("authorization", "").removeprefix("Bearer ")
+        offered = offered or request.cookies.get(TOKEN_COOKIE, "") or request.query_params.get("token", "")
+        if not secrets.compare_digest(offered.encode(), token.encode()):
+            return _message(401, "this page needs its access token: open /?token=<SKIN_LESION_REVIEW_TOKEN>")
+        response = await call_next(request)
+        if request.query_params.get("token"):
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "model": version["uri"]}
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return _TEMPLATES.get_template("review.html").render(**page)
+
+    @app.get("/model-card", response_class=HTMLResponse)
+    def model_card() -> str:
+        return _TEMPLATES.get_template("model_card.html").render(**page)
+
+    @app.post("/api/score")
+    async def score(request: Request) -> JSONResponse:
+        body = await read_limited(request, MAX_REQUEST_BYTES)
+        if body is None:
+            limit = MAX_IMAGE_BYTES // 2**20
+            return _message(413, f"upload larger than the {limit} MiB limit: send fewer or smaller images")
+        try:
+            uploads = uploads_of_request(body)
+        except ValueError as err:
+            return _message(400, str(err))
+        # The model is CPU-bound: scoring off the event loop keeps the page and /health answering.
+        cards = await run_in_threadpool(score_uploads, classifier, uploads, session)
+        rows = [log_row(card, version) for card in cards if "error" not in card]
+        if rows:
+            await run_in_threadpool(store.log_predictions, rows)
+        return JSONResponse({"cards": cards})
+
+    @app.get("/api/gradcam/{sha256}")
+    async def gradcam(sha256: str) -> Response:
+        upload = session.get(sha256)
+        if upload is None:
+            return _message(404, "that image is no longer held: upload it again")
+        png = await run_in_threadpool(explanation_png, classifier, upload)
+        return Response(png, media_type="image/png")
+
+    @app.get("/api/diagnoses")
+    async def diagnoses() -> JSONResponse:
+        table = await run_in_threadpool(store.diagnoses)
+        return JSONResponse({"diagnoses": table.drop(columns="image").to_dict(orient="records")})
+
+    @app.post("/api/diagnoses")
+    async def record(request: Request) -> JSONResponse:
+        try:
+            sha256, diagnosis, biopsy = diagnosis_of_request(await request.body(), page["diagnoses"])
+        except ValueError as err:
+            return _message(400, str(err))
+        upload = session.get(sha256)
+        if upload is None:
+            return _message(404, "that image is no longer held: upload it again, then record the diagnosis")
+        entry = Diagnosis(sha256, upload.filename, diagnosis, biopsy, version["version"], upload.p_melanoma)
+        await run_in_threadpool(store.record_diagnosis, entry, upload.data, upload.suffix)
+        return JSONResponse({"recorded": sha256, "diagnosis": diagnosis}, status_code=201)
+
+    return app
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it exceeds `limit` bytes (read to its end but not kept)."""
+    # Answering before the client has sent everything would reset its connection mid-upload, so
+    # the rest is drained; holding at most `limit` bytes keeps a huge upload out of memory.
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+    return b"".join(chunks) if size <= limit else None
+
+
+def page_context(config: dict[str, Any], version: dict[str, Any], mlflow_ui: str) -> dict[str, Any]:
+    """What the page shows about the model: which version spoke, its alert and its classes."""
+    threshold = float(config["melanoma_threshold"])
+    run_link = ""
+    if version.get("run_id"):
+        experiment, run = version["experiment_id"], version["run_id"]
+        run_link = f"{mlflow_ui.rstrip('/')}/#/experiments/{experiment}/runs/{run}"
+    return {
+        "version": version,
+        "run_link": run_link,
+        "classes": list(config["classes"]),
+        "melanoma_class": config["melanoma_class"],
+        "diagnoses": [*config["classes"], OTHER_DIAGNOSIS],
+        "threshold": threshold,
+        "threshold_text": threshold_in_words(config.get("test_figures") or {}, threshold),
+        "model_warning": trained_on_warning(str(config.get("data_source", ""))),
+        "disclaimer": DISCLAIMER,
+        "max_images": MAX_IMAGES_PER_REQUEST,
+        "max_image_mib": MAX_IMAGE_BYTES // 2**20,
+    }
+
+
+def uploads_of_request(body: bytes) -> list[tuple[str, Any]]:
+    """(file name, base64 data) of a `{"images": [{"name": ..., "data": ...}]}` request."""
+    payload = _json_object(body)
+    images = payload.get("images")
+    if not isinstance(images, list) or not images:
+        raise ValueError('the request needs "images": a list of {"name", "data"} objects')
+    if len(images) > MAX_IMAGES_PER_REQUEST:
+        raise ValueError(f"{len(images)} images in one request; at most {MAX_IMAGES_PER_REQUEST}")
+    return [
+        (safe_filename(item.get("name")), item.get("data")) if isinstance(item, dict) else ("", None)
+        for item in images
+    ]
+
+
+def safe_filename(name: object) -> str:
+    """The last part of an uploaded file's name, without control characters: shown, never used as a path."""
+    text = str(name or "")
+    text = PureWindowsPath(PurePosixPath(text).name).name
+    text = re.sub(r"[\x00-\x1f\x7f]", "", text)[:200]
+    return text or "unnamed image"
+
+
+def score_uploads(classifier: Any, uploads: list[tuple[str, Any]], session: Session) -> list[dict[str, Any]]:
+    """A card per upload, in order: the model's answer and any quality flags, or the upload's error."""
+    size = int(classifier.config["image_size"])
+    cards: list[dict[str, Any]] = []
+    decoded: dict[int, tuple[np.ndarray, bytes, str]] = {}
+    for position, (filename, text) in enumerate(uploads):
+        cards.append({"filename": filename})
+        try:
+            data, suffix, image = decode_upload(text)
+        except ValueError as err:
+            cards[-1]["error"] = str(err)
+            continue
+        cards[-1]["sha256"] = hashlib.sha256(data).hexdigest()
+        cards[-1]["problems"] = quality_problems(image)
+        decoded[position] = resize_rgb(image, size), data, suffix
+    if decoded:
+        frame = classifier.score(np.stack([pixels for pixels, _, _ in decoded.values()]))
+        rows = frame.to_dict(orient="records")
+        for (position, (_, data, suffix)), row in zip(decoded.items(), rows, strict=True):
+            card = cards[position]
+            card.update(card_of_prediction(row, classifier.config["classes"]))
+            session.keep(card["sha256"], Upload(data, suffix, card["filename"], card["p_melanoma"]))
+    return cards
+
+
+def decode_upload(text: object) -> tuple[bytes, str, Image.Image]:
+    """The bytes, file suffix and decoded image of one base64 upload; ValueError saying what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError("no image data")
+    if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise ValueError(f"larger than the {MAX_IMAGE_BYTES // 2**20} MiB limit for one image")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64-encoded") from None
+    suffix = next((ending for magic, ending in SIGNATURES.items() if data.startswith(magic)), None)
+    if suffix is None:
+        raise ValueError("not a JPEG or PNG image")
+    try:
+        image = decode_rgb(io.BytesIO(data), max_pixels=MAX_PIXELS)
+    except PipelineError as err:
+        raise ValueError(str(err).split(": ", 1)[-1].replace("split.max_pixels=", "the limit of ")) from None
+    return data, suffix, image
+
+
+def card_of_prediction(row: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """The card fields of one prediction row."""
+    score = row["ood_score"]
+    return {
+        "predicted_label": row["predicted_label"],
+        "probabilities": {label: float(row[probability_column(label)]) for label in classes},
+        "p_melanoma": float(row["p_melanoma"]),
+        "melanoma_alert": bool(row["melanoma_alert"]),
+        "ood_score": None if score is None or np.isnan(score) else float(score),
+        "unlike_training": bool(row["unlike_training"]),
+    }
+
+
+def log_row(card: dict[str, Any], version: dict[str, Any]) -> dict[str, Any]:
+    """The prediction log's row of a scored card."""
+    fields = ("sha256", "predicted_label", "p_melanoma", "melanoma_alert", "ood_score", "unlike_training")
+    return {
+        "model": version["uri"],
+        "model_version": version["version"],
+        "problems": card["problems"],
+        "probabilities": card["probabilities"],
+        **{field: card[field] for field in fields},
+    }
+
+
+def explanation_png(classifier: Any, upload: Upload) -> bytes:
+    """The Grad-CAM figure of an upload (original beside overlay), as PNG bytes."""
+    config = classifier.config
+    image = decode_rgb(io.BytesIO(upload.data), max_pixels=MAX_PIXELS)
+    melanoma = config["classes"].index(config["melanoma_class"])
+    heatmap = grad_cam(classifier.model, resize_rgb(image, int(config["image_size"])), melanoma)
+    caption = f"{upload.filename}: P(melanoma) {upload.p_melanoma:.3f}"
+    buffer = io.BytesIO()
+    figure = explanation_figure(resize_rgb(image, FIGURE_IMAGE_PX), heatmap, caption)
+    figure.savefig(buffer, format="png", dpi=EXPLANATION_DPI)
+    return buffer.getvalue()
+
+
+def diagnosis_of_request(body: bytes, allowed: list[str]) -> tuple[str, str, str]:
+    """(sha256, diagnosis, biopsy) of a `{"sha256", "diagnosis", "biopsy"}` request."""
+    payload = _json_object(body)
+    sha256, diagnosis = payload.get("sha256"), payload.get("diagnosis")
+    biopsy = payload.get("biopsy") or ""
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError("sha256: expected the 64 hex digits of an uploaded image")
+    if diagnosis not in allowed:
+        raise ValueError(f"diagnosis: expected one of {', '.join(allowed)}")
+    if not isinstance(biopsy, str) or len(biopsy) > 2000:
+        raise ValueError("biopsy: expected text of at most 2000 characters")
+    return sha256, diagnosis, biopsy
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError("the request is not JSON") from None
+    if not isinstance(payload, dict):
+        raise ValueError("the request must be a JSON object")
+    return payload
+
+
+def _message(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"message": message}, status_code=status)

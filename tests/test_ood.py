@@ -1,0 +1,115 @@
+"""The out-of-distribution score, the image quality checks and the drift report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageFilter
+
+from skin_lesion.architectures import build_model
+from skin_lesion.monitoring import drift_report, reference_figures, render_drift, threshold_in_words
+from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings
+from skin_lesion.quality import quality_problems
+from tests.conftest import draw_lesion
+
+CLASSES = ["melanoma", "nevus", "vascular lesion"]
+
+
+def _gaussian(seed: int, n: int, shift: float = 0.0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(shift, 1.0, (n, 8))
+
+
+def test_threshold_flags_the_chosen_share_of_validation_images() -> None:
+    ood = fit_ood(_gaussian(0, 500), _gaussian(1, 400), quantile=0.9)
+    flagged = ood.score(_gaussian(1, 400)) > ood.threshold
+    assert abs(flagged.mean() - 0.1) <= 0.0025
+
+
+def test_embeddings_far_from_training_are_flagged_and_near_ones_are_not() -> None:
+    ood = fit_ood(_gaussian(0, 500), _gaussian(1, 200), quantile=0.99)
+    assert (ood.score(_gaussian(2, 50, shift=6.0)) > ood.threshold).all()
+    assert (ood.score(_gaussian(3, 200)) > ood.threshold).mean() < 0.05
+
+
+def test_saved_model_scores_like_the_original(tmp_path: Path) -> None:
+    ood = fit_ood(_gaussian(0, 100), _gaussian(1, 50), quantile=0.95)
+    ood.save(tmp_path / "ood.npz")
+    loaded = OodModel.load(tmp_path / "ood.npz")
+    np.testing.assert_allclose(loaded.score(_gaussian(4, 10)), ood.score(_gaussian(4, 10)), rtol=1e-5)
+    assert loaded.threshold == ood.threshold
+
+
+def test_embeddings_are_what_the_softmax_head_sees() -> None:
+    keras.utils.set_random_seed(0)
+    model = build_model("resnet_small", 32, 3, 0.0)
+    images = np.stack([np.asarray(draw_lesion(seed, 32)) for seed in range(4)])
+    probabilities, embeddings = predict_with_embeddings(model, images, batch_size=2)
+    np.testing.assert_allclose(probabilities, model.predict(images, verbose=0), atol=1e-5)
+    assert embeddings.shape == (4, model.get_layer("probs").input.shape[-1])
+
+
+def test_a_usual_lesion_photo_passes_the_quality_checks() -> None:
+    photo = Image.fromarray(np.random.default_rng(0).integers(90, 230, (180, 180, 3), dtype=np.uint8))
+    assert quality_problems(photo) == []
+
+
+def test_small_dark_and_blurred_images_are_named_as_such() -> None:
+    photo = Image.fromarray(np.random.default_rng(0).integers(90, 230, (180, 180, 3), dtype=np.uint8))
+    assert quality_problems(photo.resize((60, 60)))[0].startswith("too small (60x60 px")
+    dark = Image.fromarray((np.asarray(photo) * 0.2).astype(np.uint8))
+    assert [p.split(" (")[0] for p in quality_problems(dark)] == ["too dark"]
+    assert [p.split(" (")[0] for p in quality_problems(photo.filter(ImageFilter.GaussianBlur(3)))] == [
+        "blurred"
+    ]
+
+
+def _figures() -> dict:
+    metrics = {
+        "melanoma": {
+            "operating_point": {
+                "threshold": 0.3,
+                "sensitivity": 0.9,
+                "specificity": 0.8,
+                "alerts_per_100": 25.0,
+            }
+        },
+        "confidence_intervals": {"melanoma_sensitivity": [0.75, 1.0]},
+    }
+    y = np.array([0, 0, 1, 2])
+    p = np.array([[0.9, 0.1, 0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    return reference_figures(metrics, y, p, np.array([False, False, False, True]), CLASSES, melanoma=0)
+
+
+def test_reference_figures_and_the_threshold_in_words() -> None:
+    figures = _figures()
+    assert figures["melanomas"] == 2
+    assert figures["ood_rate"] == 0.25
+    assert figures["class_mix"] == {"melanoma": 0.25, "nevus": 0.5, "vascular lesion": 0.25}
+    words = threshold_in_words(figures, 0.3)
+    assert "found 90% of melanomas in its test set (2 melanomas) (95 % CI 75% to 100%)" in words
+    assert "with 20 alerts per 100 benign lesions" in words
+
+
+def _log(labels: list[str], alerts: list[bool], unlike: list[bool]) -> pd.DataFrame:
+    return pd.DataFrame({"predicted_label": labels, "melanoma_alert": alerts, "unlike_training": unlike})
+
+
+def test_a_log_like_the_test_split_shows_no_drift() -> None:
+    log = _log(
+        ["melanoma", "nevus", "nevus", "vascular lesion"],
+        [True, False, False, False],
+        [True, False, False, False],
+    )
+    report = drift_report(log, _figures(), CLASSES, tolerance=0.1)
+    assert report["drifted"] == []
+    assert render_drift(report, "m").endswith("no drift beyond tolerance")
+
+
+def test_a_shifted_class_mix_and_alert_rate_are_flagged_as_drift() -> None:
+    log = _log(["melanoma"] * 8, [True] * 8, [False] * 8)
+    report = drift_report(log, _figures(), CLASSES, tolerance=0.1)
+    assert report["drifted"] == ["alert_rate", "ood_rate", "class_mix_distance"]
+    assert "DRIFT in alert_rate, ood_rate, class_mix_distance" in render_drift(report, "m")

@@ -1,0 +1,371 @@
+"""The review page: its JSON API with good and hostile uploads, diagnoses, export, monitor, and a browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import uvicorn
+from mlflow import MlflowClient
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+from skin_lesion.architectures import build_model
+from skin_lesion.feedback import FeedbackStore, export_feedback
+from skin_lesion.ood import fit_ood, predict_with_embeddings
+from skin_lesion.registry import describe_version, register_version
+from skin_lesion.review import DISCLAIMER, MAX_REQUEST_BYTES, create_review_app
+from tests.conftest import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    CLASSES,
+    as_params,
+    draw_lesion,
+    fetch_local_source,
+    free_port,
+    log_test_model,
+    point_mlflow_at,
+    run_skin_lesion,
+    small_params,
+)
+
+SIZE = 32
+NAME = "lesions"
+FIGURES = {
+    "images": 40,
+    "melanomas": 12,
+    "melanoma_sensitivity": 0.75,
+    "melanoma_sensitivity_ci": [0.5, 1.0],
+    "alerts_per_100_benign": 17.0,
+    "alert_rate": 0.3,
+    "ood_rate": 0.01,
+    "class_mix": {"melanoma": 0.3, "nevus": 0.5, "vascular lesion": 0.2},
+}
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A registered version with an OOD summary, and two lesion images on either side of its threshold."""
+    root = tmp_path_factory.mktemp("review")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("review", artifact_location=(root / "artifacts").as_uri())
+    keras.utils.set_random_seed(0)
+    model = build_model("resnet_small", SIZE, len(CLASSES), 0.0)
+    model.save(root / "model.keras")
+    pixels = np.stack([np.asarray(draw_lesion(seed, SIZE)) for seed in range(40)])
+    probabilities, embeddings = predict_with_embeddings(model, pixels, batch_size=16)
+    ood = fit_ood(embeddings[:30], embeddings[30:], quantile=0.9)
+    ood.save(root / "ood.npz")
+    # Two images whose P(melanoma) lie on either side of the threshold.
+    low, high = np.argsort(probabilities[:, 0])[[0, -1]]
+    threshold = float(probabilities[[low, high], 0].mean())
+    images = {}
+    for name, seed in (("low.png", low), ("high.png", high)):
+        images[name] = _png(draw_lesion(int(seed), SIZE).resize((180, 180), Image.Resampling.NEAREST))
+    with mlflow.start_run(experiment_id=experiment):
+        model_uri = log_test_model(
+            root / "model.keras",
+            CLASSES,
+            SIZE,
+            threshold,
+            "local",
+            ood_path=root / "ood.npz",
+            test_figures=FIGURES,
+        )
+    register_version(model_uri, NAME, tags={})
+    return {"root": root, "uri": uri, "images": images, "threshold": threshold}
+
+
+@pytest.fixture(scope="module")
+def review(registered: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The review app on 127.0.0.1 in a thread, with its own feedback database."""
+    mlflow.set_tracking_uri(registered["uri"])
+    mlflow.set_registry_uri(registered["uri"])
+    version = describe_version(MlflowClient(), f"models:/{NAME}/1")
+    store = FeedbackStore(registered["root"] / "feedback" / "review.db")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    app = create_review_app(model, version, store, "http://127.0.0.1:5000")
+    with _serving(app) as url:
+        yield {**registered, "url": url, "store": store}
+
+
+class _Server(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # in a thread: leave pytest's handlers alone
+        pass
+
+
+@contextmanager
+def _serving(app: Any) -> Iterator[str]:
+    port = free_port()
+    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "review app did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _request(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, raw, kind = response.status, response.read(), response.headers.get_content_type()
+    except urllib.error.HTTPError as err:
+        status, raw, kind = err.code, err.read(), err.headers.get_content_type()
+    return status, json.loads(raw) if kind == "application/json" else raw.decode("utf-8", "replace")
+
+
+def _score(url: str, uploads: list[tuple[str, bytes]]) -> tuple[int, Any]:
+    images = [{"name": name, "data": base64.b64encode(data).decode("ascii")} for name, data in uploads]
+    return _request(f"{url}/api/score", json.dumps({"images": images}).encode())
+
+
+def test_page_names_the_model_its_alert_and_that_it_is_no_diagnostic_device(review: dict) -> None:
+    status, page = _request(f"{review['url']}/")
+    assert status == 200
+    assert f"<strong>{NAME}</strong> version <strong>1</strong>" in page
+    assert page.count(DISCLAIMER) >= 2  # banner and footer
+    assert "found 75% of melanomas in its test set (12 melanomas) (95 % CI 50% to 100%)" in page
+    assert "with 17 alerts per 100 benign lesions" in page
+    assert "/#/experiments/" in page  # the link to the MLflow run
+    status, card = _request(f"{review['url']}/model-card")
+    assert status == 200
+    assert DISCLAIMER in card
+
+
+def test_a_batch_gets_a_card_per_image_in_order_with_alert_by_the_threshold(review: dict) -> None:
+    images = review["images"]
+    status, body = _score(
+        review["url"],
+        [("high.png", images["high.png"]), ("bad.jpg", b"\xff\xd8\xff junk"), ("low.png", images["low.png"])],
+    )
+    assert status == 200
+    high, bad, low = body["cards"]
+    assert [high["filename"], bad["filename"], low["filename"]] == ["high.png", "bad.jpg", "low.png"]
+    assert bad["error"].startswith("cannot decode image")
+    assert high["melanoma_alert"]
+    assert not low["melanoma_alert"]
+    assert high["p_melanoma"] > review["threshold"] > low["p_melanoma"]
+    assert sum(high["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert high["ood_score"] is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        ("notes.txt", lambda: b"just some text", "not a JPEG or PNG image"),
+        ("truncated.png", lambda: _png(draw_lesion(1, 180))[:300], "cannot decode image"),
+        ("bomb.png", lambda: _png(Image.new("1", (7100, 7100))), "is over the limit of 50000000"),
+    ],
+)
+def test_bad_uploads_get_a_message_on_their_card_never_a_500(
+    review: dict, name: str, make: Callable[[], bytes], message: str
+) -> None:
+    status, body = _score(review["url"], [(name, make())])
+    assert status == 200
+    assert message in body["cards"][0]["error"]
+
+
+def test_a_file_name_with_path_characters_is_shown_as_its_last_part_only(review: dict) -> None:
+    status, body = _score(review["url"], [("../../etc/passwd\x07.png", review["images"]["low.png"])])
+    assert status == 200
+    assert body["cards"][0]["filename"] == "passwd.png"
+
+
+def test_an_upload_over_the_size_limit_is_413_with_a_message(review: dict) -> None:
+    status, body = _request(f"{review['url']}/api/score", b"x" * (MAX_REQUEST_BYTES + 1))
+    assert status == 413
+    assert "MiB limit" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [(b"not json", "not JSON"), (b"[]", "JSON object"), (b'{"images": []}', '"images"')],
+)
+def test_malformed_requests_are_400_without_a_traceback(review: dict, body: bytes, message: str) -> None:
+    status, answer = _request(f"{review['url']}/api/score", body)
+    assert status == 400
+    assert message in answer["message"]
+    assert "Traceback" not in json.dumps(answer)
+
+
+def test_predictions_are_logged_without_images_and_images_stored_only_with_a_diagnosis(review: dict) -> None:
+    before = len(review["store"].predictions())
+    _score(review["url"], [("low.png", review["images"]["low.png"])])
+    logged = review["store"].predictions()
+    assert len(logged) == before + 1
+    assert logged.iloc[-1]["model_version"] == "1"
+    assert set(logged.columns).isdisjoint({"image", "data"})
+    assert not list(review["store"].images.glob("*"))  # nothing written until a diagnosis is recorded
+
+
+def test_a_diagnosis_is_recorded_with_the_image_named_by_its_sha256(review: dict) -> None:
+    card = _score(review["url"], [("high.png", review["images"]["high.png"])])[1]["cards"][0]
+    payload = {"sha256": card["sha256"], "diagnosis": "melanoma", "biopsy": "invasive, Breslow 0.4 mm"}
+    status, _answer = _request(f"{review['url']}/api/diagnoses", json.dumps(payload).encode())
+    assert status == 201
+    stored = review["store"].images / f"{card['sha256']}.png"
+    assert stored.read_bytes() == review["images"]["high.png"]
+    records = _request(f"{review['url']}/api/diagnoses")[1]["diagnoses"]
+    assert {"sha256": card["sha256"], "diagnosis": "melanoma", "model_version": "1"}.items() <= records[
+        0
+    ].items()
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "message"),
+    [
+        ({"sha256": "0" * 64, "diagnosis": "melanoma"}, 404, "no longer held"),
+        ({"sha256": "../x", "diagnosis": "melanoma"}, 400, "sha256"),
+        ({"sha256": "0" * 64, "diagnosis": "psoriasis"}, 400, "diagnosis: expected one of"),
+    ],
+)
+def test_bad_diagnosis_requests_are_refused_with_a_message(
+    review: dict, payload: dict, status: int, message: str
+) -> None:
+    answer = _request(f"{review['url']}/api/diagnoses", json.dumps(payload).encode())
+    assert answer[0] == status
+    assert message in answer[1]["message"]
+
+
+def test_grad_cam_of_an_uploaded_image_is_a_readable_png(review: dict) -> None:
+    card = _score(review["url"], [("high.png", review["images"]["high.png"])])[1]["cards"][0]
+    status, _ = _request(f"{review['url']}/api/gradcam/{'f' * 64}")
+    assert status == 404
+    with urllib.request.urlopen(f"{review['url']}/api/gradcam/{card['sha256']}", timeout=120) as response:
+        figure = Image.open(io.BytesIO(response.read()))
+    assert figure.width >= 2 * 384
+
+
+def test_exported_diagnoses_are_a_dataset_the_local_source_ingests(review: dict, tmp_path: Path) -> None:
+    uploads = [(name, data) for name, data in review["images"].items()]
+    cards = _score(review["url"], uploads)[1]["cards"]
+    for card, diagnosis in zip(cards, ["nevus", "other/unknown"], strict=True):
+        payload = {"sha256": card["sha256"], "diagnosis": diagnosis}
+        assert _request(f"{review['url']}/api/diagnoses", json.dumps(payload).encode())[0] == 201
+    export_feedback(review["store"], tmp_path / "export", CLASSES)
+    params = small_params(download={"source": "local"})
+    params["download"]["local"].update(
+        path=str(tmp_path / "export"),
+        metadata="index.csv",
+        lesion_column="lesion_id",
+        diagnosis_column="",
+        collection="collection",
+    )
+    manifest = fetch_local_source(as_params(params), tmp_path / "raw")
+    labelled = dict(zip(manifest["isic_id"], manifest["label"], strict=True))
+    assert labelled[cards[0]["sha256"][:20]] == "nevus"
+    assert cards[1]["sha256"][:20] not in labelled  # other/unknown is no class to train on
+    assert set(manifest["collection"]) == {"review feedback"}
+
+
+def test_a_token_guards_every_page_but_health(registered: dict) -> None:
+    mlflow.set_tracking_uri(registered["uri"])
+    version = describe_version(MlflowClient(), f"models:/{NAME}/1")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    store = FeedbackStore(registered["root"] / "token" / "review.db")
+    with _serving(create_review_app(model, version, store, "http://127.0.0.1:5000", token="s3cret")) as url:
+        assert _request(f"{url}/health")[0] == 200
+        assert _request(f"{url}/")[0] == 401
+        assert _request(f"{url}/api/diagnoses")[0] == 401
+        assert _request(f"{url}/?token=wrong")[0] == 401
+        assert _request(f"{url}/?token=s3cret")[0] == 200
+        assert _request(f"{url}/api/diagnoses", headers={"Authorization": "Bearer s3cret"})[0] == 200
+
+
+def test_review_refuses_to_listen_beyond_localhost_without_a_token(tmp_path: Path) -> None:
+    result = run_skin_lesion(tmp_path, "review", "--host", "0.0.0.0", SKIN_LESION_REVIEW_TOKEN="")
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "--host 0.0.0.0 opens the page to other machines: set SKIN_LESION_REVIEW_TOKEN to an access token"
+        )
+    )
+
+
+def test_monitor_compares_the_logged_predictions_with_the_test_split(
+    review: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _score(review["url"], [("high.png", review["images"]["high.png"])] * 3)
+    point_mlflow_at(review["uri"], monkeypatch)
+    db = review["store"].path
+    result = run_skin_lesion(
+        review["root"], "monitor", "--model", f"models:/{NAME}/1", "--db", str(db), "--tolerance", "0.05"
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"predictions by {NAME} version 1, against its test split" in result.stdout
+    assert "DRIFT in" in result.stdout  # alerts on every image but one, against 30 % on test
+    assert Image.open(db.with_name("monitor.png")).width >= 800
+
+
+def test_in_a_browser_a_clinician_triages_records_and_finds_the_diagnosis_after_reload(
+    review: dict, tmp_path: Path
+) -> None:
+    files = []
+    for name in ("low.png", "high.png"):
+        files.append(tmp_path / name)
+        files[-1].write_bytes(review["images"][name])
+    files.append(tmp_path / "corrupt.jpg")
+    files[-1].write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(review["url"])
+        page.set_input_files("#files", [str(path) for path in files])
+        page.wait_for_function("document.querySelectorAll('[data-testid=card]').length === 3", timeout=60_000)
+        page.wait_for_selector("#progress:has-text('Scored 3 images')")
+        cards = page.locator("[data-testid=card]")
+        # The worklist: the alert first, the unscored image last.
+        assert cards.nth(0).locator("h3").inner_text() == "high.png"
+        assert cards.nth(0).locator("[data-testid=alert]").inner_text() == "MELANOMA ALERT"
+        assert cards.nth(1).locator("[data-testid=alert]").count() == 0
+        assert (
+            "Not scored: cannot decode image" in cards.nth(2).locator("[data-testid=card-error]").inner_text()
+        )
+        rows = page.locator("[data-testid=worklist-row]")
+        assert [rows.nth(k).locator("td").nth(1).inner_text() for k in range(3)] == [
+            "high.png",
+            "low.png",
+            "corrupt.jpg",
+        ]
+        cards.nth(0).get_by_role("button", name="Show Grad-CAM").click()
+        page.wait_for_function("document.querySelector('img.gradcam').naturalWidth > 0", timeout=60_000)
+        cards.nth(0).locator("select").select_option("melanoma")
+        cards.nth(0).get_by_placeholder("biopsy result (optional)").fill("melanoma in situ")
+        cards.nth(0).get_by_role("button", name="Record diagnosis").click()
+        page.wait_for_selector("[data-testid=recorded]:has-text('Recorded: melanoma')")
+        page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
+        page.reload()
+        page.wait_for_selector("[data-testid=diagnosis-row]:has-text('melanoma in situ')")
+        browser.close()
