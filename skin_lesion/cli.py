@@ -4,7 +4,7 @@
     skin-lesion serve [--model URI] [--host 127.0.0.1] [--port 5001]
     skin-lesion promote VERSION [--alias champion] [--force]
     skin-lesion review [--model URI] [--host 127.0.0.1] [--port 5002] [--db feedback/review.db]
-    skin-lesion export-feedback OUT [--db feedback/review.db]
+    skin-lesion export-feedback OUT [--db feedback/review.db] [--base DATASET]
     skin-lesion monitor [--model URI] [--db feedback/review.db] [--days 30] [--tolerance 0.1]
 
 `predict`: PATH is an image file or a folder (searched recursively). The default model is
@@ -38,7 +38,7 @@ import uvicorn
 from mlflow import MlflowClient
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.feedback import EXPORT_METADATA, FeedbackStore, export_feedback
+from skin_lesion.feedback import FeedbackStore, export_feedback
 from skin_lesion.files import atomic_file, write_csv_atomic
 from skin_lesion.gradcam import explain_alerts
 from skin_lesion.monitoring import drift_figure, drift_report, render_drift
@@ -108,16 +108,15 @@ def review_command(args: argparse.Namespace) -> None:
 
 def export_feedback_command(args: argparse.Namespace) -> None:
     """Write the recorded diagnoses as a dataset folder for download.source: local."""
-    table = export_feedback(FeedbackStore(args.db), args.out, load_params().base.classes)
-    counts = ", ".join(f"{label} {count}" for label, count in table["diagnosis"].value_counts().items())
-    log.info("wrote %d diagnosed images to %s/Train (%s)", len(table), args.out, counts)
-    log.info(
-        "train on them: dvc exp run -S download.source=local -S download.local.path=%s"
-        " -S download.local.metadata=%s -S download.local.lesion_column=lesion_id"
-        " -S download.local.diagnosis_column= -S download.local.collection=collection",
-        args.out,
-        EXPORT_METADATA,
+    params = load_params()
+    store = FeedbackStore(args.db)
+    table = export_feedback(store, args.out, params.base.classes, params.download.local, args.base)
+    counts = ", ".join(
+        f"{label} {count}" for label, count in table["confirmed_diagnosis"].value_counts().items()
     )
+    base = f" with the images of {args.base}" if args.base else ""
+    log.info("wrote %d diagnosed images (%s) to %s%s", len(table), counts, args.out, base)
+    log.info("train on them: dvc exp run -S download.source=local -S download.local.path=%s", args.out)
 
 
 def monitor_command(args: argparse.Namespace) -> None:
@@ -186,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-feedback", help="recorded diagnoses as a dataset folder")
     export.add_argument("out", type=Path, help="folder to write (<out>/Train/<class>/*, <out>/index.csv)")
     export.add_argument("--db", type=Path, default=DEFAULT_DB, help="default: %(default)s")
+    export.add_argument("--base", type=Path, help="dataset folder to copy in too (e.g. the training data)")
     export.set_defaults(command=export_feedback_command)
     monitor = commands.add_parser("monitor", help="recent predictions against the model's test split")
     monitor.add_argument("--model", help="MLflow model URI (default: the registered champion)")

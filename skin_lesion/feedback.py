@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ import pandas as pd
 
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import atomic_file, atomic_output_dir, write_csv_atomic
+from skin_lesion.params import COLLECTION_FROM_ID, LocalParams
 
 OTHER_DIAGNOSIS = "other/unknown"  # recorded, but not a class to train on
 EXPORT_METADATA = "index.csv"
@@ -140,18 +142,26 @@ class FeedbackStore:
             )
 
 
-def export_feedback(store: FeedbackStore, out: Path, classes: Sequence[str]) -> pd.DataFrame:
-    """Write the diagnosed images as <out>/Train/<class>/<sha>.<ext> plus <out>/index.csv; the rows.
+def export_feedback(
+    store: FeedbackStore, out: Path, classes: Sequence[str], local: LocalParams, base: Path | None = None
+) -> pd.DataFrame:
+    """Write the diagnosed images as <out>/Train/<class>/<sha>.<ext> with a metadata CSV; their rows.
 
-    Diagnoses outside `classes` (other/unknown) are left out: there is no class to train them as.
-    Each image is its own lesion (`lesion_id`), as the page knows nothing else about it.
+    The CSV is named and laid out as `local` (download.local) expects, so that pointing
+    download.local.path at `out` is the only change needed to train on it. With `base` (a dataset
+    folder in the same layout, such as the one the model was trained on) its images and metadata
+    rows are copied too, so the next run trains on both. Diagnoses outside `classes`
+    (other/unknown) are left out: there is no class to train them as. Each reviewed image is its own
+    lesion, as the page knows nothing else about it.
     """
     records = store.diagnoses()
     records = records[records["diagnosis"].isin(classes)]
     if records.empty:
         raise PipelineError(f"{store.path}: no diagnoses of the model's classes to export")
-    rows = []
+    metadata_name = local.metadata or EXPORT_METADATA
     with atomic_output_dir(out) as tmp:
+        base_rows = _copy_base(base, tmp, metadata_name) if base is not None else pd.DataFrame()
+        rows = []
         for record in records.itertuples():
             source = store.images / record.image
             if not source.is_file():
@@ -159,23 +169,40 @@ def export_feedback(store: FeedbackStore, out: Path, classes: Sequence[str]) -> 
             stem = record.sha256[:20]
             target = tmp / "Train" / record.diagnosis / f"{stem}{source.suffix}"
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.read_bytes())
-            rows.append(
-                {
-                    "isic_id": stem,
-                    "lesion_id": stem,
-                    "diagnosis": record.diagnosis,
-                    "collection": EXPORT_COLLECTION,
-                    "biopsy": record.biopsy,
-                    "filename": record.filename,
-                    "recorded": record.time,
-                    "model_version": record.model_version,
-                    "sha256": record.sha256,
-                }
-            )
+            shutil.copyfile(source, target)
+            rows.append(_metadata_row(record, stem, local))
         table = pd.DataFrame(rows).sort_values("isic_id", ignore_index=True)
-        write_csv_atomic(tmp / EXPORT_METADATA, table)
+        write_csv_atomic(tmp / metadata_name, pd.concat([base_rows, table], ignore_index=True).fillna(""))
     return table
+
+
+def _metadata_row(record: Any, stem: str, local: LocalParams) -> dict[str, str]:
+    row = {"isic_id": stem, local.lesion_column: stem}
+    if local.diagnosis_column:
+        row[local.diagnosis_column] = ""  # the clinician's diagnosis is the label, not a dx code
+    if local.collection != COLLECTION_FROM_ID:
+        row[local.collection] = EXPORT_COLLECTION
+    return {
+        **row,
+        "confirmed_diagnosis": record.diagnosis,
+        "biopsy": record.biopsy,
+        "filename": record.filename,
+        "recorded": record.time,
+        "model_version": record.model_version,
+        "sha256": record.sha256,
+    }
+
+
+def _copy_base(base: Path, out: Path, metadata_name: str) -> pd.DataFrame:
+    if not (base / "Train").is_dir():
+        raise PipelineError(f"--base: {base} has no Train/ folder")
+    for split in ("Train", "Test"):
+        if (base / split).is_dir():
+            shutil.copytree(
+                base / split, out / split, symlinks=True
+            )  # links stay links: the source vets them
+    metadata = base / metadata_name
+    return pd.read_csv(metadata, dtype=str, keep_default_na=False) if metadata.is_file() else pd.DataFrame()
 
 
 def _now() -> str:

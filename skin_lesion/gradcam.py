@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -40,30 +42,62 @@ def explain_alerts(model: mlflow.pyfunc.PyFuncModel, predictions: pd.DataFrame, 
 
 
 def grad_cam(model: object, image: np.ndarray, class_index: int) -> np.ndarray:
-    """Grad-CAM heatmap in [0, 1] of `class_index` over the model's last convolutional feature map."""
+    """Grad-CAM heatmap in [0, 1] of `class_index` over the model's last convolutional feature map.
+
+    For a pretrained backbone (a model nested in the classifier) that map is inside the backbone.
+    """
     import keras  # noqa: PLC0415 - loaded only with --explain
 
-    feature_layer = next(
-        (layer for layer in reversed(model.layers) if len(layer.output.shape) == 4),
-        None,
-    )
-    if feature_layer is None or isinstance(feature_layer, keras.layers.InputLayer):
-        raise PipelineError(f"--explain: model {model.name} exposes no convolutional feature map")
     if keras.backend.backend() != "tensorflow":
-        raise PipelineError(
-            f"--explain: Grad-CAM needs the tensorflow backend, not {keras.backend.backend()}"
-        )
+        raise PipelineError(f"Grad-CAM needs the tensorflow backend, not {keras.backend.backend()}")
     import tensorflow as tf  # noqa: PLC0415 - gradients are backend-specific; this is not training code
 
-    probe = keras.Model(model.inputs, [feature_layer.output, model.output])
+    forward = _forward_with_features(model)
     with tf.GradientTape() as tape:
-        features, probabilities = probe([image[None]], training=False)
+        features, probabilities = forward(tf.convert_to_tensor(image[None]))
         score = probabilities[:, class_index]
     gradients = tape.gradient(score, features)
     weights = tf.reduce_mean(tf.cast(gradients, tf.float32), axis=(1, 2))
     cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * weights[:, None, None, :], axis=-1))[0]
     cam = cam.numpy()
     return cam / cam.max() if cam.max() > 0 else cam
+
+
+def _forward_with_features(model: Any) -> Callable[[Any], tuple[Any, Any]]:
+    """A function of an image batch giving (last convolutional feature map, class probabilities)."""
+    import keras  # noqa: PLC0415
+
+    from skin_lesion.architectures import BACKBONE_NAME  # noqa: PLC0415 - Keras loads only when used
+
+    if BACKBONE_NAME in [layer.name for layer in model.layers]:
+        backbone = model.get_layer(BACKBONE_NAME)
+        inner = _last_feature_layer(backbone.layers)
+        extractor = keras.Model(backbone.inputs, [inner.output, backbone.output])
+        # The classifier around a backbone is a chain (input scaling, backbone, dropout, head), so it
+        # can run layer by layer with the backbone swapped for one that also gives its feature map.
+
+        def forward(x: Any) -> tuple[Any, Any]:
+            features = None
+            for layer in model.layers[1:]:
+                if layer.name == BACKBONE_NAME:
+                    features, x = extractor(x, training=False)
+                else:
+                    x = layer(x, training=False)
+            return features, x
+
+        return forward
+    feature_layer = _last_feature_layer(model.layers)
+    probe = keras.Model(model.inputs, [feature_layer.output, model.output])
+    return lambda x: probe(x, training=False)
+
+
+def _last_feature_layer(layers: list[Any]) -> Any:
+    import keras  # noqa: PLC0415
+
+    layer = next((layer for layer in reversed(layers) if len(layer.output.shape) == 4), None)
+    if layer is None or isinstance(layer, keras.layers.InputLayer):
+        raise PipelineError("Grad-CAM: the model exposes no convolutional feature map")
+    return layer
 
 
 FIGURE_IMAGE_PX = 384  # each panel's image is shown at least this many pixels wide

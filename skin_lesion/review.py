@@ -146,7 +146,10 @@ def create_review_app(
         upload = session.get(sha256)
         if upload is None:
             return _message(404, "that image is no longer held: upload it again")
-        png = await run_in_threadpool(explanation_png, classifier, upload)
+        try:
+            png = await run_in_threadpool(explanation_png, classifier, upload)
+        except PipelineError as err:
+            return _message(422, str(err))
         return Response(png, media_type="image/png")
 
     @app.get("/api/diagnoses")

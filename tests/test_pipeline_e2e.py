@@ -170,6 +170,10 @@ def test_model_is_registered_as_challenger(project: Path, first_repro: str) -> N
     predictions = model.predict(pd.DataFrame({"image": [encoded, encoded]}))
     assert len(predictions) == 2
     assert {"predicted_label", "p_melanoma", "melanoma_alert"} <= set(predictions.columns)
+    assert predictions["ood_score"].notna().all()  # evaluate fitted the OOD summary it travels with
+    figures = model.model_config["test_figures"]
+    assert figures["images"] == len(pd.read_csv(project / "data" / "split" / "test.csv"))
+    assert sum(figures["class_mix"].values()) == pytest.approx(1.0)
     assert (project / "metrics" / "model_card.md").read_text().startswith("# Model card")
 
 

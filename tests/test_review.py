@@ -17,6 +17,7 @@ from typing import Any
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import uvicorn
 from mlflow import MlflowClient
@@ -37,6 +38,7 @@ from tests.conftest import (
     fetch_local_source,
     free_port,
     log_test_model,
+    make_isic_folder,
     point_mlflow_at,
     run_skin_lesion,
     small_params,
@@ -266,26 +268,41 @@ def test_grad_cam_of_an_uploaded_image_is_a_readable_png(review: dict) -> None:
     assert figure.width >= 2 * 384
 
 
-def test_exported_diagnoses_are_a_dataset_the_local_source_ingests(review: dict, tmp_path: Path) -> None:
-    uploads = [(name, data) for name, data in review["images"].items()]
-    cards = _score(review["url"], uploads)[1]["cards"]
-    for card, diagnosis in zip(cards, ["nevus", "other/unknown"], strict=True):
+def _record(review: dict, diagnoses: list[str]) -> list[dict]:
+    cards = _score(review["url"], list(review["images"].items()))[1]["cards"]
+    for card, diagnosis in zip(cards, diagnoses, strict=True):
         payload = {"sha256": card["sha256"], "diagnosis": diagnosis}
         assert _request(f"{review['url']}/api/diagnoses", json.dumps(payload).encode())[0] == 201
-    export_feedback(review["store"], tmp_path / "export", CLASSES)
-    params = small_params(download={"source": "local"})
-    params["download"]["local"].update(
-        path=str(tmp_path / "export"),
-        metadata="index.csv",
-        lesion_column="lesion_id",
-        diagnosis_column="",
-        collection="collection",
-    )
-    manifest = fetch_local_source(as_params(params), tmp_path / "raw")
-    labelled = dict(zip(manifest["isic_id"], manifest["label"], strict=True))
-    assert labelled[cards[0]["sha256"][:20]] == "nevus"
-    assert cards[1]["sha256"][:20] not in labelled  # other/unknown is no class to train on
-    assert set(manifest["collection"]) == {"review feedback"}
+    return cards
+
+
+def _ingest(folder: Path, out: Path) -> dict[str, str]:
+    """The label of each image id the local source reads from `folder`, with the committed metadata keys."""
+    params = small_params(download={"source": "local", "path": str(folder)})
+    params["download"]["local"].update(metadata="index.csv")  # the committed default
+    manifest = fetch_local_source(as_params(params), out)
+    return dict(zip(manifest["isic_id"], manifest["label"], strict=True))
+
+
+def test_exported_diagnoses_are_a_dataset_the_local_source_ingests(review: dict, tmp_path: Path) -> None:
+    low, high = _record(review, ["nevus", "other/unknown"])
+    local = as_params(small_params()).download.local
+    export_feedback(review["store"], tmp_path / "export", CLASSES, local)
+    labelled = _ingest(tmp_path / "export", tmp_path / "raw")
+    assert labelled[low["sha256"][:20]] == "nevus"
+    assert high["sha256"][:20] not in labelled  # other/unknown is no class to train on
+    metadata = pd.read_csv(tmp_path / "export" / "index.csv", dtype=str, keep_default_na=False)
+    assert set(metadata.columns) >= {"isic_id", local.lesion_column, "confirmed_diagnosis", "sha256"}
+
+
+def test_an_export_with_a_base_dataset_trains_on_both(review: dict, tmp_path: Path) -> None:
+    base = make_isic_folder(tmp_path / "base", train_per_class=2)
+    (low, _) = _record(review, ["nevus", "other/unknown"])
+    local = as_params(small_params()).download.local
+    export_feedback(review["store"], tmp_path / "export", CLASSES, local, base=base)
+    labelled = _ingest(tmp_path / "export", tmp_path / "raw")
+    assert len(labelled) == 2 * len(CLASSES) + 1
+    assert labelled[low["sha256"][:20]] == "nevus"
 
 
 def test_a_token_guards_every_page_but_health(registered: dict) -> None:

@@ -22,16 +22,18 @@ from PIL import Image
 
 from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
-from skin_lesion.gradcam import explain_alerts
+from skin_lesion.gradcam import explain_alerts, grad_cam
 from skin_lesion.predict import collect_images, predict_files, render_summary
 from skin_lesion.registry import register_version, resolve_default_model
 from tests.conftest import (
     CLASSES,
     REPO,
+    draw_lesion,
     free_port,
     log_test_model,
     point_mlflow_at,
     run_skin_lesion,
+    tiny_backbone_weights,
     wait_for_http,
     write_image,
 )
@@ -176,6 +178,14 @@ def test_no_registered_model_is_a_clear_error(in_tmp: Path) -> None:
     mlflow.set_registry_uri(f"sqlite:///{in_tmp / 'empty.db'}")
     with pytest.raises(PipelineError, match=r"no registered model 'lesions'"):
         resolve_default_model(NAME)
+
+
+def test_grad_cam_reaches_inside_a_pretrained_backbone(tmp_path: Path) -> None:
+    weights = tiny_backbone_weights(tmp_path / "mobilenet.weights.h5", size=64)
+    model = build_model("mobilenet", 64, len(CLASSES), 0.0, weights=str(weights))
+    heatmap = grad_cam(model, np.asarray(draw_lesion(0, 64)), class_index=0)
+    assert heatmap.shape == (2, 2)  # MobileNet's last feature map at 64 px, not the pooled vector
+    assert 0.0 <= heatmap.min() <= heatmap.max() <= 1.0
 
 
 def test_grad_cam_overlays_are_written_for_alerts(tracking: str, tmp_path: Path) -> None:
