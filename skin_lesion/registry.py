@@ -28,7 +28,7 @@ from skin_lesion.serving import (
     pip_requirements,
     prediction_frame,
 )
-from skin_lesion.tracking import tracking_uri
+from skin_lesion.tracking import DVC_DATA_TAG, tracking_uri
 
 log = logging.getLogger("skin_lesion.registry")
 
@@ -108,9 +108,14 @@ def example_image(size: int) -> str:
 
 
 def version_tags(
-    train_run_id: str, evaluate_run_id: str, test_split: str, metrics: dict[str, Any], data_source: str
+    train_run_id: str,
+    evaluate_run_id: str,
+    test_split: str,
+    metrics: dict[str, Any],
+    data_source: str,
+    data_hashes: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """What a registered version carries: its runs, data source, test split, threshold, headline metrics."""
+    """What a registered version carries: its runs, data (source and DVC hashes), test split, metrics."""
     threshold = metrics["melanoma"]["operating_point"]["threshold"]
     return {
         "data_source": data_source,
@@ -119,7 +124,24 @@ def version_tags(
         TEST_SPLIT_TAG: test_split,
         "melanoma_threshold": f"{threshold:.6f}",
         **{f"test_{key}": str(value) for key, value in headline(metrics).items()},
+        **{f"{DVC_DATA_TAG}{path}": value for path, value in (data_hashes or {}).items()},
     }
+
+
+def provenance_note(tags: dict[str, str], commit: str | None, experiment: str | None) -> str:
+    """Markdown that ends a version's description: the git commit, DVC experiment, data and runs."""
+    lines = ["", "## Provenance", ""]
+    lines.append(f"- git commit: `{commit or 'none (not a git repository)'}`")
+    if experiment:
+        lines.append(f"- DVC experiment: `{experiment}` (`dvc exp apply {experiment}` restores it)")
+    data = {
+        key.removeprefix(DVC_DATA_TAG): value for key, value in tags.items() if key.startswith(DVC_DATA_TAG)
+    }
+    lines += [
+        f"- data `{path}`: DVC hash `{value}` (`dvc pull` at that commit)" for path, value in data.items()
+    ]
+    lines.append(f"- MLflow runs: train `{tags['train_run_id']}`, evaluate `{tags['evaluate_run_id']}`")
+    return "\n".join(lines) + "\n"
 
 
 def register_and_promote(

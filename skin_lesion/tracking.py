@@ -13,9 +13,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
@@ -63,8 +65,9 @@ def check_tracking_server(timeout_s: float = 5.0) -> None:
                 f"MLFLOW_TRACKING_URI={redact(uri)}: the tracking server refused the credentials"
                 f" (HTTP {err.code}); check MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN"
             ) from None
+        cause = " (the server failed: is its database or artifact store up?)" if err.code >= 500 else ""
         raise PipelineError(
-            f"MLFLOW_TRACKING_URI={redact(uri)}: tracking server answered HTTP {err.code}"
+            f"MLFLOW_TRACKING_URI={redact(uri)}: tracking server answered HTTP {err.code}{cause}"
         ) from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as err:
         reason = getattr(err, "reason", err)
@@ -190,14 +193,40 @@ def _experiment_id(name: str) -> str:
         return experiment.experiment_id
 
 
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+DVC_DATA_TAG = "dvc.data."  # + an output's path: its DVC content hash, e.g. dvc.data.data/split
+
+
+def upstream_data_hashes(stage: str, workspace: Path) -> dict[str, str]:
+    """The DVC content hashes (dvc.lock) of the outputs of the stages before `stage`: its data inputs.
+
+    DVC runs the stages in order and records each one's outputs in dvc.lock as it finishes, so when
+    `stage` starts, the entries of the stages before it describe exactly the data it reads.
+    """
+    pipeline, lock = workspace / "dvc.yaml", workspace / "dvc.lock"
+    if not (pipeline.is_file() and lock.is_file()):
+        return {}
+    order = list(yaml.safe_load(pipeline.read_text(encoding="utf-8")).get("stages", {}))
+    if stage not in order:
+        return {}
+    locked = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    hashes = {}
+    for earlier in order[: order.index(stage)]:
+        for out in locked.get(earlier, {}).get("outs", []):
+            hashes[out["path"]] = str(out.get(out.get("hash", "md5"), ""))
+    return hashes
+
+
 def _run_tags(stage: str) -> dict[str, str]:
     tags = {"stage": stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    data = upstream_data_hashes(stage, Path.cwd())
+    tags.update({f"{DVC_DATA_TAG}{path}": value for path, value in data.items()})
     for variable in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         if os.environ.get(variable):
             tags[variable] = os.environ[variable]
     commit = _git_commit()
     if commit:
-        tags["mlflow.source.git.commit"] = commit
+        tags[GIT_COMMIT_TAG] = commit
     return tags
 
 

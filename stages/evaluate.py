@@ -40,13 +40,14 @@ from skin_lesion.plots import write_plots
 from skin_lesion.registry import (
     NEW_VERSION_ALIAS,
     log_servable_model,
+    provenance_note,
     register_and_promote,
     split_fingerprint,
     version_tags,
 )
 from skin_lesion.runner import run_cli
 from skin_lesion.stress import source_shift_report
-from skin_lesion.tracking import loggable_metrics, stage_run
+from skin_lesion.tracking import GIT_COMMIT_TAG, loggable_metrics, stage_run, upstream_data_hashes
 
 log = logging.getLogger("stages.evaluate")
 
@@ -120,7 +121,10 @@ def register(
     """Log the servable model, register it as @challenger and decide `champion`; version and why."""
     base, source = params.base, params.download.source
     train_run = json.loads(args.model_info.read_text(encoding="utf-8"))["run_id"]
-    tags = version_tags(train_run, run_id, split_fingerprint(args.split / "test.csv"), metrics, source)
+    data = upstream_data_hashes("evaluate", Path.cwd())
+    tags = version_tags(train_run, run_id, split_fingerprint(args.split / "test.csv"), metrics, source, data)
+    run_tags = mlflow.get_run(run_id).data.tags
+    card += provenance_note(tags, run_tags.get(GIT_COMMIT_TAG), run_tags.get("DVC_EXP_NAME"))
     threshold = metrics["melanoma"]["operating_point"]["threshold"]
     with tempfile.TemporaryDirectory() as folder:
         ood.save(Path(folder) / "ood.npz")

@@ -164,6 +164,10 @@ def test_model_is_registered_as_challenger(project: Path, first_repro: str) -> N
     assert version.description.startswith(f"# Model card: {model_name()}")
     assert float(version.tags["melanoma_threshold"]) > 0
     assert "manual" in version.tags["promotion"]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    split_hash = next(out["md5"] for out in lock["split"]["outs"] if out["path"] == "data/split")
+    assert version.tags["dvc.data.data/split"] == split_hash  # names exactly the data it came from
+    assert f"data `data/split`: DVC hash `{split_hash}`" in version.description
     model = mlflow.pyfunc.load_model(f"models:/{model_name()}@challenger")
     image = next((project / "data" / "raw" / "train" / "melanoma").iterdir())
     encoded = base64.b64encode(image.read_bytes()).decode()

@@ -7,9 +7,16 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from skin_lesion.files import repo_root
-from skin_lesion.tracking import configure_mlflow, flatten_params, stage_run, tracking_uri
+from skin_lesion.tracking import (
+    configure_mlflow,
+    flatten_params,
+    stage_run,
+    tracking_uri,
+    upstream_data_hashes,
+)
 from tests.conftest import as_params, small_params
 
 
@@ -96,3 +103,21 @@ def test_a_run_left_running_by_a_killed_stage_is_marked_killed(in_tmp: Path) -> 
         assert client.get_run(live_id).info.status == "RUNNING"
     assert client.get_run(killed_id).info.status == "KILLED"
     assert client.get_run(live_id).info.status == "FINISHED"
+
+
+def test_a_stage_is_tagged_with_the_dvc_hashes_of_the_outputs_before_it(tmp_path: Path) -> None:
+    (tmp_path / "dvc.yaml").write_text("stages:\n  prepare: {cmd: a}\n  fit: {cmd: b}\n  score: {cmd: c}\n")
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "prepare": {"outs": [{"path": "data/split", "hash": "md5", "md5": "aaa.dir"}]},
+            "fit": {"outs": [{"path": "models/m.keras", "hash": "md5", "md5": "bbb"}]},
+            "score": {"outs": [{"path": "metrics/s.json", "hash": "md5", "md5": "ccc"}]},
+        },
+    }
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert upstream_data_hashes("fit", tmp_path) == {"data/split": "aaa.dir"}
+    assert upstream_data_hashes("score", tmp_path) == {"data/split": "aaa.dir", "models/m.keras": "bbb"}
+    assert upstream_data_hashes("prepare", tmp_path) == {}
+    (tmp_path / "dvc.lock").unlink()
+    assert upstream_data_hashes("fit", tmp_path) == {}  # a first run has no lock yet

@@ -1,11 +1,15 @@
-"""Four experiments queued and run two at a time: on the embedded SQLite store, then on a real server.
+"""Four experiments queued and run two at a time: on the embedded SQLite store, then on a team's stack.
 
 Each must leave one MLflow run per stage that ran, one registered, loadable version, and no
-"database is locked" anywhere in its log.
+"database is locked" anywhere in its log. The team's stack (scripts/team_stack.py) is MLflow's server
+on PostgreSQL with artifacts proxied to an S3-compatible store, which also holds the DVC remote.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +17,17 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import mlflow_server, repo_params
+from scripts.team_stack import (
+    ARTIFACT_BUCKET,
+    DVC_BUCKET,
+    PG_BIN,
+    S3_KEY,
+    S3_SECRET,
+    Stack,
+    running_stack,
+    s3_client,
+)
+from tests.conftest import repo_params, run_skin_lesion
 from tests.isic_standin import serve
 from tests.pipeline_project import (
     command_env,
@@ -84,10 +98,77 @@ def test_four_queued_experiments_on_sqlite(project: Path) -> None:
     _check_store(uri, rates, before)
 
 
-def test_four_queued_experiments_on_a_tracking_server(project: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """PostgreSQL, the S3 stand-in and MLflow's server on 127.0.0.1, as scripts/team_stack.py starts them."""
+    with running_stack(tmp_path_factory.mktemp("team")) as stack:
+        yield stack
+
+
+def _bucket_keys(stack: Stack, bucket: str) -> list[str]:
+    pages = s3_client(stack.s3_endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def test_four_queued_experiments_on_postgresql_and_s3(project: Path, team: Stack) -> None:
     default = repo_params()["train"]["learning_rate"]
     rates = [default * factor for factor in (4, 0.125, 5, 0.2)]  # new values, so DVC cannot reuse runs
-    with mlflow_server(tmp_path) as uri:
-        finished = _queue_and_run(project, rates, command_env(MLFLOW_TRACKING_URI=uri))
-        assert (finished["status"] == "Success").sum() >= EXPERIMENTS, finished
-        _check_store(uri, rates, versions_before=0)
+    finished = _queue_and_run(project, rates, command_env(MLFLOW_TRACKING_URI=team.tracking_uri))
+    assert (finished["status"] == "Success").sum() >= EXPERIMENTS, finished
+    _check_store(team.tracking_uri, rates, versions_before=0)
+    # The artifacts are in the bucket, through the server: the runs point at it, not at a local folder.
+    runs = mlflow_runs(team.tracking_uri)
+    assert runs["artifact_uri"].str.startswith("mlflow-artifacts:/").all()
+    models = [key for key in _bucket_keys(team, ARTIFACT_BUCKET) if key.endswith("/MLmodel")]
+    assert len(models) >= 2 * EXPERIMENTS  # per experiment: train's Keras model and the served pyfunc
+    # Each version loads in a fresh process that has no object-store credentials at all.
+    loader = (
+        "import mlflow, sys; name = sys.argv[1]\n"
+        "for version in mlflow.MlflowClient().search_model_versions(f\"name='{name}'\"):\n"
+        "    mlflow.pyfunc.load_model(f'models:/{name}/{version.version}')\n"
+    )
+    env = command_env(MLFLOW_TRACKING_URI=team.tracking_uri)
+    command = [sys.executable, "-c", loader, model_name()]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_dvc_push_then_a_fresh_clone_pulls_data_and_model(project: Path, team: Stack, tmp_path: Path) -> None:
+    env = command_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
+    run(project, "dvc", "remote", "modify", "--local", "team", "endpointurl", team.s3_endpoint)
+    run(project, "dvc", "push", env=env)
+    assert _bucket_keys(team, DVC_BUCKET)
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    run(clone, "dvc", "remote", "modify", "--local", "team", "endpointurl", team.s3_endpoint)
+    run(clone, "dvc", "pull", env=env)
+    assert (clone / "models" / "model.keras").read_bytes() == (
+        project / "models" / "model.keras"
+    ).read_bytes()
+    assert "up to date" in run(clone, "dvc", "status", env=env)
+    repro = run(clone, "dvc", "repro", env=command_env(MLFLOW_TRACKING_URI=team.tracking_uri))
+    assert "Running stage" not in repro, repro
+
+
+def test_a_stage_stops_at_once_when_postgresql_is_down(project: Path, team: Stack) -> None:
+    cluster = Path(team.pgdata) / "cluster"
+    command = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run(
+        [*command, str(PG_BIN / "pg_ctl"), "-D", str(cluster), "-m", "fast", "-w", "stop"], check=True
+    )
+    try:
+        result = run_skin_lesion(project, "promote", "1", MLFLOW_TRACKING_URI=team.tracking_uri)
+    finally:
+        options = f"-h 127.0.0.1 -p {team.postgres_port} -k {team.pgdata}"
+        start = [str(PG_BIN / "pg_ctl"), "-D", str(cluster), "-l", str(Path(team.pgdata) / "postgres.log")]
+        subprocess.run(
+            [*command, *start, "-o", options, "-w", "start"], check=True, stdout=subprocess.DEVNULL
+        )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    message = (
+        f"MLFLOW_TRACKING_URI={team.tracking_uri}: tracking server answered HTTP 503"
+        " (the server failed: is its database or artifact store up?)"
+    )
+    assert lines[-1] == f"ERROR skin_lesion: {message}"
+    assert team.postgres_password not in result.stderr + result.stdout
