@@ -49,12 +49,14 @@ def threshold_in_words(figures: dict[str, Any], threshold: float) -> str:
     interval = figures.get("melanoma_sensitivity_ci")
     ci = f" (95 % CI {interval[0]:.0%} to {interval[1]:.0%})" if interval else ""
     melanomas = figures.get("melanomas")
-    among = f" ({melanomas} melanomas)" if melanomas else ""
+    found = (
+        f"{sensitivity:.0%} of the {melanomas} melanomas" if melanomas else f"{sensitivity:.0%} of melanomas"
+    )
     benign = figures.get("alerts_per_100_benign")
     alerts = f", with {benign:.0f} alerts per 100 benign lesions" if benign is not None else ""
     return (
         f"Alert when P(melanoma) is at least {threshold:.3f}: at this threshold the model found"
-        f" {sensitivity:.0%} of melanomas in its test set{among}{ci}{alerts}."
+        f" {found} in its test set{ci}{alerts}."
     )
 
 

@@ -89,7 +89,7 @@ def test_reference_figures_and_the_threshold_in_words() -> None:
     assert figures["ood_rate"] == 0.25
     assert figures["class_mix"] == {"melanoma": 0.25, "nevus": 0.5, "vascular lesion": 0.25}
     words = threshold_in_words(figures, 0.3)
-    assert "found 90% of melanomas in its test set (2 melanomas) (95 % CI 75% to 100%)" in words
+    assert "found 90% of the 2 melanomas in its test set (95 % CI 75% to 100%)" in words
     assert "with 20 alerts per 100 benign lesions" in words
 
 

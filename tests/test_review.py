@@ -156,7 +156,7 @@ def test_page_names_the_model_its_alert_and_that_it_is_no_diagnostic_device(revi
     assert status == 200
     assert f"<strong>{NAME}</strong> version <strong>1</strong>" in page
     assert page.count(DISCLAIMER) >= 2  # banner and footer
-    assert "found 75% of melanomas in its test set (12 melanomas) (95 % CI 50% to 100%)" in page
+    assert "found 75% of the 12 melanomas in its test set (95 % CI 50% to 100%)" in page
     assert "with 17 alerts per 100 benign lesions" in page
     assert "/#/experiments/" in page  # the link to the MLflow run
     status, card = _request(f"{review['url']}/model-card")

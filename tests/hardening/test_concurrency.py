@@ -133,6 +133,16 @@ def test_four_queued_experiments_on_postgresql_and_s3(project: Path, team: Stack
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_promote_and_predict_work_against_the_team_server(project: Path, team: Stack) -> None:
+    promoted = run_skin_lesion(project, "promote", "2", MLFLOW_TRACKING_URI=team.tracking_uri)
+    assert promoted.returncode == 0, promoted.stderr
+    image = next((project / "data" / "raw" / "train" / "melanoma").iterdir())
+    predicted = run_skin_lesion(project, "predict", str(image), MLFLOW_TRACKING_URI=team.tracking_uri)
+    assert predicted.returncode == 0, predicted.stderr
+    assert f"model models:/{model_name()}@champion" in predicted.stderr
+    assert "1 image," in predicted.stdout
+
+
 def test_dvc_push_then_a_fresh_clone_pulls_data_and_model(project: Path, team: Stack, tmp_path: Path) -> None:
     env = command_env(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
     run(project, "dvc", "remote", "modify", "--local", "team", "endpointurl", team.s3_endpoint)
