@@ -14,6 +14,7 @@ Everything listens on 127.0.0.1. `--dir` holds the logs and the state that `stop
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -226,6 +227,10 @@ def _kill_group(pid: int) -> None:
         return
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        # A leader started by this process stays a zombie until reaped; one started by another
+        # process (`start`, then `stop`) is not ours to reap.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
