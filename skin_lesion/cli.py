@@ -115,7 +115,8 @@ def export_feedback_command(args: argparse.Namespace) -> None:
         f"{label} {count}" for label, count in table["confirmed_diagnosis"].value_counts().items()
     )
     base = f" with the images of {args.base}" if args.base else ""
-    log.info("wrote %d diagnosed images (%s) to %s%s", len(table), counts, args.out, base)
+    images = f"{len(table)} diagnosed image" + ("s" if len(table) != 1 else "")
+    log.info("wrote %s (%s) to %s%s", images, counts, args.out, base)
     log.info("train on them: dvc exp run -S download.source=local -S download.local.path=%s", args.out)
 
 

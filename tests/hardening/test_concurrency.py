@@ -170,7 +170,7 @@ def test_a_teammate_pulls_the_data_model_and_experiments_that_were_pushed(
     shared = set(run(clone, "dvc", "exp", "list", "--name-only", env=env).split())
     assert shared == set(run(project, "dvc", "exp", "list", "--name-only", env=env).split())
     assert len(shared) >= EXPERIMENTS
-    assert "train.learning_rate" in run(clone, "dvc", "params", "diff", "HEAD", sorted(shared)[0], env=env)
+    assert "train.learning_rate" in run(clone, "dvc", "exp", "diff", "HEAD", sorted(shared)[0], env=env)
 
 
 def test_a_stage_stops_at_once_when_postgresql_is_down(project: Path, team: Stack) -> None:
