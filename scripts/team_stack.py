@@ -147,12 +147,17 @@ def start_mlflow(stack: Stack) -> int:
     return server.pid
 
 
+def stop_server(stack: Stack, name: str) -> None:
+    """Stop one of the stack's servers (`mlflow` or `s3`) if it runs."""
+    pid = stack.pids.pop(name, None)
+    if pid:
+        _kill_group(pid)
+
+
 def stop_stack(stack: Stack) -> None:
     """Stop MLflow, the object store and PostgreSQL, and remove the throwaway cluster."""
     for name in ("mlflow", "s3"):
-        pid = stack.pids.pop(name, None)
-        if pid:
-            _kill_group(pid)
+        stop_server(stack, name)
     cluster = Path(stack.pgdata) / "cluster"
     if (cluster / "postmaster.pid").exists():
         _run_as_postgres([PG_BIN / "pg_ctl", "-D", cluster, "-m", "fast", "-w", "stop"])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from mlflow.exceptions import MlflowException
+
 from skin_lesion.errors import PipelineError
-from skin_lesion.tracking import check_tracking_server
+from skin_lesion.tracking import check_tracking_server, redact, tracking_uri
 
 log = logging.getLogger("skin_lesion")
 
@@ -14,7 +16,9 @@ log = logging.getLogger("skin_lesion")
 def run_cli(main: Callable[[], None]) -> int:
     """Run a stage's main(), turning a PipelineError into one line on stderr and exit code 1.
 
-    A tracking server that does not answer stops the stage before it does any work.
+    A tracking server that does not answer stops the stage before it does any work. One that goes
+    away during the stage (MLflow gives up after its HTTP retries) ends it with one line too, naming
+    the tracking URI; what was logged before stays logged, and rerunning the stage completes it.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -22,5 +26,11 @@ def run_cli(main: Callable[[], None]) -> int:
         main()
     except PipelineError as err:
         log.error("%s", err)
+        return 1
+    except MlflowException as err:
+        first_line = (
+            str(err.message).strip().splitlines()[0] if str(err.message).strip() else type(err).__name__
+        )
+        log.error("MLflow at %s failed: %s", redact(tracking_uri()), redact(first_line))
         return 1
     return 0

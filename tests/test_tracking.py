@@ -8,8 +8,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
 
 from skin_lesion.files import repo_root
+from skin_lesion.runner import run_cli
 from skin_lesion.tracking import (
     configure_mlflow,
     flatten_params,
@@ -121,3 +123,21 @@ def test_a_stage_is_tagged_with_the_dvc_hashes_of_the_outputs_before_it(tmp_path
     assert upstream_data_hashes("prepare", tmp_path) == {}
     (tmp_path / "dvc.lock").unlink()
     assert upstream_data_hashes("fit", tmp_path) == {}  # a first run has no lock yet
+
+
+def test_an_mlflow_failure_during_a_stage_is_one_line_without_the_password(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = "http://user:secret@127.0.0.1:9"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.setattr("skin_lesion.runner.check_tracking_server", lambda: None)  # it was up at the start
+
+    def stage() -> None:  # the server went away while the stage was logging
+        raise MlflowException(f"API request to {server}/api/2.0/mlflow/runs/log-batch failed\nmore detail")
+
+    assert run_cli(stage) == 1
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert errors == [
+        "MLflow at http://user:***@127.0.0.1:9 failed:"
+        " API request to http://user:***@127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed"
+    ]

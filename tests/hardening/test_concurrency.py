@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from scripts.team_stack import (
     Stack,
     running_stack,
     s3_client,
+    start_mlflow,
+    stop_server,
 )
 from tests.conftest import repo_params, run_skin_lesion
 from tests.isic_standin import serve
@@ -195,3 +198,52 @@ def test_a_stage_stops_at_once_when_postgresql_is_down(project: Path, team: Stac
     )
     assert lines[-1].endswith(("(the server failed: is its database or artifact store up?)", "(timed out)"))
     assert team.postgres_password not in result.stderr + result.stdout
+
+
+# Last: it leaves the rerun's outputs in the workspace, which the tests above compare with HEAD.
+def _train_is_running(uri: str, experiment: str) -> bool:
+    runs = mlflow_client(uri).search_runs(
+        [e.experiment_id for e in mlflow_client(uri).search_experiments()],
+        f"tags.stage = 'train' and tags.DVC_EXP_NAME = '{experiment}' and attributes.status = 'RUNNING'",
+    )
+    return bool(runs)
+
+
+def test_a_server_killed_mid_run_fails_with_one_line_and_a_rerun_completes(
+    project: Path, team: Stack
+) -> None:
+    # MLflow's client retries a dead server for minutes by default; the test does not wait that long.
+    env = command_env(
+        MLFLOW_TRACKING_URI=team.tracking_uri,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="10",
+    )
+    rate = str(repo_params()["train"]["learning_rate"] * 7)  # a new value: the stages must run
+    before = len(mlflow_runs(team.tracking_uri))
+    command = ["dvc", "exp", "run", "-n", "killed", "-S", f"train.learning_rate={rate}"]
+    experiment = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not _train_is_running(team.tracking_uri, "killed"):
+            assert experiment.poll() is None, experiment.stdout.read()
+            assert time.monotonic() < deadline, "train never started"
+            time.sleep(0.2)
+        stop_server(team, "mlflow")
+        output, _ = experiment.communicate(timeout=300)
+    finally:
+        if "mlflow" not in team.pids:
+            team.pids["mlflow"] = start_mlflow(team)
+    assert experiment.returncode != 0
+    assert f"ERROR skin_lesion: MLflow at {team.tracking_uri} failed: " in output, output[-3000:]
+    assert "Traceback" not in output.split("Running stage 'train'")[-1], output[-3000:]
+    # Restarted on the same database and bucket: nothing logged before is lost, and a rerun completes.
+    assert len(mlflow_runs(team.tracking_uri)) > before
+    run(project, "dvc", "exp", "run", "-n", "rerun", "-S", f"train.learning_rate={rate}", env=env)
+    runs = mlflow_runs(team.tracking_uri)
+    killed = runs[(runs["tags.DVC_EXP_NAME"] == "killed") & (runs["tags.stage"] == "train")]
+    assert set(killed["status"]) <= {"RUNNING", "KILLED", "FAILED"}
+    rerun = runs[runs["tags.DVC_EXP_NAME"] == "rerun"]
+    assert set(rerun["tags.stage"]) >= {"train", "evaluate"}
+    assert (rerun["status"] == "FINISHED").all()
