@@ -124,12 +124,14 @@ def _count_reaches(folder: Path, pattern: str, count: int) -> Callable[[], bool]
 
 def _epoch_reached(checkpoints: Path, epoch: int) -> Callable[[], bool]:
     def reached() -> bool:
-        # <checkpoints>/<settings hash>/<phase>/training_metadata.json, Keras's record of the epoch
-        for state in checkpoints.glob("*/*/training_metadata.json"):
+        # <checkpoints>/<settings hash>/<phase>/training_metadata.json, Keras's record of the epoch. A
+        # checkpoint is written in a temp folder (.<phase>.tmp-*) and renamed into place: only placed
+        # ones count, and one may still move between listing and reading.
+        for state in checkpoints.glob("*/[!.]*/training_metadata.json"):
             try:
                 return json.loads(state.read_text())["epoch"] >= epoch
-            except (json.JSONDecodeError, KeyError):
-                return False  # caught while Keras was writing it
+            except (json.JSONDecodeError, KeyError, FileNotFoundError):
+                return False  # caught while it was being written or replaced
         return False
 
     return reached
