@@ -24,8 +24,9 @@ def quality_problems(image: Image.Image) -> list[str]:
     grey = np.asarray(image.convert("L").resize((ANALYSIS_PX, ANALYSIS_PX)), dtype=np.float64)
     if grey.mean() < MIN_BRIGHTNESS:
         problems.append(f"too dark (mean brightness {grey.mean():.0f} of 255; at least {MIN_BRIGHTNESS})")
-    if sharpness(grey) < MIN_SHARPNESS:
-        problems.append(f"blurred (sharpness {sharpness(grey):.1f}; at least {MIN_SHARPNESS:.0f})")
+    edges = sharpness(grey)
+    if edges < MIN_SHARPNESS:
+        problems.append(f"blurred (sharpness {edges:.1f}; at least {MIN_SHARPNESS:.0f})")
     return problems
 
 
