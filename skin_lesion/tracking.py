@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
 import re
 import socket
@@ -44,6 +45,7 @@ HTTP_SCHEMES = ("http://", "https://")
 
 
 SERVER_SCHEMES = (*HTTP_SCHEMES, "databricks")
+PROBE_TIMEOUT_S = 30.0
 
 
 def tracking_uri() -> str:
@@ -51,13 +53,13 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DEFAULT_DB_NAME}"
 
 
-def check_tracking_server(timeout_s: float = 5.0) -> None:
+def check_tracking_server(timeout_s: float | None = None) -> None:
     """Fail at once, naming the URI, when MLFLOW_TRACKING_URI is a server that does not answer."""
     uri = tracking_uri()
     if not uri.startswith(HTTP_SCHEMES):
         return
     try:
-        with urllib.request.urlopen(probe_request(uri), timeout=timeout_s):
+        with urllib.request.urlopen(probe_request(uri), timeout=timeout_s or probe_timeout_s()):
             pass
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
@@ -74,6 +76,25 @@ def check_tracking_server(timeout_s: float = 5.0) -> None:
         raise PipelineError(
             f"MLFLOW_TRACKING_URI={redact(uri)}: tracking server not reachable ({redact(str(reason))})"
         ) from None
+
+
+def probe_timeout_s() -> float:
+    """How long the pre-flight waits: MLflow's own MLFLOW_HTTP_REQUEST_TIMEOUT when set, else 30 s.
+
+    Not a few seconds: a server's first request creates its store (migrations, a pool of database
+    connections), which takes several seconds on a busy machine. A refused connection fails at once
+    whatever the timeout; only a host that swallows packets waits this long.
+    """
+    setting = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "").strip()
+    if not setting:
+        return PROBE_TIMEOUT_S
+    try:
+        seconds = float(setting)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise PipelineError(f"MLFLOW_HTTP_REQUEST_TIMEOUT={setting!r} is not a positive number of seconds")
+    return seconds
 
 
 def probe_request(uri: str) -> urllib.request.Request:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.tracking import check_tracking_server, redact, stage_run
+from skin_lesion.tracking import check_tracking_server, probe_timeout_s, redact, stage_run
 from tests.conftest import as_params, free_port, mlflow_server, run_stage, small_params
 
 
@@ -100,3 +100,17 @@ def test_credentials_in_the_uri_work_and_are_never_printed(
     printed = capfd.readouterr()
     assert ADMIN_PASSWORD not in recorded
     assert ADMIN_PASSWORD not in printed.out + printed.err
+
+
+def test_the_pre_flight_waits_as_long_as_mlflow_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    assert probe_timeout_s() == 30.0
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "12.5")
+    assert probe_timeout_s() == 12.5
+
+
+@pytest.mark.parametrize("setting", ["soon", "0", "-3", "nan", "inf"])
+def test_a_timeout_that_is_no_duration_is_one_line(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", setting)
+    with pytest.raises(PipelineError, match=r"^MLFLOW_HTTP_REQUEST_TIMEOUT=.* is not a positive number"):
+        probe_timeout_s()
