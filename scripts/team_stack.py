@@ -127,7 +127,7 @@ def start_postgres(stack: Stack) -> None:
     )
 
 
-def start_mlflow(stack: Stack) -> int:
+def start_mlflow(stack: Stack, artifacts_destination: str = f"s3://{ARTIFACT_BUCKET}/mlflow") -> int:
     """Start `mlflow server` on PostgreSQL with proxied S3 artifacts; its process id once it answers."""
     env = {
         **os.environ,
@@ -138,7 +138,7 @@ def start_mlflow(stack: Stack) -> int:
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", stack.backend_store_uri,
-        "--artifacts-destination", f"s3://{ARTIFACT_BUCKET}/mlflow",
+        "--artifacts-destination", artifacts_destination,
         "--host", "127.0.0.1", "--port", str(stack.mlflow_port),
     ]  # fmt: skip
     log = Path(stack.folder) / "mlflow.log"

@@ -11,7 +11,7 @@ import pandas as pd
 
 from skin_lesion.errors import PipelineError
 from skin_lesion.images import IMAGE_SUFFIXES, decode_rgb
-from skin_lesion.serving import IMAGE_COLUMN, MAX_IMAGE_BYTES, MAX_PIXELS
+from skin_lesion.serving import IMAGE_COLUMN, MAX_IMAGE_BYTES, MAX_PIXELS, oversized
 
 BATCH_SIZE = 32  # images encoded and scored at once: bounds memory, not speed
 
@@ -42,7 +42,7 @@ def predict_files(
     for path in files:
         try:
             if path.stat().st_size > MAX_IMAGE_BYTES:
-                errors[path] = f"larger than the {MAX_IMAGE_BYTES // 2**20} MiB limit for one image"
+                errors[path] = oversized(MAX_IMAGE_BYTES)
                 continue
             decode_rgb(path, max_pixels=MAX_PIXELS)  # from the path, so errors name the file
             data = path.read_bytes()

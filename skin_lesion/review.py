@@ -11,11 +11,8 @@ written to disk only when a diagnosis is recorded. Every prediction is logged wi
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
-import json
 import re
 import secrets
 import threading
@@ -38,7 +35,14 @@ from skin_lesion.gradcam import EXPLANATION_DPI, FIGURE_IMAGE_PX, explanation_fi
 from skin_lesion.images import decode_rgb, resize_rgb
 from skin_lesion.monitoring import threshold_in_words
 from skin_lesion.quality import quality_problems
-from skin_lesion.serving import MAX_IMAGE_BYTES, MAX_PIXELS, probability_column, trained_on_warning
+from skin_lesion.server import json_object
+from skin_lesion.serving import (
+    MAX_IMAGE_BYTES,
+    MAX_PIXELS,
+    image_file_of_base64,
+    probability_column,
+    trained_on_warning,
+)
 
 MAX_IMAGES_PER_REQUEST = 16  # the page sends larger selections in chunks, showing progress
 # One request carries at most one image's worth of base64 (plus JSON): the page sends a file near the
@@ -209,7 +213,7 @@ def page_context(config: dict[str, Any], version: dict[str, Any], mlflow_ui: str
 
 def uploads_of_request(body: bytes) -> list[tuple[str, Any]]:
     """(file name, base64 data) of a `{"images": [{"name": ..., "data": ...}]}` request."""
-    payload = _json_object(body)
+    payload = json_object(body)
     images = payload.get("images")
     if not isinstance(images, list) or not images:
         raise ValueError('the request needs "images": a list of {"name", "data"} objects')
@@ -256,14 +260,7 @@ def score_uploads(classifier: Any, uploads: list[tuple[str, Any]], session: Sess
 
 def decode_upload(text: object) -> tuple[bytes, str, Image.Image]:
     """The bytes, file suffix and decoded image of one base64 upload; ValueError saying what is wrong."""
-    if not isinstance(text, str):
-        raise ValueError("no image data")
-    if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise ValueError(f"larger than the {MAX_IMAGE_BYTES // 2**20} MiB limit for one image")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64-encoded") from None
+    data = image_file_of_base64(text)
     suffix = next((ending for magic, ending in SIGNATURES.items() if data.startswith(magic)), None)
     if suffix is None:
         raise ValueError("not a JPEG or PNG image")
@@ -314,7 +311,7 @@ def explanation_png(classifier: Any, upload: Upload) -> bytes:
 
 def diagnosis_of_request(body: bytes, allowed: list[str]) -> tuple[str, str, str]:
     """(sha256, diagnosis, biopsy) of a `{"sha256", "diagnosis", "biopsy"}` request."""
-    payload = _json_object(body)
+    payload = json_object(body)
     sha256, diagnosis = payload.get("sha256"), payload.get("diagnosis")
     biopsy = payload.get("biopsy") or ""
     if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
@@ -324,16 +321,6 @@ def diagnosis_of_request(body: bytes, allowed: list[str]) -> tuple[str, str, str
     if not isinstance(biopsy, str) or len(biopsy) > 2000:
         raise ValueError("biopsy: expected text of at most 2000 characters")
     return sha256, diagnosis, biopsy
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError("the request is not JSON") from None
-    if not isinstance(payload, dict):
-        raise ValueError("the request must be a JSON object")
-    return payload
 
 
 def _message(status: int, message: str) -> JSONResponse:

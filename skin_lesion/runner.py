@@ -11,6 +11,7 @@ from skin_lesion.errors import PipelineError
 from skin_lesion.tracking import check_tracking_server, redact, tracking_uri
 
 log = logging.getLogger("skin_lesion")
+ARTIFACTS_ENDPOINT = "/api/2.0/mlflow-artifacts/"  # the server's proxy to its artifact store
 
 
 def run_cli(main: Callable[[], None]) -> int:
@@ -28,9 +29,19 @@ def run_cli(main: Callable[[], None]) -> int:
         log.error("%s", err)
         return 1
     except MlflowException as err:
-        first_line = (
-            str(err.message).strip().splitlines()[0] if str(err.message).strip() else type(err).__name__
-        )
-        log.error("MLflow at %s failed: %s", redact(tracking_uri()), redact(first_line))
+        log.error("MLflow at %s failed: %s", redact(tracking_uri()), redact(mlflow_failure(err)))
         return 1
     return 0
+
+
+def mlflow_failure(err: MlflowException) -> str:
+    """The first line of MLflow's message, and what failed when it was the server's artifact store.
+
+    A server with proxied artifacts answers 500 when its object store refuses a write (a missing
+    bucket, a full disk, revoked credentials); MLflow's message names only the endpoint.
+    """
+    message = str(err.message).strip()
+    first_line = message.splitlines()[0] if message else type(err).__name__
+    if ARTIFACTS_ENDPOINT in first_line:
+        first_line += " (the server could not store an artifact: is its object store up, with its bucket?)"
+    return first_line

@@ -50,14 +50,20 @@ def create_app(model: mlflow.pyfunc.PyFuncModel, model_uri: str) -> FastAPI:
     return app
 
 
-def images_of_request(body: bytes) -> list[Any]:
-    """The `image` values of an MLflow-style JSON request; ValueError naming what is wrong."""
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; ValueError saying what it is instead."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError("the request is not JSON") from None
     if not isinstance(payload, dict):
-        raise ValueError("the request must be a JSON object with dataframe_split or dataframe_records")
+        raise ValueError("the request must be a JSON object")
+    return payload
+
+
+def images_of_request(body: bytes) -> list[Any]:
+    """The `image` values of an MLflow-style JSON request; ValueError naming what is wrong."""
+    payload = json_object(body)
     if "dataframe_split" in payload:
         split = payload["dataframe_split"]
         columns = split.get("columns", []) if isinstance(split, dict) else []

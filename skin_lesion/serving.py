@@ -98,18 +98,31 @@ def decode_base64_image(text: object, size: int, row: int) -> np.ndarray:
 
     Error messages name the row and the problem, never the data itself.
     """
-    if not isinstance(text, str):
-        raise _bad_input(f"row {row}: expected a base64-encoded image file, got a {type(text).__name__}")
-    if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise _bad_input(f"row {row}: image is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
     try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise _bad_input(f"row {row}: not base64-encoded") from err
+        data = image_file_of_base64(text)
+    except ValueError as err:
+        raise _bad_input(f"row {row}: {err}") from None
     try:
         return load_rgb(io.BytesIO(data), size, max_pixels=MAX_PIXELS)
     except PipelineError as err:
         raise _bad_input(f"row {row}: {str(err).split(': ', 1)[-1]}") from err
+
+
+def image_file_of_base64(text: object) -> bytes:
+    """The bytes of one base64-encoded image file; ValueError saying what is wrong, never the data."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a base64-encoded image file, got a {type(text).__name__}")
+    if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise ValueError(oversized(MAX_IMAGE_BYTES))
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64-encoded") from None
+
+
+def oversized(limit_bytes: int) -> str:
+    """What an image over the size limit is told."""
+    return f"larger than the {limit_bytes // 2**20} MiB limit for one image"
 
 
 class LesionClassifier(mlflow.pyfunc.PythonModel):

@@ -238,28 +238,52 @@ SERVER_START_S = 120
 
 
 @contextmanager
-def mlflow_server(folder: Path, *options: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifact root); yields its URI."""
-    port = free_port()
+def running_server(
+    command: list[str], ready_url: str, env: dict[str, str] | None = None, timeout_s: float = SERVER_START_S
+) -> Iterator[subprocess.Popen]:
+    """A server process in its own session, once `ready_url` answers; stopped when the block ends."""
     server = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-            "--default-artifact-root", (folder / "artifacts").as_uri(),
-            "--host", "127.0.0.1", "--port", str(port), *options,
-        ],
+        command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
+    )
     try:
-        wait_for_http(f"{uri}/health", server, SERVER_START_S)
-        yield uri
+        wait_for_http(ready_url, server, timeout_s)
+        yield server
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def http_request(
+    url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """GET `url`, or POST `body` as JSON; the status and the body's text, for error statuses too."""
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode("utf-8", "replace")
+
+
+@contextmanager
+def mlflow_server(folder: Path, *options: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifact root); yields its URI."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+        "--default-artifact-root", (folder / "artifacts").as_uri(),
+        "--host", "127.0.0.1", "--port", str(port), *options,
+    ]  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    with running_server(command, f"{uri}/health", env):
+        yield uri
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import keras
@@ -30,11 +26,12 @@ from tests.conftest import (
     REPO,
     draw_lesion,
     free_port,
+    http_request,
     log_test_model,
     point_mlflow_at,
     run_skin_lesion,
+    running_server,
     tiny_backbone_weights,
-    wait_for_http,
     write_image,
 )
 
@@ -201,27 +198,12 @@ def test_grad_cam_overlays_are_written_for_alerts(tracking: str, tmp_path: Path)
 @pytest.mark.slow
 def test_served_model_answers_on_localhost(tracking: str, tmp_path: Path) -> None:
     port = free_port()
-    server = subprocess.Popen(
-        [
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{NAME}/1",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", server, SERVER_START_S)
+    command = [
+        "mlflow", "models", "serve", "-m", f"models:/{NAME}/1",
+        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
+    ]  # fmt: skip
+    path = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with running_server(command, f"http://127.0.0.1:{port}/ping", path, SERVER_START_S):
         image = write_image(tmp_path / "x.jpg", (150, 60, 60), size=40)
         status, body = _post(port, [[_b64(image)]])
         assert status == 200, body
@@ -231,9 +213,6 @@ def test_served_model_answers_on_localhost(tracking: str, tmp_path: Path) -> Non
         status, body = _post(port, [[base64.b64encode(b"not an image").decode()]])
         assert status == 400, body
         assert "cannot decode image" in body
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def _post(port: int, rows: list[list[str]]) -> tuple[int, str]:
@@ -260,28 +239,15 @@ def test_bad_requests_are_named_without_echoing_their_data(
 
 
 def _post_body(port: int, body: bytes) -> tuple[int, str]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
+    return http_request(f"http://127.0.0.1:{port}/invocations", body)
 
 
 def test_skin_lesion_serve_answers_every_image_of_a_batch(tracking: str, tmp_path: Path) -> None:
     # Served from a downloaded copy: no tracking server needed while it runs.
     folder = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model"))
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "skin_lesion.cli", "serve", "--model", folder, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", server, SERVER_START_S)
+    command = [sys.executable, "-m", "skin_lesion.cli", "serve", "--model", folder, "--port", str(port)]
+    with running_server(command, f"http://127.0.0.1:{port}/health", timeout_s=SERVER_START_S):
         good = _b64(write_image(tmp_path / "x.jpg", (150, 60, 60), size=40))
         broken = base64.b64encode(b"not an image at all").decode()
         status, body = _post(port, [[good], [broken], ["%%% not base64"], [good]])
@@ -308,6 +274,3 @@ def test_skin_lesion_serve_answers_every_image_of_a_batch(tracking: str, tmp_pat
             assert expected in json.loads(body)["message"]
             assert "Traceback" not in body
             assert str(REPO) not in body
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)

@@ -11,7 +11,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from skin_lesion.files import repo_root
-from skin_lesion.runner import run_cli
+from skin_lesion.runner import mlflow_failure, run_cli
 from skin_lesion.tracking import (
     configure_mlflow,
     flatten_params,
@@ -141,3 +141,12 @@ def test_an_mlflow_failure_during_a_stage_is_one_line_without_the_password(
         "MLflow at http://user:***@127.0.0.1:9 failed:"
         " API request to http://user:***@127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed"
     ]
+
+
+def test_an_artifact_store_failure_says_what_failed() -> None:
+    endpoint = "http://127.0.0.1:9/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/model.keras"
+    error = MlflowException(f"API request to {endpoint} failed with exception too many 500 error responses")
+    assert mlflow_failure(error).endswith(
+        "(the server could not store an artifact: is its object store up, with its bucket?)"
+    )
+    assert "could not store" not in mlflow_failure(MlflowException("API request to /runs/log-batch failed"))

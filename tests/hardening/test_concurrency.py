@@ -7,6 +7,9 @@ on PostgreSQL with artifacts proxied to an S3-compatible store, which also holds
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +20,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.entities import LoggedModelStatus
 
 from scripts.team_stack import (
     ARTIFACT_BUCKET,
@@ -30,7 +34,7 @@ from scripts.team_stack import (
     start_mlflow,
     stop_server,
 )
-from tests.conftest import repo_params, run_skin_lesion
+from tests.conftest import free_port, http_request, repo_params, run_skin_lesion, running_server
 from tests.isic_standin import serve
 from tests.pipeline_project import (
     command_env,
@@ -61,14 +65,19 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield root
 
 
+def _outcomes(status: str) -> dict[str, str]:
+    """Each finished experiment's name and outcome (Success or Failed) in `dvc queue status` output."""
+    rows = [line.split() for line in status.splitlines() if line.strip().endswith(("Success", "Failed"))]
+    return {row[1]: row[-1] for row in rows}
+
+
 def _queue_and_run(project: Path, rates: list[float], env: dict[str, str]) -> pd.DataFrame:
     """Queue one experiment per learning rate, run them two at a time; return their queue status rows."""
     for rate in rates:
         run(project, "dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={rate}", env=env)
     run(project, "dvc", "queue", "start", "-j", "2", env=env)
-    status = wait_for_queue(project, env=env)
-    rows = [line.split() for line in status.splitlines() if line.strip().endswith(("Success", "Failed"))]
-    finished = pd.DataFrame({"name": [row[1] for row in rows], "status": [row[-1] for row in rows]})
+    outcomes = _outcomes(wait_for_queue(project, env=env))
+    finished = pd.DataFrame({"name": list(outcomes), "status": list(outcomes.values())})
     for name in finished["name"]:
         log = run(project, "dvc", "queue", "logs", name, env=env)
         assert "database is locked" not in log, log[-3000:]
@@ -136,7 +145,9 @@ def test_four_queued_experiments_on_postgresql_and_s3(project: Path, team: Stack
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_promote_and_predict_work_against_the_team_server(project: Path, team: Stack) -> None:
+def test_promote_predict_and_serving_work_against_the_team_server(
+    project: Path, team: Stack, tmp_path: Path
+) -> None:
     promoted = run_skin_lesion(project, "promote", "2", MLFLOW_TRACKING_URI=team.tracking_uri)
     assert promoted.returncode == 0, promoted.stderr
     image = next((project / "data" / "raw" / "train" / "melanoma").iterdir())
@@ -144,6 +155,34 @@ def test_promote_and_predict_work_against_the_team_server(project: Path, team: S
     assert predicted.returncode == 0, predicted.stderr
     assert f"model models:/{model_name()}@champion" in predicted.stderr
     assert "1 image," in predicted.stdout
+    # Both servers fetch the champion through the tracking server's artifact proxy.
+    env = command_env(MLFLOW_TRACKING_URI=team.tracking_uri)
+    encoded = base64.b64encode(image.read_bytes()).decode("ascii")
+    serve_port, review_port = free_port(), free_port()
+    serve = [
+        "mlflow", "models", "serve", "-m", f"models:/{model_name()}@champion",
+        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(serve_port),
+    ]  # fmt: skip
+    review = [
+        sys.executable, "-m", "skin_lesion.cli", "review",
+        "--port", str(review_port), "--db", str(tmp_path / "review.db"),
+    ]  # fmt: skip
+    with (
+        running_server(serve, f"http://127.0.0.1:{serve_port}/ping", env),
+        running_server(review, f"http://127.0.0.1:{review_port}/health", env),
+    ):
+        rows = {"dataframe_split": {"columns": ["image"], "data": [[encoded]]}}
+        status, body = http_request(f"http://127.0.0.1:{serve_port}/invocations", json.dumps(rows).encode())
+        assert status == 200, body
+        assert json.loads(body)["predictions"][0]["predicted_label"]
+        status, page = http_request(f"http://127.0.0.1:{review_port}/")
+        assert f"<strong>{model_name()}</strong> version <strong>2</strong>" in page
+        upload = {"images": [{"name": image.name, "data": encoded}]}
+        status, body = http_request(f"http://127.0.0.1:{review_port}/api/score", json.dumps(upload).encode())
+        assert status == 200, body
+        card = json.loads(body)["cards"][0]
+        assert "error" not in card, card
+        assert sum(card["probabilities"].values()) > 0.99
 
 
 def test_a_teammate_pulls_the_data_model_and_experiments_that_were_pushed(
@@ -174,6 +213,10 @@ def test_a_teammate_pulls_the_data_model_and_experiments_that_were_pushed(
     assert shared == set(run(project, "dvc", "exp", "list", "--name-only", env=env).split())
     assert len(shared) >= EXPERIMENTS
     assert "train.learning_rate" in run(clone, "dvc", "exp", "diff", "HEAD", sorted(shared)[0], env=env)
+    # The teammate takes one experiment into their workspace and compares it with main.
+    run(clone, "dvc", "exp", "apply", sorted(shared)[0], env=env)
+    assert "train.learning_rate" in run(clone, "dvc", "params", "diff", "HEAD", env=env)
+    assert "bal_acc" in run(clone, "dvc", "metrics", "diff", "--all", "HEAD", env=env)
 
 
 def test_a_stage_stops_at_once_when_postgresql_is_down(project: Path, team: Stack) -> None:
@@ -200,16 +243,42 @@ def test_a_stage_stops_at_once_when_postgresql_is_down(project: Path, team: Stac
     assert team.postgres_password not in result.stderr + result.stdout
 
 
-# Last: it leaves the rerun's outputs in the workspace, which the tests above compare with HEAD.
-def _train_is_running(uri: str, experiment: str) -> bool:
+def test_an_object_store_that_refuses_a_write_leaves_no_version(project: Path, team: Stack) -> None:
+    # A second server on the same database, whose bucket does not exist: every artifact write fails.
+    refusing = dataclasses.replace(team, mlflow_port=free_port(), pids={})
+    refusing.pids["mlflow"] = start_mlflow(refusing, "s3://no-such-bucket/mlflow")
+    client = mlflow_client(team.tracking_uri)
+    versions = len(client.search_model_versions(f"name='{model_name()}'"))
+    env = command_env(MLFLOW_TRACKING_URI=refusing.tracking_uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    try:
+        command = ["dvc", "repro", "--force", "--single-item", "evaluate"]
+        result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, check=False)
+    finally:
+        stop_server(refusing, "mlflow")
+        run(project, "dvc", "checkout", "--force")  # the failed stage's outputs, back from the cache
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"ERROR skin_lesion: MLflow at {refusing.tracking_uri} failed: " in output, output[-3000:]
+    assert "(the server could not store an artifact: is its object store up, with its bucket?)" in output
+    assert "Traceback" not in output.split("Running stage 'evaluate'")[-1], output[-3000:]
+    assert len(client.search_model_versions(f"name='{model_name()}'")) == versions
+    runs = mlflow_runs(team.tracking_uri)
+    failed = runs[runs["tags.stage"] == "evaluate"].sort_values("start_time").iloc[-1]
+    assert failed["status"] == "FAILED"
+    logged = client.search_logged_models([failed["experiment_id"]], f"source_run_id = '{failed['run_id']}'")
+    assert all(model.status != LoggedModelStatus.READY for model in logged)
+
+
+def _running_trains(uri: str, experiments: list[str]) -> set[str]:
+    """The experiments among `experiments` whose train stage is logging to the server now."""
     runs = mlflow_client(uri).search_runs(
         [e.experiment_id for e in mlflow_client(uri).search_experiments()],
-        f"tags.stage = 'train' and tags.DVC_EXP_NAME = '{experiment}' and attributes.status = 'RUNNING'",
+        "tags.stage = 'train' and attributes.status = 'RUNNING'",
     )
-    return bool(runs)
+    return {run.data.tags.get("DVC_EXP_NAME") for run in runs} & set(experiments)
 
 
-def test_a_server_killed_mid_run_fails_with_one_line_and_a_rerun_completes(
+def test_a_server_killed_in_a_queue_fails_its_stages_with_one_line_and_reruns_complete(
     project: Path, team: Stack
 ) -> None:
     # MLflow's client retries a dead server for minutes by default; the test does not wait that long.
@@ -218,32 +287,45 @@ def test_a_server_killed_mid_run_fails_with_one_line_and_a_rerun_completes(
         MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
         MLFLOW_HTTP_REQUEST_TIMEOUT="10",
     )
-    rate = str(repo_params()["train"]["learning_rate"] * 7)  # a new value: the stages must run
+    default = repo_params()["train"]["learning_rate"]
+    rates = {f"killed-{n}": str(default * factor) for n, factor in ((1, 7), (2, 9))}  # new: stages must run
     before = len(mlflow_runs(team.tracking_uri))
-    command = ["dvc", "exp", "run", "-n", "killed", "-S", f"train.learning_rate={rate}"]
-    experiment = subprocess.Popen(
-        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    for name, rate in rates.items():
+        run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rate}", env=env)
+    # Not `run`: its captured output would wait for the queue's workers, which inherit the pipes.
+    start = ["dvc", "queue", "start", "-j", "2"]
+    subprocess.run(
+        start, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
     )
     try:
         deadline = time.monotonic() + 300
-        while not _train_is_running(team.tracking_uri, "killed"):
-            assert experiment.poll() is None, experiment.stdout.read()
-            assert time.monotonic() < deadline, "train never started"
+        while not _running_trains(team.tracking_uri, list(rates)):
+            assert time.monotonic() < deadline, run(project, "dvc", "queue", "status", env=env)
             time.sleep(0.2)
         stop_server(team, "mlflow")
-        output, _ = experiment.communicate(timeout=300)
+        wait_for_queue(project, env=env)
     finally:
         if "mlflow" not in team.pids:
             team.pids["mlflow"] = start_mlflow(team)
-    assert experiment.returncode != 0
-    assert f"ERROR skin_lesion: MLflow at {team.tracking_uri} failed: " in output, output[-3000:]
-    assert "Traceback" not in output.split("Running stage 'train'")[-1], output[-3000:]
-    # Restarted on the same database and bucket: nothing logged before is lost, and a rerun completes.
+    status = run(project, "dvc", "queue", "status", env=env)
+    failed = [name for name, outcome in _outcomes(status).items() if name in rates and outcome == "Failed"]
+    assert failed, status
+    for name in failed:
+        log = run(project, "dvc", "queue", "logs", name, env=env)
+        assert f"ERROR skin_lesion: MLflow at {team.tracking_uri} failed: " in log, log[-3000:]
+        assert "Traceback" not in log.split("Running stage 'train'")[-1], log[-3000:]
+    # Restarted on the same database and bucket: nothing logged before is lost, and reruns complete.
     assert len(mlflow_runs(team.tracking_uri)) > before
-    run(project, "dvc", "exp", "run", "-n", "rerun", "-S", f"train.learning_rate={rate}", env=env)
+    reruns = {name.replace("killed", "rerun"): rates[name] for name in failed}
+    for name, rate in reruns.items():
+        run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rate}", env=env)
+    run(project, "dvc", "queue", "start", "-j", "2", env=env)
+    outcomes = _outcomes(wait_for_queue(project, env=env))
     runs = mlflow_runs(team.tracking_uri)
-    killed = runs[(runs["tags.DVC_EXP_NAME"] == "killed") & (runs["tags.stage"] == "train")]
+    for name in reruns:
+        assert outcomes.get(name) == "Success", outcomes
+        rerun = runs[runs["tags.DVC_EXP_NAME"] == name]
+        assert set(rerun["tags.stage"]) >= {"train", "evaluate"}
+        assert (rerun["status"] == "FINISHED").all()
+    killed = runs[runs["tags.DVC_EXP_NAME"].isin(failed) & (runs["tags.stage"] == "train")]
     assert set(killed["status"]) <= {"RUNNING", "KILLED", "FAILED"}
-    rerun = runs[runs["tags.DVC_EXP_NAME"] == "rerun"]
-    assert set(rerun["tags.stage"]) >= {"train", "evaluate"}
-    assert (rerun["status"] == "FINISHED").all()

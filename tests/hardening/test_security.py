@@ -56,6 +56,6 @@ def test_model_with_arbitrary_code_is_refused(tmp_path: Path) -> None:
 
 def test_oversized_image_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("skin_lesion.serving.MAX_IMAGE_BYTES", 10)
-    with pytest.raises(MlflowException, match=r"row 3: image is larger than") as raised:
+    with pytest.raises(MlflowException, match=r"row 3: larger than the 0 MiB limit") as raised:
         decode_base64_image("A" * 100, 32, row=3)
     assert raised.value.get_http_status_code() == 400
