@@ -289,7 +289,6 @@ def test_a_server_killed_in_a_queue_fails_its_stages_with_one_line_and_reruns_co
     )
     default = repo_params()["train"]["learning_rate"]
     rates = {f"killed-{n}": str(default * factor) for n, factor in ((1, 7), (2, 9))}  # new: stages must run
-    before = len(mlflow_runs(team.tracking_uri))
     for name, rate in rates.items():
         run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rate}", env=env)
     # Not `run`: its captured output would wait for the queue's workers, which inherit the pipes.
@@ -299,9 +298,10 @@ def test_a_server_killed_in_a_queue_fails_its_stages_with_one_line_and_reruns_co
     )
     try:
         deadline = time.monotonic() + 300
-        while not _running_trains(team.tracking_uri, list(rates)):
+        while not (were_logging := _running_trains(team.tracking_uri, list(rates))):
             assert time.monotonic() < deadline, run(project, "dvc", "queue", "status", env=env)
             time.sleep(0.2)
+        logged = set(mlflow_runs(team.tracking_uri)["run_id"])
         stop_server(team, "mlflow")
         wait_for_queue(project, env=env)
     finally:
@@ -309,13 +309,18 @@ def test_a_server_killed_in_a_queue_fails_its_stages_with_one_line_and_reruns_co
             team.pids["mlflow"] = start_mlflow(team)
     status = run(project, "dvc", "queue", "status", env=env)
     failed = [name for name, outcome in _outcomes(status).items() if name in rates and outcome == "Failed"]
-    assert failed, status
+    assert were_logging <= set(failed), status
+    mid_run = f"ERROR skin_lesion: MLflow at {team.tracking_uri} failed: "
+    pre_flight = f"ERROR skin_lesion: MLFLOW_TRACKING_URI={team.tracking_uri}: tracking server not reachable"
     for name in failed:
         log = run(project, "dvc", "queue", "logs", name, env=env)
-        assert f"ERROR skin_lesion: MLflow at {team.tracking_uri} failed: " in log, log[-3000:]
+        errors = [line for line in log.splitlines() if line.startswith("ERROR skin_lesion: ")]
+        assert len(errors) == 1, log[-3000:]
+        # A stage that was logging says MLflow failed; one that started after the kill never starts.
+        assert errors[0].startswith(mid_run if name in were_logging else (mid_run, pre_flight)), errors
         assert "Traceback" not in log.split("Running stage 'train'")[-1], log[-3000:]
     # Restarted on the same database and bucket: nothing logged before is lost, and reruns complete.
-    assert len(mlflow_runs(team.tracking_uri)) > before
+    assert logged <= set(mlflow_runs(team.tracking_uri)["run_id"])
     reruns = {name.replace("killed", "rerun"): rates[name] for name in failed}
     for name, rate in reruns.items():
         run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rate}", env=env)
