@@ -126,9 +126,7 @@ def probe_request(uri: str) -> urllib.request.Request:
 
 def redact(text: str) -> str:
     """The text with the password of any URL in it replaced by ***, fit for messages and logs."""
-    return re.sub(
-        r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@", r"\g<scheme>\g<user>:***@", text
-    )
+    return URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", text)
 
 
 def configure_mlflow() -> None:
