@@ -71,11 +71,22 @@ def _outcomes(status: str) -> dict[str, str]:
     return {row[1]: row[-1] for row in rows}
 
 
+def _start_queue(project: Path, env: dict[str, str]) -> None:
+    """`dvc queue start -j 2`, returning once the workers are started (follow with wait_for_queue).
+
+    Not `run`: its captured output would wait for the workers, which inherit the pipes, to exit.
+    """
+    command = ["dvc", "queue", "start", "-j", "2"]
+    subprocess.run(
+        command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
+    )
+
+
 def _queue_and_run(project: Path, rates: list[float], env: dict[str, str]) -> pd.DataFrame:
     """Queue one experiment per learning rate, run them two at a time; return their queue status rows."""
     for rate in rates:
         run(project, "dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={rate}", env=env)
-    run(project, "dvc", "queue", "start", "-j", "2", env=env)
+    _start_queue(project, env)
     outcomes = _outcomes(wait_for_queue(project, env=env))
     finished = pd.DataFrame({"name": list(outcomes), "status": list(outcomes.values())})
     for name in finished["name"]:
@@ -271,8 +282,9 @@ def test_an_object_store_that_refuses_a_write_leaves_no_version(project: Path, t
 
 def _running_trains(uri: str, experiments: list[str]) -> set[str]:
     """The experiments among `experiments` whose train stage is logging to the server now."""
-    runs = mlflow_client(uri).search_runs(
-        [e.experiment_id for e in mlflow_client(uri).search_experiments()],
+    client = mlflow_client(uri)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
         "tags.stage = 'train' and attributes.status = 'RUNNING'",
     )
     return {run.data.tags.get("DVC_EXP_NAME") for run in runs} & set(experiments)
@@ -291,11 +303,7 @@ def test_a_server_killed_in_a_queue_fails_its_stages_with_one_line_and_reruns_co
     rates = {f"killed-{n}": str(default * factor) for n, factor in ((1, 7), (2, 9))}  # new: stages must run
     for name, rate in rates.items():
         run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rate}", env=env)
-    # Not `run`: its captured output would wait for the queue's workers, which inherit the pipes.
-    start = ["dvc", "queue", "start", "-j", "2"]
-    subprocess.run(
-        start, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
-    )
+    _start_queue(project, env)
     try:
         deadline = time.monotonic() + 300
         while not (were_logging := _running_trains(team.tracking_uri, list(rates))):
@@ -324,7 +332,7 @@ def test_a_server_killed_in_a_queue_fails_its_stages_with_one_line_and_reruns_co
     reruns = {name.replace("killed", "rerun"): rates[name] for name in failed}
     for name, rate in reruns.items():
         run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rate}", env=env)
-    run(project, "dvc", "queue", "start", "-j", "2", env=env)
+    _start_queue(project, env)
     outcomes = _outcomes(wait_for_queue(project, env=env))
     runs = mlflow_runs(team.tracking_uri)
     for name in reruns:
