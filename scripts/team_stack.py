@@ -262,7 +262,7 @@ def _wait_for_http(url: str, process: subprocess.Popen, log: Path) -> None:
                 return
         except urllib.error.HTTPError:
             return  # it answers
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # refused, reset, or a read timeout while the server is still starting
             time.sleep(0.5)
     raise SystemExit(f"{url} did not answer within {START_TIMEOUT_S} s (see {log})")
 

@@ -229,7 +229,7 @@ def wait_for_http(url: str, server: subprocess.Popen, timeout_s: float) -> None:
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # refused, reset, or a read timeout while the server is still starting
             time.sleep(1)
     pytest.fail(f"{url} did not answer within {timeout_s} s")
 
