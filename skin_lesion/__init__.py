@@ -9,3 +9,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # repeat what the stages log themselves; its warnings still show.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+# TensorFlow's two start-up lines per process are the only ones the settings above cannot reach.
+from skin_lesion.quiet import quiet_tensorflow_import
+
+quiet_tensorflow_import()

@@ -68,6 +68,9 @@ def test_stage_logs_hold_no_third_party_noise(first_repro: str) -> None:
         "failed call to cuInit",  # TensorFlow probing for CUDA on a machine without it
         "NodeDef mentions attribute",  # tf.data rewritten under TensorFlow's op determinism
         "This TensorFlow binary is optimized",  # TensorFlow's start-up banner
+        "oneDNN custom operations are on",  # ... and the lines it logs before absl is initialised
+        "absl::InitializeLog",
+        "E0000",  # any error TensorFlow logs at start-up
         "Creating initial MLflow database tables",  # MLflow's INFO lines
         "CloudPickle",  # MLflow's warning about pickled models
         "input example was not provided",
