@@ -198,19 +198,28 @@ def metrics_by_collection(
 
 
 def experiment_row(metrics: dict[str, Any], version: int) -> dict[str, float | int | None]:
-    """The few numbers `dvc exp show` puts side by side, under short names; the rest is in the details."""
+    """The few numbers `dvc exp show` puts side by side, under short names; the rest is in the details.
+
+    Rounded to three decimals (the threshold to three significant digits), so that the table stays
+    narrow: a test split of a few hundred images does not resolve a fourth decimal anyway, and the
+    details file and MLflow keep full precision.
+    """
     melanoma, point = metrics["melanoma"], metrics["melanoma"]["operating_point"]
     return {
-        "bal_acc": metrics["balanced_accuracy"],
-        "acc": metrics["accuracy"],
-        "auc": metrics["macro_auc"],
-        "mel_auc": melanoma["auc"],
-        "mel_sens": point["sensitivity"],
-        "mel_spec": point["specificity"],
-        "mel_thr": point["threshold"],
-        "ece": metrics["calibration_error"],
+        "bal_acc": _rounded(metrics["balanced_accuracy"]),
+        "acc": _rounded(metrics["accuracy"]),
+        "auc": _rounded(metrics["macro_auc"]),
+        "mel_auc": _rounded(melanoma["auc"]),
+        "mel_sens": _rounded(point["sensitivity"]),
+        "mel_spec": _rounded(point["specificity"]),
+        "mel_thr": None if point["threshold"] is None else float(f"{point['threshold']:.3g}"),
+        "ece": _rounded(metrics["calibration_error"]),
         "version": version,
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 3)
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:

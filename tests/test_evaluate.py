@@ -20,6 +20,7 @@ from skin_lesion.metrics import (
     choose_threshold,
     compute_metrics,
     expected_calibration_error,
+    experiment_row,
     operating_point,
 )
 from skin_lesion.params import EvaluateParams
@@ -100,6 +101,17 @@ def test_metrics_agree_with_the_official_isic_scorer() -> None:
     assert ours["melanoma"]["auc_sens_80"] == pytest.approx(
         official.per_category.loc["melanoma", "auc_sens_80"]
     )
+
+
+def test_the_experiment_table_row_is_rounded_for_reading() -> None:
+    metrics = compute_metrics(Y_TRUE, PROBS, CLASSES, melanoma=0)
+    metrics["melanoma"]["operating_point"] = operating_point(Y_TRUE == 0, PROBS[:, 0], 0.0123456)
+    metrics["calibration_error"] = 0.1234567
+    row = experiment_row(metrics, version=3)
+    assert row["bal_acc"] == 0.667  # (1/2 + 1/2 + 1) / 3
+    assert row["mel_thr"] == 0.0123  # three significant digits: a threshold can be small
+    assert row["ece"] == 0.123
+    assert row["version"] == 3
 
 
 def test_partial_auc_integrates_tpr_where_it_reaches_the_sensitivity() -> None:
