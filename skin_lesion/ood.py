@@ -68,8 +68,8 @@ def with_embeddings(model: keras.Model) -> keras.Model:
 
 
 def predict_with_embeddings(
-    model: keras.Model, images: np.ndarray, batch_size: int
+    network: keras.Model, images: np.ndarray, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and embeddings of `images`."""
-    probabilities, embeddings = with_embeddings(model).predict(images, batch_size=batch_size, verbose=0)
+    """Class probabilities and embeddings of `images`, from a network that `with_embeddings` built."""
+    probabilities, embeddings = network.predict(images, batch_size=batch_size, verbose=0)
     return np.asarray(probabilities), np.asarray(embeddings)

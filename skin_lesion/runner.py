@@ -22,6 +22,9 @@ def run_cli(main: Callable[[], None]) -> int:
     the tracking URI; what was logged before stays logged, and rerunning the stage completes it.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # TensorFlow gives its logger a handler of its own when it is imported before logging is set up,
+    # as every stage imports it, and each of its warnings came out twice.
+    logging.getLogger("tensorflow").handlers.clear()
     try:
         check_tracking_server()
         main()

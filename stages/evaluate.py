@@ -34,7 +34,7 @@ from skin_lesion.images import read_split
 from skin_lesion.metrics import experiment_row, score_test_split
 from skin_lesion.model_card import describe_model, render_model_card
 from skin_lesion.monitoring import reference_figures
-from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings
+from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings, with_embeddings
 from skin_lesion.params import Params, load_params
 from skin_lesion.plots import write_plots
 from skin_lesion.registry import (
@@ -58,14 +58,15 @@ def main() -> None:
     params = load_params()
     base, settings = params.base, params.evaluate
     melanoma = base.classes.index(base.melanoma_class)
-    model = load_model(args.model)
+    # One network for every prediction: a new one per call would be traced anew each time.
+    network = with_embeddings(load_model(args.model))
 
     def predict(images: np.ndarray) -> np.ndarray:
-        return np.asarray(model.predict(images, batch_size=settings.batch_size, verbose=0))
+        return predict_with_embeddings(network, images, settings.batch_size)[0]
 
     def predict_split(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         rows, images, labels = read_split(args.split / name, base.classes, base.image_size)
-        return rows, images, labels, *predict_with_embeddings(model, images, settings.batch_size)
+        return rows, images, labels, *predict_with_embeddings(network, images, settings.batch_size)
 
     *_, e_train = predict_split("train.csv")
     _, _, y_val, p_val, e_val = predict_split("val.csv")

@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter
 
 from skin_lesion.architectures import build_model
 from skin_lesion.monitoring import drift_report, reference_figures, render_drift, threshold_in_words
-from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings
+from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings, with_embeddings
 from skin_lesion.quality import quality_problems
 from tests.conftest import draw_lesion
 
@@ -46,7 +46,7 @@ def test_embeddings_are_what_the_softmax_head_sees() -> None:
     keras.utils.set_random_seed(0)
     model = build_model("resnet_small", 32, 3, 0.0)
     images = np.stack([np.asarray(draw_lesion(seed, 32)) for seed in range(4)])
-    probabilities, embeddings = predict_with_embeddings(model, images, batch_size=2)
+    probabilities, embeddings = predict_with_embeddings(with_embeddings(model), images, batch_size=2)
     np.testing.assert_allclose(probabilities, model.predict(images, verbose=0), atol=1e-5)
     assert embeddings.shape == (4, model.get_layer("probs").input.shape[-1])
 

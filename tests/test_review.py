@@ -26,7 +26,7 @@ from playwright.sync_api import sync_playwright
 
 from skin_lesion.architectures import build_model
 from skin_lesion.feedback import FeedbackStore, export_feedback
-from skin_lesion.ood import fit_ood, predict_with_embeddings
+from skin_lesion.ood import fit_ood, predict_with_embeddings, with_embeddings
 from skin_lesion.registry import describe_version, register_version
 from skin_lesion.review import DISCLAIMER, MAX_REQUEST_BYTES, create_review_app
 from tests.conftest import (
@@ -76,7 +76,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = build_model("resnet_small", SIZE, len(CLASSES), 0.0)
     model.save(root / "model.keras")
     pixels = np.stack([np.asarray(draw_lesion(seed, SIZE)) for seed in range(40)])
-    probabilities, embeddings = predict_with_embeddings(model, pixels, batch_size=16)
+    probabilities, embeddings = predict_with_embeddings(with_embeddings(model), pixels, batch_size=16)
     ood = fit_ood(embeddings[:30], embeddings[30:], quantile=0.9)
     ood.save(root / "ood.npz")
     # Two images whose P(melanoma) lie on either side of the threshold.

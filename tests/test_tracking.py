@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -150,3 +151,15 @@ def test_an_artifact_store_failure_says_what_failed() -> None:
         "(the server could not store an artifact: is its object store up, with its bucket?)"
     )
     assert "could not store" not in mlflow_failure(MlflowException("API request to /runs/log-batch failed"))
+
+
+def test_a_tensorflow_warning_in_a_stage_is_printed_once(in_tmp: Path) -> None:
+    # As in a stage: TensorFlow is imported before run_cli sets logging up.
+    stage = (
+        "import tensorflow\n"
+        "from skin_lesion.runner import run_cli\n"
+        "run_cli(lambda: tensorflow.get_logger().warning('tracing is expensive'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", stage], check=True, capture_output=True, text=True)
+    assert result.stderr.count("tracing is expensive") == 1
+    assert "WARNING tensorflow: tracing is expensive" in result.stderr  # in the stages' own format
