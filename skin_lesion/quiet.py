@@ -39,8 +39,15 @@ for line in sys.stdin.buffer:
 @contextmanager
 def stderr_without(fragments: Sequence[str]) -> Iterator[None]:
     """Within the block, drop lines of this process's stderr (native code's too) holding any fragment."""
+    if sys.stderr is None or not sys.executable:  # no stderr (pythonw), or no interpreter for the filter
+        yield
+        return
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # descriptor 2 is closed: there is nothing to filter
+        yield
+        return
     line_filter = subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", _LINE_FILTER, *fragments], stdin=subprocess.PIPE, stdout=saved
     )

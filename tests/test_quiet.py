@@ -23,6 +23,14 @@ with stderr_without(["noise"]):
     os.abort()
 """
 
+WITHOUT_STDERR = """
+import os
+from skin_lesion.quiet import stderr_without
+os.close(2)  # as a daemon might run
+with stderr_without(["noise"]):
+    pass
+"""
+
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter; stderr as text."""
@@ -38,6 +46,10 @@ def test_a_crash_inside_the_filter_still_gets_its_last_words_out() -> None:
     result = python(CRASHING)
     assert result.returncode != 0
     assert result.stderr == "last words\n"
+
+
+def test_a_process_without_stderr_imports_as_usual() -> None:
+    assert python(WITHOUT_STDERR).returncode == 0
 
 
 def test_tensorflow_starts_without_its_banner_but_keeps_its_warnings() -> None:
