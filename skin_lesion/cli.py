@@ -149,6 +149,13 @@ def promote_command(args: argparse.Namespace) -> None:
     log.info("%s", promote(MlflowClient(), name, args.version, args.alias, args.force))
 
 
+def _path(text: str) -> Path:
+    # Path("") is the current folder: an unset shell variable would, say, score every image below it.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+    return Path(text)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -160,10 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skin-lesion", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     predict = commands.add_parser("predict", help="class probabilities and melanoma alerts for images")
-    predict.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    predict.add_argument("paths", nargs="+", type=_path, help="image files or folders")
     predict.add_argument("--model", help="MLflow model URI (default: the registered champion)")
-    predict.add_argument("--output", type=Path, help="CSV file to write")
-    predict.add_argument("--explain", type=Path, help="folder for Grad-CAM overlays of alerted images")
+    predict.add_argument("--output", type=_path, help="CSV file to write")
+    predict.add_argument("--explain", type=_path, help="folder for Grad-CAM overlays of alerted images")
     predict.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="default: %(default)s")
     predict.set_defaults(command=predict_command)
     serve = commands.add_parser("serve", help="the model over HTTP, a row per image, errors per row")
@@ -180,20 +187,20 @@ def _parser() -> argparse.ArgumentParser:
     review.add_argument("--model", help="MLflow model URI (default: the registered champion)")
     review.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     review.add_argument("--port", type=_positive, default=5002, help="default: %(default)s")
-    review.add_argument("--db", type=Path, default=DEFAULT_DB, help="diagnoses and prediction log")
+    review.add_argument("--db", type=_path, default=DEFAULT_DB, help="diagnoses and prediction log")
     review.add_argument("--mlflow-ui", help=f"for run links (default: server or {DEFAULT_MLFLOW_UI})")
     review.set_defaults(command=review_command)
     export = commands.add_parser("export-feedback", help="recorded diagnoses as a dataset folder")
-    export.add_argument("out", type=Path, help="folder to write (<out>/Train/<class>/*, <out>/index.csv)")
-    export.add_argument("--db", type=Path, default=DEFAULT_DB, help="default: %(default)s")
-    export.add_argument("--base", type=Path, help="dataset folder to copy in too (e.g. the training data)")
+    export.add_argument("out", type=_path, help="folder to write (<out>/Train/<class>/*, <out>/index.csv)")
+    export.add_argument("--db", type=_path, default=DEFAULT_DB, help="default: %(default)s")
+    export.add_argument("--base", type=_path, help="dataset folder to copy in too (e.g. the training data)")
     export.set_defaults(command=export_feedback_command)
     monitor = commands.add_parser("monitor", help="recent predictions against the model's test split")
     monitor.add_argument("--model", help="MLflow model URI (default: the registered champion)")
-    monitor.add_argument("--db", type=Path, default=DEFAULT_DB, help="default: %(default)s")
+    monitor.add_argument("--db", type=_path, default=DEFAULT_DB, help="default: %(default)s")
     monitor.add_argument("--days", type=_positive, default=30, help="default: %(default)s")
     monitor.add_argument("--tolerance", type=float, default=0.1, help="largest change not flagged as drift")
-    monitor.add_argument("--plot", type=Path, help="figure to write (default: monitor.png beside --db)")
+    monitor.add_argument("--plot", type=_path, help="figure to write (default: monitor.png beside --db)")
     monitor.set_defaults(command=monitor_command)
     return parser
 

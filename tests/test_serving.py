@@ -170,6 +170,13 @@ def test_predict_command_writes_csv_and_alert_lines(tracking: str, tmp_path: Pat
     assert "4 images, 3 melanoma alerts, 1 unreadable" in result.stdout
 
 
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path: Path) -> None:
+    write_image(tmp_path / "elsewhere.jpg", (10, 10, 10))
+    result = run_skin_lesion(tmp_path, "predict", "", "--model", "models:/never-loaded/1")
+    assert result.returncode == 2
+    assert "argument paths: an empty path (an unset shell variable?)" in result.stderr.splitlines()[-1]
+
+
 def test_no_registered_model_is_a_clear_error(in_tmp: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{in_tmp / 'empty.db'}")
     mlflow.set_registry_uri(f"sqlite:///{in_tmp / 'empty.db'}")
