@@ -84,15 +84,13 @@ def start_stack(folder: Path) -> Stack:
         raise SystemExit(f"{folder / STATE_FILE} exists: a stack is running there (stop it first)")
     # The cluster lives in its own folder that the postgres user can reach (a test's tmp_path may not).
     pgdata = Path(tempfile.mkdtemp(prefix="team-stack-pg-"))
-    stack = Stack(
-        str(folder), str(pgdata), _free_port(), _free_port(), _free_port(), secrets.token_hex(12), {}
-    )
+    stack = Stack(str(folder), str(pgdata), free_port(), free_port(), free_port(), secrets.token_hex(12), {})
     try:
         start_postgres(stack)
         command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(stack.s3_port)]
         s3 = _spawn(command, folder / "s3.log")
         stack.pids["s3"] = s3.pid
-        _wait_for_http(stack.s3_endpoint, s3, folder / "s3.log")
+        wait_for_http(stack.s3_endpoint, s3, folder / "s3.log")
         for bucket in (ARTIFACT_BUCKET, DVC_BUCKET):
             s3_client(stack.s3_endpoint).create_bucket(Bucket=bucket)
         stack.pids["mlflow"] = start_mlflow(stack)
@@ -143,7 +141,7 @@ def start_mlflow(stack: Stack, artifacts_destination: str = f"s3://{ARTIFACT_BUC
     ]  # fmt: skip
     log = Path(stack.folder) / "mlflow.log"
     server = _spawn(command, log, env)
-    _wait_for_http(f"{stack.tracking_uri}/health", server, log)
+    wait_for_http(f"{stack.tracking_uri}/health", server, log)
     return server.pid
 
 
@@ -244,19 +242,21 @@ def _kill_group(pid: int) -> None:
     os.killpg(pid, signal.SIGKILL)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def _wait_for_http(url: str, process: subprocess.Popen, log: Path) -> None:
+def wait_for_http(
+    url: str, process: subprocess.Popen, log: Path | None = None, timeout_s: float = START_TIMEOUT_S
+) -> None:
     """Wait until `url` answers; stop with the log's last line if the process exits or time runs out."""
-    deadline = time.monotonic() + START_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            last = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
-            raise SystemExit(f"{url}: the server exited ({log}: {' '.join(last)})")
+            raise SystemExit(f"{url}: the server exited{_last_words(log)}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -264,7 +264,14 @@ def _wait_for_http(url: str, process: subprocess.Popen, log: Path) -> None:
             return  # it answers
         except OSError:  # refused, reset, or a read timeout while the server is still starting
             time.sleep(0.5)
-    raise SystemExit(f"{url} did not answer within {START_TIMEOUT_S} s (see {log})")
+    raise SystemExit(f"{url} did not answer within {timeout_s} s{_last_words(log)}")
+
+
+def _last_words(log: Path | None) -> str:
+    if log is None:
+        return ""
+    last = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+    return f" ({log}: {' '.join(last)})"
 
 
 def main() -> None:

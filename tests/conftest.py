@@ -5,10 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
+from scripts.team_stack import free_port, wait_for_http
 from skin_lesion.params import Params
 from skin_lesion.registry import log_servable_model
 from skin_lesion.sources.isic import fetch_isic
@@ -214,26 +213,6 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's; .ci/run installs it
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_http(url: str, server: subprocess.Popen, timeout_s: float) -> None:
-    """Poll `url` until it answers, failing if `server` exits or `timeout_s` passes first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, f"server for {url} exited early"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:  # refused, reset, or a read timeout while the server is still starting
-            time.sleep(1)
-    pytest.fail(f"{url} did not answer within {timeout_s} s")
-
-
 SERVER_START_S = 120
 
 
@@ -250,7 +229,7 @@ def running_server(
         env={**os.environ, **(env or {})},
     )
     try:
-        wait_for_http(ready_url, server, timeout_s)
+        wait_for_http(ready_url, server, timeout_s=timeout_s)
         yield server
     finally:
         os.killpg(server.pid, signal.SIGTERM)

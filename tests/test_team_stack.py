@@ -9,7 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from scripts.team_stack import _wait_for_http
+from scripts.team_stack import wait_for_http
 
 
 class _SlowFirstAnswer(BaseHTTPRequestHandler):
@@ -33,7 +33,7 @@ def test_a_server_that_times_out_a_first_request_is_waited_for(tmp_path: Path) -
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _wait_for_http(f"http://127.0.0.1:{server.server_port}/health", stand_in, tmp_path / "log")
+        wait_for_http(f"http://127.0.0.1:{server.server_port}/health", stand_in, tmp_path / "log")
     finally:
         stand_in.kill()
         server.shutdown()
