@@ -2,11 +2,11 @@
 
 TensorFlow logs "oneDNN custom operations are on" once per native library it loads (twice per
 process), through absl before absl's logging is initialised, so `TF_CPP_MIN_LOG_LEVEL` does not reach
-it; only `TF_ENABLE_ONEDNN_OPTS=0` would, and that changes the numerics. No library filters
-native-code stderr for one import, hence this module: while `tensorflow` is first imported, the
-process's stderr (file descriptor 2) runs through a child process that drops those lines and passes
-every other line on at once. A child, not a thread, so that a crash inside the import still gets its
-last words out: the child drains the pipe after this process is gone.
+it; only `TF_ENABLE_ONEDNN_OPTS=0` would, and that changes the numerics. So while `tensorflow` is
+first imported, the process's stderr (file descriptor 2) runs through a child process that drops
+those lines and passes every other line on at once. wurlitzer redirects native output too, but into
+a thread of this process, which a crash inside the import takes down with its last words unread; a
+child drains the pipe after this process is gone.
 """
 
 from __future__ import annotations
