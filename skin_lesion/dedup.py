@@ -24,7 +24,7 @@ from skin_lesion.images import decode_rgb
 _HASH_CHUNK = 1024  # rows of the pairwise Hamming-distance matrix computed at once
 
 
-def inspect_images(paths: Iterable[str], max_pixels: int, min_side: int = 1) -> pd.DataFrame:
+def inspect_images(paths: Iterable[str], max_pixels: int | None, min_side: int = 1) -> pd.DataFrame:
     """Decode every image: its rejection reason ('' if usable), decoded-pixel hash, perceptual hash."""
     rows = []
     for path in paths:
@@ -153,10 +153,31 @@ def _pairs_sharing(frame: pd.DataFrame, column: str) -> list[tuple[int, int]]:
     return pairs
 
 
+def near_duplicate_mask(phashes: pd.Series, reference: pd.Series, max_distance: int) -> np.ndarray:
+    """Which `phashes` lie within `max_distance` bits of a `reference` hash (empty hashes never do)."""
+    mask = np.zeros(len(phashes), dtype=bool)
+    known, targets = phashes.to_numpy() != "", _as_integers(reference[reference != ""])
+    if max_distance < 0 or not known.any() or not len(targets):
+        return mask
+    hashes = _as_integers(phashes[known])
+    nearest = np.concatenate(
+        [
+            np.bitwise_count(hashes[start : start + _HASH_CHUNK, None] ^ targets[None, :]).min(axis=1)
+            for start in range(0, len(hashes), _HASH_CHUNK)
+        ]
+    )
+    mask[known] = nearest <= max_distance
+    return mask
+
+
+def _as_integers(phashes: pd.Series) -> np.ndarray:
+    return np.array([int(value, 16) for value in phashes], dtype=np.uint64)
+
+
 def _near_pairs(phashes: pd.Series, max_distance: int) -> list[tuple[int, int]]:
     if max_distance < 0 or phashes.empty:
         return []
-    hashes = np.array([int(value, 16) for value in phashes], dtype=np.uint64)
+    hashes = _as_integers(phashes)
     pairs = []
     for start in range(0, len(hashes), _HASH_CHUNK):
         distances = np.bitwise_count(hashes[start : start + _HASH_CHUNK, None] ^ hashes[None, :])

@@ -6,10 +6,13 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -138,3 +141,41 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process
     return True
+
+
+def extract_zip_safely(
+    archive_path: Path,
+    dest: Path,
+    max_bytes: int,
+    param: str = "download.local.path",
+    limit_param: str = "download.local.max_extract_mb",
+) -> None:
+    """Extract a zip after refusing absolute paths, '..', links and oversized contents.
+
+    Errors name the parameter that pointed at the zip (`param`) and the one that sets the limit.
+    """
+    try:
+        archive = zipfile.ZipFile(archive_path)
+    except zipfile.BadZipFile as err:
+        raise PipelineError(f"{param}: {archive_path} is not a valid zip ({err})") from err
+    with archive:
+        total = 0
+        for entry in archive.infolist():
+            name = PurePosixPath(entry.filename.replace("\\", "/"))
+            if name.is_absolute() or ".." in name.parts or ":" in entry.filename:
+                raise PipelineError(f"{param}: {archive_path} has unsafe entry {entry.filename!r}")
+            if stat.S_ISLNK(entry.external_attr >> 16):
+                raise PipelineError(f"{param}: {archive_path} has symbolic link {entry.filename!r}")
+            total += entry.file_size
+            if total > max_bytes:
+                raise PipelineError(
+                    f"{param}: {archive_path} unpacks to more than {limit_param}={max_bytes // 2**20} MiB"
+                )
+        for entry in archive.infolist():
+            try:
+                archive.extract(entry, dest)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+                # A bad CRC, or a header that understates a member's size, shows only while reading it.
+                raise PipelineError(
+                    f"{param}: {archive_path}: member {entry.filename!r} is damaged ({err})"
+                ) from err

@@ -15,7 +15,10 @@ from skin_lesion.errors import PipelineError
 from skin_lesion.files import read_manifest
 from skin_lesion.manifests import SPLIT_COLUMNS, class_indices
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The formats dermatoscopes and their software write, each with the file suffix an upload is kept under.
+IMAGE_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+FORMAT_NAMES = "JPEG, PNG, BMP, TIFF or WebP"
 
 
 def decode_rgb(path: Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
@@ -23,13 +26,18 @@ def decode_rgb(path: Path | BinaryIO, max_pixels: int | None = None) -> Image.Im
 
     Refuses images over max_pixels before decoding them (decompression bombs).
     """
+    return decode_image(path, max_pixels)[0]
+
+
+def decode_image(path: Path | BinaryIO, max_pixels: int | None = None) -> tuple[Image.Image, str]:
+    """`decode_rgb`'s image and the file's format as Pillow names it (JPEG, PNG, BMP, TIFF, WEBP...)."""
     try:
         with Image.open(path) as opened:
             if max_pixels is not None and opened.width * opened.height > max_pixels:
                 raise PipelineError(
                     f"{path}: {opened.width}x{opened.height} pixels is over split.max_pixels={max_pixels}"
                 )
-            return _to_8bit(ImageOps.exif_transpose(opened)).convert("RGB")
+            return _to_8bit(ImageOps.exif_transpose(opened)).convert("RGB"), str(opened.format)
     except UnidentifiedImageError as err:
         # Pillow's message names the file object (`<_io.BytesIO object at 0x…>`) for bytes; say it plainly.
         raise PipelineError(f"{path}: cannot decode image (not a format Pillow reads)") from err

@@ -44,17 +44,28 @@ def score_test_split(
     melanoma: int,
     settings: EvaluateParams,
     seed: int,
+    val_collections: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The test metrics, the melanoma operating point (threshold chosen on val), intervals and ECE.
 
-    `val` and `test` are (labels, probabilities) pairs.
+    `val` and `test` are (labels, probabilities) pairs. The threshold follows evaluate.threshold_rule;
+    every rule's threshold and test operating point are reported (`threshold_rules`), so that what a
+    sensitivity floor in every collection costs in false alerts shows beside the rule in use.
     """
     (y_val, p_val), (y_test, p_test) = val, test
-    threshold = choose_threshold(y_val == melanoma, p_val[:, melanoma], settings.target_sensitivity)
+    collections = val_collections if val_collections is not None else np.full(len(y_val), "")
+    thresholds = alert_thresholds(
+        y_val == melanoma, p_val[:, melanoma], collections, settings.target_sensitivity
+    )
+    threshold = thresholds[settings.threshold_rule]
     metrics = compute_metrics(y_test, p_test, classes, melanoma)
     metrics["melanoma"]["operating_point"] = operating_point(
         y_test == melanoma, p_test[:, melanoma], threshold
     )
+    metrics["melanoma"]["threshold_rules"] = {
+        rule: operating_point(y_test == melanoma, p_test[:, melanoma], value)
+        for rule, value in thresholds.items()
+    }
     metrics["confidence_intervals"] = bootstrap_intervals(
         y_test, p_test, melanoma, threshold, settings.bootstrap, seed
     )
@@ -121,6 +132,27 @@ def choose_threshold(is_positive: np.ndarray, scores: np.ndarray, target_sensiti
     positives = np.sort(scores[is_positive])[::-1]
     needed = math.ceil(target_sensitivity * len(positives) - 1e-9)
     return float(positives[max(needed, 1) - 1])
+
+
+MIN_COLLECTION_MELANOMAS = 5  # a val collection's melanomas needed to set a threshold of its own
+
+
+def alert_thresholds(
+    is_positive: np.ndarray, scores: np.ndarray, collections: np.ndarray, target_sensitivity: float
+) -> dict[str, float]:
+    """The threshold of each evaluate.threshold_rule, chosen on validation scores.
+
+    `overall`: the target sensitivity over all validation melanomas. `worst_collection`: the target
+    in every collection with MIN_COLLECTION_MELANOMAS melanomas or more (the lowest of their
+    thresholds), a floor that holds where the melanomas are hardest to tell, paid for in false alerts.
+    """
+    overall = choose_threshold(is_positive, scores, target_sensitivity)
+    per_collection = [
+        choose_threshold(is_positive[collections == name], scores[collections == name], target_sensitivity)
+        for name in np.unique(collections)
+        if (is_positive & (collections == name)).sum() >= MIN_COLLECTION_MELANOMAS
+    ]
+    return {"overall": overall, "worst_collection": min([overall, *per_collection])}
 
 
 def operating_point(is_positive: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -214,6 +246,11 @@ def experiment_row(metrics: dict[str, Any], version: int) -> dict[str, float | i
         "mel_spec": _rounded(point["specificity"]),
         "mel_thr": None if point["threshold"] is None else float(f"{point['threshold']:.3g}"),
         "ece": _rounded(metrics["calibration_error"]),
+        **(
+            {"ext_mel_auc": _rounded(mean_external_melanoma_auc(metrics["external"]))}
+            if metrics.get("external")
+            else {}
+        ),
         "version": version,
     }
 
@@ -230,8 +267,15 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
         "macro_auc": metrics["macro_auc"],
         "melanoma_auc": metrics["melanoma"]["auc"],
         "melanoma_auc_sens_80": metrics["melanoma"]["auc_sens_80"],
+        "external_melanoma_auc": mean_external_melanoma_auc(metrics.get("external", {})),
     }
     return {key: float(value) for key, value in values.items() if value is not None}
+
+
+def mean_external_melanoma_auc(external: dict[str, dict[str, Any]]) -> float | None:
+    """The mean melanoma AUC over the external sets: the one external figure of the headline file."""
+    values = [result["melanoma_auc"] for result in external.values() if result["melanoma_auc"] is not None]
+    return float(np.mean(values)) if values else None
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -16,13 +16,25 @@ def describe_source(download: DownloadParams) -> str:
     return line
 
 
-def describe_model(train: TrainParams, image_size: int) -> str:
-    """The architecture, its starting weights and training budget in one line."""
-    start = "from scratch" if train.weights == "none" else f"fine-tuned from `{train.weights}` weights"
-    return (
-        f"`{train.arch}` {start}, at {image_size}x{image_size} pixels, "
-        f"at most {train.epochs} epochs, {train.precision}."
-    )
+def describe_model(train: TrainParams, image_size: int, mirror_average: bool) -> str:
+    """The architecture, its starting weights, recipe and training budget in one line."""
+    epochs = f"at most {train.epochs} epoch{'s' if train.epochs != 1 else ''}"
+    if train.weights == "none":
+        how = f"`{train.arch}` trained from scratch, {epochs}"
+    elif train.recipe == "linear_probe":
+        how = (
+            f"`{train.arch}` with frozen `{train.weights}` weights and a linear probe "
+            f"(logistic regression, C = {train.probe_c:g})"
+        )
+    elif train.recipe == "lp_ft":
+        how = (
+            f"`{train.arch}` from `{train.weights}` weights: a linear probe (C = {train.probe_c:g}), "
+            f"fine-tuned from it for {epochs}, interpolated at {train.interpolation:g} (WiSE-FT)"
+        )
+    else:
+        how = f"`{train.arch}` fine-tuned from `{train.weights}` weights, {epochs}"
+    mirror = "; predictions average each image with its mirror image" if mirror_average else ""
+    return f"{how}, at {image_size}x{image_size} pixels, {train.precision}{mirror}."
 
 
 def render_model_card(
@@ -33,6 +45,8 @@ def render_model_card(
     metrics: dict[str, Any],
     shift: dict[str, Any],
     data: dict[str, Any],
+    external: dict[str, dict[str, Any]],
+    rule: str,
 ) -> str:
     """The model card: data and provenance, split, metrics with intervals, threshold, use, limits."""
     intervals, warning = metrics["confidence_intervals"], trained_on_warning(download.source)
@@ -87,16 +101,93 @@ def render_model_card(
         f"sensitivity {with_interval(point['sensitivity'], 'melanoma_sensitivity')}, "
         f"specificity {_shown(point['specificity'])}, {point['alerts_per_100']:.1f} alerts per 100 images.",
         "",
+        *external_lines(external, metrics, base.melanoma_class),
+        *threshold_rule_lines(metrics["melanoma"]["threshold_rules"], external, rule, target_sensitivity),
         *_collection_lines(shift["by_collection"]),
         *_stress_lines(shift["stress"]),
         "## Limitations",
         "",
         "- The test set is small; the intervals above show how uncertain these numbers are.",
         "- Classes with few images (see the table) are learned and measured poorly.",
-        "- Dermoscopic images of mostly light skin from a few clinics; performance elsewhere is unknown.",
+        "- Dermoscopic images of mostly light skin from a few clinics; performance elsewhere is unknown"
+        + (" beyond the external sets above." if external else ": no external set was scored."),
         *[f"- Provenance: {warning}." for warning in data["provenance"]["warnings"]],
     ]
     return "\n".join(lines) + "\n"
+
+
+def external_lines(
+    external: dict[str, dict[str, Any]], metrics: dict[str, Any], melanoma_class: str
+) -> list[str]:
+    """The external-validation table: each set's melanoma AUC and the alert, beside the test split's."""
+    if not external:
+        return []
+    point, melanoma = metrics["melanoma"]["operating_point"], metrics["melanoma"]
+    melanomas = metrics["per_class"][melanoma_class]["support"]
+    false_alerts = None if point["specificity"] is None else 1 - point["specificity"]
+    intervals = metrics["confidence_intervals"]
+    lines = [
+        "## External validation",
+        "",
+        "Labelled sets from outside the training data, which say more than the test split about how the",
+        "alert will do at another clinic. Copies of training or validation images were left out.",
+        "The alert at the same threshold (exact 95 % intervals):",
+        "",
+        "| set | images (copies left out) | melanomas | melanoma AUC (95 % CI) | alert sensitivity | "
+        "false alerts (share of non-melanoma lesions) | balanced accuracy |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| carved test split | {metrics['test_images']} | {melanomas} | "
+        f"{_with_bounds(melanoma['auc'], intervals.get('melanoma_auc'))} | "
+        f"{_with_bounds(point['sensitivity'], intervals.get('melanoma_sensitivity'))} | "
+        f"{_shown(false_alerts)} | {_shown(metrics['balanced_accuracy'])} |",
+    ]
+    for name, row in external.items():
+        alert = row["alert"]
+        lines.append(
+            f"| {name} | {row['images']} ({row['copies_of_training']}) | {alert['sensitivity_n']} | "
+            f"{_with_bounds(row['melanoma_auc'], row['melanoma_auc_ci'])} | "
+            f"{_with_bounds(alert['sensitivity'], alert['sensitivity_ci'])} | "
+            f"{_with_bounds(alert['false_alert_rate'], alert['false_alert_rate_ci'])} | "
+            f"{_shown(row['balanced_accuracy'])} |"
+        )
+    return [*lines, ""]
+
+
+RULES_IN_WORDS = {
+    "overall": "over all validation melanomas",
+    "worst_collection": "in every validation collection with 5 or more melanomas",
+}
+
+
+def threshold_rule_lines(
+    rules: dict[str, dict[str, Any]], external: dict[str, dict[str, Any]], used: str, target: float
+) -> list[str]:
+    """What each threshold rule gives on the test split and the external sets: the cost of a floor."""
+    names = list(external)
+    lines = [
+        "## Threshold rules",
+        "",
+        f"Each rule sets the threshold on the validation split to reach {target:.0%} sensitivity; "
+        f"this model uses `{used}`.",
+        "Sensitivity / false alerts (share of non-melanoma lesions) at each rule's threshold:",
+        "",
+        "| rule | threshold | carved test split | " + " | ".join(names) + (" |" if names else ""),
+        "| --- | --- | --- |" + " --- |" * len(names),
+    ]
+    for rule, point in rules.items():
+        false_test = None if point["specificity"] is None else 1 - point["specificity"]
+        cells = [f"{_shown(point['sensitivity'])} / {_shown(false_test)}"]
+        for name in names:
+            at_rule = external[name]["alert_by_rule"][rule]
+            cells.append(f"{_shown(at_rule['sensitivity'])} / {_shown(at_rule['false_alert_rate'])}")
+        lines.append(
+            f"| `{rule}` ({RULES_IN_WORDS[rule]}) | {point['threshold']:.4f} | " + " | ".join(cells) + " |"
+        )
+    return [*lines, ""]
+
+
+def _with_bounds(value: float | None, bounds: list[float] | None) -> str:
+    return _shown(value) + (f" ({bounds[0]:.2f} to {bounds[1]:.2f})" if bounds and value is not None else "")
 
 
 def _collection_lines(by_collection: dict[str, dict[str, Any]]) -> list[str]:

@@ -21,8 +21,10 @@ def reference_figures(
     unlike_training: np.ndarray,
     classes: Sequence[str],
     melanoma: int,
+    external: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The test split's melanoma sensitivity (with its interval), alert, OOD and predicted-class rates."""
+    """The test split's melanoma sensitivity (with its interval), alert, OOD and predicted-class rates,
+    and the alert's sensitivity and false-alert rate on each external set."""
     point = metrics["melanoma"]["operating_point"]
     predicted = np.asarray(p_test).argmax(axis=1)
     specificity = point["specificity"]
@@ -35,6 +37,14 @@ def reference_figures(
         "alert_rate": point["alerts_per_100"] / 100,
         "ood_rate": float(np.mean(unlike_training)),
         "class_mix": {label: float(np.mean(predicted == k)) for k, label in enumerate(classes)},
+        "external": {
+            name: {
+                "melanomas": result["alert"]["sensitivity_n"],
+                "sensitivity": result["alert"]["sensitivity"],
+                "false_alert_rate": result["alert"]["false_alert_rate"],
+            }
+            for name, result in (external or {}).items()
+        },
     }
 
 
@@ -53,10 +63,16 @@ def threshold_in_words(figures: dict[str, Any], threshold: float) -> str:
         f"{sensitivity:.0%} of the {melanomas} melanomas" if melanomas else f"{sensitivity:.0%} of melanomas"
     )
     benign = figures.get("alerts_per_100_benign")
-    alerts = f", with {benign:.0f} alerts per 100 benign lesions" if benign is not None else ""
+    alerts = f", with {benign:.0f} alerts per 100 non-melanoma lesions" if benign is not None else ""
+    elsewhere = [
+        f"{name}: {row['sensitivity']:.0%} of {row['melanomas']} melanomas, "
+        f"{100 * row['false_alert_rate']:.0f} alerts per 100 non-melanoma lesions"
+        for name, row in (figures.get("external") or {}).items()
+    ]
+    external = f" On images from outside its training data ({'; '.join(elsewhere)})." if elsewhere else ""
     return (
         f"Alert when P(melanoma) is at least {threshold:.3f}: at this threshold the model found"
-        f" {found} in its test set{ci}{alerts}."
+        f" {found} in its test set{ci}{alerts}.{external}"
     )
 
 

@@ -68,8 +68,17 @@ def with_embeddings(model: keras.Model) -> keras.Model:
 
 
 def predict_with_embeddings(
-    network: keras.Model, images: np.ndarray, batch_size: int
+    network: keras.Model, images: np.ndarray, batch_size: int, mirror_average: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and embeddings of `images`, from a network that `with_embeddings` built."""
+    """Class probabilities and embeddings of `images`, from a network that `with_embeddings` built.
+
+    With `mirror_average`, each image's embedding is the mean of its own and its left-right mirror's,
+    and the probabilities are the head's answer to that mean: the linear probe is fitted on exactly
+    such embeddings (skin_lesion/probe.py), so the head sees at test time what it was fitted to.
+    """
     probabilities, embeddings = network.predict(images, batch_size=batch_size, verbose=0)
-    return np.asarray(probabilities), np.asarray(embeddings)
+    if mirror_average:
+        _, mirrored = network.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0)
+        embeddings = (np.asarray(embeddings, np.float32) + np.asarray(mirrored, np.float32)) / 2
+        probabilities = keras.ops.convert_to_numpy(network.get_layer(OUTPUT_LAYER)(embeddings))
+    return np.asarray(probabilities, dtype=np.float32), np.asarray(embeddings)

@@ -28,6 +28,9 @@ class BaseParams(_Section):
     experiment_name: str = Field(min_length=1)
     melanoma_class: str
     classes: tuple[str, ...] = Field(min_length=2)
+    # Every prediction (evaluate, predict, serve, review) and the linear probe's training embeddings
+    # average the embeddings of the image and its left-right mirror.
+    mirror_average: bool
 
     @model_validator(mode="after")
     def _check_classes(self) -> BaseParams:
@@ -132,6 +135,13 @@ WEIGHTS_FILE_SUFFIX = ".h5"  # Keras's weights files: name.weights.h5 (Keras 3) 
 
 
 class TrainParams(_Section):
+    # fine_tune: warm-up then fine-tuning | linear_probe: a logistic regression on frozen embeddings |
+    # lp_ft: the probe, then fine-tuning from it, interpolated with it at `interpolation` (WiSE-FT)
+    recipe: Literal["fine_tune", "linear_probe", "lp_ft"]
+    probe_c: Float = Field(gt=0)  # the probe's inverse L2 strength (scikit-learn's C)
+    # Project out the directions along which a class's collections differ before fitting the probe
+    probe_remove_collections: bool
+    interpolation: Float = Field(ge=0, le=1)  # lp_ft: 0 keeps the probe, 1 the fine-tuned model
     arch: Literal["baseline_cnn", "resnet_small", "mobilenet", "efficientnet_b0", "mobilenet_v3_small"]
     # none | imagenet (Keras downloads them) | the path of a Keras weights file for the backbone
     weights: str = Field(min_length=1)
@@ -174,26 +184,47 @@ class TrainParams(_Section):
             raise ValueError(
                 f"train.weights={self.weights}: not none, imagenet or a Keras weights file (*.weights.h5)"
             )
-        if self.pretrained and self.freeze_epochs > self.epochs:
+        if self.recipe != "fine_tune" and not self.pretrained:
+            raise ValueError(f"train.recipe={self.recipe} needs a pretrained backbone (train.weights)")
+        if self.pretrained and self.recipe == "fine_tune" and self.freeze_epochs > self.epochs:
             raise ValueError(
                 f"train.freeze_epochs={self.freeze_epochs} is more than train.epochs={self.epochs}"
             )
         return self
 
 
+OTHER_LABEL = "other"  # an external set's label that is none of base.classes
+
+
+class ExternalSetParams(_Section):
+    # A CSV inside the set with `isic_id` (the file's stem) and `label` columns; empty: the folder names
+    labels_csv: str
+    # Each label of the set onto one of base.classes or `other` (e.g. `atypical nevus: nevus`)
+    label_map: dict[str, str] = Field(min_length=1)
+
+
 class EvaluateParams(_Section):
     batch_size: Int = Field(ge=1)
     target_sensitivity: Float = Field(gt=0, le=1)
+    # overall: the target over all val melanomas | worst_collection: in every val collection
+    threshold_rule: Literal["overall", "worst_collection"]
     bootstrap: Int = Field(ge=0)
     calibration_bins: Int = Field(ge=2, le=100)
     worst_examples: Int = Field(ge=0, le=64)
     promote: Literal["manual", "auto"]
     promote_metric: Literal[
-        "balanced_accuracy", "accuracy", "macro_auc", "melanoma_auc", "melanoma_auc_sens_80"
+        "balanced_accuracy",
+        "accuracy",
+        "macro_auc",
+        "melanoma_auc",
+        "melanoma_auc_sens_80",
+        "external_melanoma_auc",
     ]
     promote_margin: Float = Field(ge=0)
     ood_quantile: Float = Field(gt=0, lt=1)
     stress: dict[Literal["colour_cast", "darken", "blur", "jpeg_quality", "resolution"], list[Float]]
+    # Labelled sets from outside the training data, each a folder or .zip under data/external/
+    external: dict[str, ExternalSetParams]
 
     @model_validator(mode="after")
     def _check_stress(self) -> EvaluateParams:
@@ -229,6 +260,20 @@ class Params(_Section):
                 raise ValueError(
                     f"split.diagnosis_classes[{diagnosis!r}] has {unknown[0]!r}, which is not in base.classes"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_label_maps(self) -> Params:
+        allowed = {*self.base.classes, OTHER_LABEL}
+        for name, external in self.evaluate.external.items():
+            for label, target in external.label_map.items():
+                if target not in allowed:
+                    raise ValueError(
+                        f"evaluate.external.{name}.label_map: {label!r} maps to {target!r}, "
+                        f"which is neither in base.classes nor {OTHER_LABEL!r}"
+                    )
+        if self.evaluate.promote_metric == "external_melanoma_auc" and not self.evaluate.external:
+            raise ValueError("evaluate.promote_metric=external_melanoma_auc needs evaluate.external sets")
         return self
 
     @model_validator(mode="after")

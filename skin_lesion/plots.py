@@ -98,7 +98,12 @@ def write_training_curves(series_folder: Path, target: Path) -> None:
                 axis.plot(series["step"] + 1, series[name], marker=".", label=name)
         axis.set(title=title, xlabel="epoch")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
+        if axis.lines:
+            axis.legend(fontsize="small")
+        else:  # a linear probe is fitted in closed form: it has no epochs to draw
+            axis.text(
+                0.5, 0.5, "no epochs (linear probe)", ha="center", va="center", transform=axis.transAxes
+            )
     with atomic_file(target, suffix=".png") as tmp:
         figure.savefig(tmp, dpi=FIGURE_DPI)
 

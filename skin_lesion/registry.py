@@ -55,13 +55,15 @@ def log_servable_model(
     data_source: str,
     ood_path: Path | None = None,
     test_figures: dict[str, Any] | None = None,
+    mirror_average: bool = False,
 ) -> str:
     """Log the pyfunc that wraps the Keras model with its preprocessing and threshold; return its URI.
 
     `data_source` (download.source) travels with it: a model trained on synthetic shapes says so in
     every answer (`model_warning`) and in its metadata. `ood_path` is its OOD summary (.npz of
     skin_lesion/ood.py); `test_figures` are what its test split said (monitoring.reference_figures),
-    which the review page and `skin-lesion monitor` read from the registry.
+    which the review page and `skin-lesion monitor` read from the registry. With `mirror_average`,
+    every consumer averages each image with its mirror, as evaluate did.
     """
     config = {
         "classes": list(classes),
@@ -70,6 +72,7 @@ def log_servable_model(
         "melanoma_threshold": threshold,
         "data_source": data_source,
         "test_figures": test_figures or {},
+        "mirror_average": mirror_average,
     }
     example = pd.DataFrame({IMAGE_COLUMN: [example_image(image_size)]})
     output = prediction_frame(
@@ -124,8 +127,22 @@ def version_tags(
         TEST_SPLIT_TAG: test_split,
         "melanoma_threshold": f"{threshold:.6f}",
         **{f"test_{key}": str(value) for key, value in headline(metrics).items()},
+        **external_tags(metrics.get("external", {})),
         **{f"{DVC_DATA_TAG}{path}": value for path, value in (data_hashes or {}).items()},
     }
+
+
+def external_tags(external: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Each external set's melanoma AUC and the alert's sensitivity and false-alert rate, as tags."""
+    tags = {}
+    for name, result in external.items():
+        figures = {
+            "melanoma_auc": result["melanoma_auc"],
+            "alert_sensitivity": result["alert"]["sensitivity"],
+            "false_alert_rate": result["alert"]["false_alert_rate"],
+        }
+        tags |= {f"external_{name}_{key}": str(value) for key, value in figures.items() if value is not None}
+    return tags
 
 
 def provenance_note(tags: dict[str, str], commit: str | None, experiment: str | None) -> str:
@@ -192,6 +209,8 @@ def decide_promotion(
         return True, f"no champion yet; version {version} has {metric} {ours:.4f}"
     if champion.tags.get(TEST_SPLIT_TAG) != test_split:
         return False, f"champion version {champion.version} was tested on another test split; not compared"
+    if f"test_{metric}" not in champion.tags:
+        return False, f"champion version {champion.version} has no {metric}; not compared"
     theirs = float(champion.tags[f"test_{metric}"])
     beats = ours > theirs + settings.promote_margin
     verdict = "beats" if beats else "does not beat"

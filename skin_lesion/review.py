@@ -32,7 +32,7 @@ from PIL import Image
 from skin_lesion.errors import PipelineError
 from skin_lesion.feedback import OTHER_DIAGNOSIS, Diagnosis, FeedbackStore
 from skin_lesion.gradcam import EXPLANATION_DPI, FIGURE_IMAGE_PX, explanation_figure, grad_cam
-from skin_lesion.images import decode_rgb, resize_rgb
+from skin_lesion.images import FORMAT_NAMES, IMAGE_FORMATS, decode_image, decode_rgb, resize_rgb
 from skin_lesion.monitoring import threshold_in_words
 from skin_lesion.quality import quality_problems
 from skin_lesion.server import json_object
@@ -51,7 +51,8 @@ MAX_REQUEST_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 2**20
 SESSION_IMAGES = 256  # uploads kept in memory for Grad-CAM and diagnoses, oldest dropped first
 TOKEN_COOKIE = "review_token"
 DISCLAIMER = "Research tool, not a diagnostic device: every decision rests with a clinician."
-SIGNATURES = {b"\xff\xd8\xff": ".jpg", b"\x89PNG\r\n\x1a\n": ".png"}
+# How JPEG, PNG, BMP, TIFF (both byte orders) and WebP (RIFF) files begin.
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("skin_lesion", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
@@ -261,14 +262,15 @@ def score_uploads(classifier: Any, uploads: list[tuple[str, Any]], session: Sess
 def decode_upload(text: object) -> tuple[bytes, str, Image.Image]:
     """The bytes, file suffix and decoded image of one base64 upload; ValueError saying what is wrong."""
     data = image_file_of_base64(text)
-    suffix = next((ending for magic, ending in SIGNATURES.items() if data.startswith(magic)), None)
-    if suffix is None:
-        raise ValueError("not a JPEG or PNG image")
     try:
-        image = decode_rgb(io.BytesIO(data), max_pixels=MAX_PIXELS)
+        image, image_format = decode_image(io.BytesIO(data), max_pixels=MAX_PIXELS)
     except PipelineError as err:
+        if not data.startswith(SIGNATURES):  # a damaged image of a known format says what failed
+            raise ValueError(f"not a {FORMAT_NAMES} image") from None
         raise ValueError(str(err).split(": ", 1)[-1].replace("split.max_pixels=", "the limit of ")) from None
-    return data, suffix, image
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"not a {FORMAT_NAMES} image")
+    return data, IMAGE_FORMATS[image_format], image
 
 
 def card_of_prediction(row: dict[str, Any], classes: list[str]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ MAX_IMAGE_BYTES = 20 * 2**20  # one uploaded image; larger payloads get a 400
 
 
 MAX_PIXELS = 50_000_000
+PREDICT_BATCH = 32  # images through the network at once
 SYNTHETIC_WARNING = "TRAINED ON SYNTHETIC SHAPES, NOT SKIN LESIONS: its predictions mean nothing clinically"
 
 
@@ -137,13 +138,11 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
         warning = trained_on_warning(str(self.config.get("data_source", "")))
         if warning:
             log.warning("%s", warning)
-        self.model = load_model(context.artifacts["keras_model"])
-        self.ood = None
-        if "ood" in context.artifacts:
-            from skin_lesion.ood import OodModel, with_embeddings  # noqa: PLC0415
+        from skin_lesion.ood import OodModel, with_embeddings  # noqa: PLC0415
 
-            self.ood = OodModel.load(Path(context.artifacts["ood"]))
-            self.network = with_embeddings(self.model)
+        self.model = load_model(context.artifacts["keras_model"])
+        self.network = with_embeddings(self.model)
+        self.ood = OodModel.load(Path(context.artifacts["ood"])) if "ood" in context.artifacts else None
 
     def predict(
         self,
@@ -164,11 +163,14 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
 
     def score(self, images: np.ndarray) -> pd.DataFrame:
         """The prediction frame of decoded (n, size, size, 3) uint8 images."""
+        from skin_lesion.ood import predict_with_embeddings  # noqa: PLC0415
+
+        mirror_average = bool(self.config.get("mirror_average", False))  # older versions: no mirroring
+        probabilities, embeddings = predict_with_embeddings(
+            self.network, images, PREDICT_BATCH, mirror_average
+        )
         scores, threshold = None, None
-        if self.ood is None:
-            probabilities = np.asarray(self.model.predict(images, verbose=0))
-        else:
-            probabilities, embeddings = self.network.predict(images, verbose=0)
+        if self.ood is not None:
             scores, threshold = self.ood.score(embeddings), self.ood.threshold
         return prediction_frame(
             np.asarray(probabilities),

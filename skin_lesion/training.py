@@ -1,4 +1,4 @@
-"""Training: the phases of a fit (warm-up with a frozen backbone, then fine-tuning), optimizer and devices."""
+"""Training: the recipes (fine-tuning, linear probe, LP-FT), the phases of a fit, optimizer and devices."""
 
 from __future__ import annotations
 
@@ -25,7 +25,15 @@ from skin_lesion.callbacks import (
     ValidationMetrics,
 )
 from skin_lesion.errors import PipelineError
+from skin_lesion.metrics import capped_balanced_accuracy
 from skin_lesion.params import BaseParams, TrainParams
+from skin_lesion.probe import (
+    cached_embeddings,
+    collection_projection,
+    fit_probe,
+    interpolate_weights,
+    set_head,
+)
 
 
 def check_weights_file(weights: str, folder: Path) -> None:
@@ -51,19 +59,125 @@ class Phase:
 
 
 def training_phases(train: TrainParams) -> list[Phase]:
-    """A pretrained backbone: warm-up with it frozen, then fine-tuning at a lower rate; else one phase."""
+    """A pretrained backbone: warm-up with it frozen, then fine-tuning at a lower rate; else one phase.
+
+    LP-FT has no warm-up: its head starts as the converged linear probe.
+    """
     if not train.pretrained:
         return [Phase("train", 0, train.epochs, train.learning_rate, "all")]
+    warm_up = 0 if train.recipe == "lp_ft" else train.freeze_epochs
     phases = []
-    if train.freeze_epochs:
-        phases.append(Phase("warm_up", 0, train.freeze_epochs, train.learning_rate, 0))
-    if train.epochs > train.freeze_epochs:
+    if warm_up:
+        phases.append(Phase("warm_up", 0, warm_up, train.learning_rate, 0))
+    if train.epochs > warm_up:
         phases.append(
-            Phase(
-                "fine_tune", train.freeze_epochs, train.epochs, train.fine_tune_learning_rate, train.unfreeze
-            )
+            Phase("fine_tune", warm_up, train.epochs, train.fine_tune_learning_rate, train.unfreeze)
         )
     return phases
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Decoded uint8 images, their class indices, the key of their bytes (for the embedding cache), and
+    each image's collection (split's provenance)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    key: str
+    collections: np.ndarray | None = None
+
+
+def fit_recipe(
+    train_set: ImageSet,
+    val_set: ImageSet,
+    base: BaseParams,
+    train: TrainParams,
+    cache_dir: Path,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    checkpoint_dir: Path | None = None,
+) -> tuple[keras.Model, dict[str, Any]]:
+    """The model `train.recipe` makes, and its training summary."""
+    if train.recipe == "fine_tune":
+        return train_model(
+            train_set.images,
+            train_set.labels,
+            val_set.images,
+            val_set.labels,
+            base,
+            train,
+            callbacks,
+            checkpoint_dir,
+        )
+    probe, summary = train_linear_probe(train_set, val_set, base, train, cache_dir)
+    if train.recipe == "linear_probe":
+        return probe, summary
+    tuned, tuned_summary = train_model(
+        train_set.images,
+        train_set.labels,
+        val_set.images,
+        val_set.labels,
+        base,
+        train,
+        callbacks,
+        checkpoint_dir,
+        initial_weights=probe.get_weights(),
+    )
+    model = interpolate_weights(probe, tuned, train.interpolation)
+    probe_figures = {f"probe_{key}": summary[key] for key in ("val_balanced_accuracy", "seconds")}
+    return model, {**tuned_summary, **probe_figures, "interpolation": train.interpolation}
+
+
+def train_linear_probe(
+    train_set: ImageSet, val_set: ImageSet, base: BaseParams, train: TrainParams, cache_dir: Path
+) -> tuple[keras.Model, dict[str, Any]]:
+    """The pretrained backbone with a softmax head fitted as a logistic regression on its embeddings."""
+    configure_determinism(base.seed, train.deterministic)
+    keras.mixed_precision.set_dtype_policy(train.precision)
+    model = build_model(
+        train.arch, base.image_size, len(base.classes), train.dropout, train.weights, train.shades_of_gray
+    )
+    started = time.perf_counter()
+    embed = {
+        name: cached_embeddings(
+            model, image_set.images, image_set.key, cache_dir, train.batch_size, base.mirror_average
+        )
+        for name, image_set in (("train", train_set), ("val", val_set))
+    }
+    fitting = time.perf_counter()
+    projection = np.eye(embed["train"].shape[1], dtype=np.float32)
+    if train.probe_remove_collections and train_set.collections is not None:
+        projection = collection_projection(embed["train"], train_set.labels, train_set.collections)
+    kernel, bias = fit_probe(
+        embed["train"] @ projection,
+        train_set.labels,
+        len(base.classes),
+        train.probe_c,
+        train.class_weight,
+        base.seed,
+    )
+    # The projection is symmetric, so (x P) W = x (P W): the head takes raw embeddings as before.
+    kernel = projection @ kernel
+    set_head(model, kernel, bias)
+    seconds = time.perf_counter() - fitting
+    val_predicted = (embed["val"] @ kernel + bias).argmax(axis=1)
+    val_score = capped_balanced_accuracy(val_set.labels, val_predicted, train.val_class_cap)
+    return model, {
+        "recipe": train.recipe,
+        "arch": train.arch,
+        "weights": "file" if train.weights not in ("none", "imagenet") else train.weights,
+        "precision": train.precision,
+        "backend": keras.backend.backend(),
+        "device": detect_device(),
+        "epochs": 0,
+        "best_epoch": 0,
+        "best_val_balanced_accuracy": val_score,
+        "val_balanced_accuracy": val_score,
+        "seconds": round(seconds, 2),  # the regression's fit; the embeddings are cached
+        "embedding_seconds": round(fitting - started, 2),
+        "collection_directions_removed": round(len(projection) - float(np.trace(projection))),
+        "train_images": len(train_set.images),
+        "val_images": len(val_set.images),
+    }
 
 
 def train_model(
@@ -75,10 +189,12 @@ def train_model(
     train: TrainParams,
     callbacks: list[keras.callbacks.Callback] | None = None,
     checkpoint_dir: Path | None = None,
+    initial_weights: list[np.ndarray] | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
     """Fit the configured model phase by phase, keeping the last phase's best val balanced accuracy.
 
     It trains behind its augmentation layers; the model returned (to save and serve) has none.
+    `initial_weights` (LP-FT: the linear probe's) replace the built model's before the first phase.
 
     With `checkpoint_dir`, every epoch is checkpointed there (a folder per phase) and a killed run
     resumes from the last one, in the phase it was in.
@@ -98,6 +214,8 @@ def train_model(
     # One scope for the whole fit: every phase compiles and trains under the same strategy.
     with distribution_scope(train.distribution):
         model, trainer = build_trainer(base, train)
+        if initial_weights is not None:
+            model.set_weights(initial_weights)
         for phase in phases:
             checkpoint = checkpoint_dir / phase.name if checkpoint_dir else None
             ran, history = fit_phase(
@@ -136,6 +254,7 @@ def training_summary(
     best = last_phase_start + int(np.argmax(scores[last_phase_start:]))
     kept = best if train.early_stopping_patience else len(scores) - 1
     return {
+        "recipe": train.recipe,
         "arch": train.arch,
         "weights": "file" if train.weights not in ("none", "imagenet") else train.weights,
         "precision": train.precision,

@@ -7,6 +7,8 @@
   100 images).
 - Bootstrap 95 % intervals (evaluate.bootstrap resamples), expected calibration error, DVC plots, and
   a model card (metrics/model_card.md).
+- External validation (skin_lesion/external.py): each evaluate.external set scored with the same
+  threshold, copies of training images left out; metrics/external.json and the model card.
 - An out-of-distribution summary (skin_lesion/ood.py): the training split's embeddings, with a flagging
   threshold at evaluate.ood_quantile of the validation split's distances.
 - The model, wrapped with its classes, image size, threshold, OOD summary and test figures
@@ -29,8 +31,10 @@ import mlflow
 import numpy as np
 
 from skin_lesion.architectures import load_model
-from skin_lesion.files import write_json_atomic, write_text_atomic
+from skin_lesion.external import load_external_sets, score_external_set
+from skin_lesion.files import read_manifest, write_json_atomic, write_text_atomic
 from skin_lesion.images import read_split
+from skin_lesion.manifests import SPLIT_COLUMNS
 from skin_lesion.metrics import experiment_row, score_test_split
 from skin_lesion.model_card import describe_model, render_model_card
 from skin_lesion.monitoring import reference_figures
@@ -58,42 +62,85 @@ def main() -> None:
     params = load_params()
     base, settings = params.base, params.evaluate
     melanoma = base.classes.index(base.melanoma_class)
+    seen = [
+        path
+        for name in ("train.csv", "val.csv")
+        for path in read_manifest(args.split / name, SPLIT_COLUMNS)["path"]
+    ]
+    external_sets = load_external_sets(
+        args.external,
+        settings.external,
+        seen,
+        params.split.near_duplicate_distance,
+        base.melanoma_class,
+        base.image_size,
+    )
     # One network for every prediction: a new one per call would be traced anew each time.
     network = with_embeddings(load_model(args.model))
 
+    def predict_all(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return predict_with_embeddings(network, images, settings.batch_size, base.mirror_average)
+
     def predict(images: np.ndarray) -> np.ndarray:
-        return predict_with_embeddings(network, images, settings.batch_size)[0]
+        return predict_all(images)[0]
 
     def predict_split(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         rows, images, labels = read_split(args.split / name, base.classes, base.image_size)
-        return rows, images, labels, *predict_with_embeddings(network, images, settings.batch_size)
+        return rows, images, labels, *predict_all(images)
 
     *_, e_train = predict_split("train.csv")
-    _, _, y_val, p_val, e_val = predict_split("val.csv")
+    val_rows, _, y_val, p_val, e_val = predict_split("val.csv")
     test_rows, x_test, y_test, p_test, e_test = predict_split("test.csv")
     ood = fit_ood(e_train, e_val, settings.ood_quantile)
 
     with stage_run("evaluate", base, settings) as run:
         scored = (y_val, p_val), (y_test, p_test)
-        metrics = score_test_split(*scored, base.classes, melanoma, settings, base.seed)
+        metrics = score_test_split(
+            *scored, base.classes, melanoma, settings, base.seed, val_rows["collection"].to_numpy()
+        )
+        rules = metrics["melanoma"]["threshold_rules"]
+        metrics["external"] = {
+            found.name: score_external_set(
+                found.rows["target"],
+                predict(found.images),
+                base.classes,
+                base.melanoma_class,
+                {rule: point["threshold"] for rule, point in rules.items()},
+                settings.threshold_rule,
+                settings.bootstrap,
+                base.seed,
+            )
+            | found.left_out
+            for found in external_sets
+        }
+        write_json_atomic(args.external_report, metrics["external"])
         shift = source_shift_report(
             predict, test_rows["collection"], x_test, y_test, p_test, melanoma, metrics, settings.stress
         )
         write_plots(args.plots, test_rows, y_test, p_test, base.classes, melanoma, settings, shift["stress"])
         write_json_atomic(args.shift_report, shift)
-        trained = describe_model(params.train, base.image_size)
+        trained = describe_model(params.train, base.image_size, base.mirror_average)
         data_report = json.loads(args.data_report.read_text(encoding="utf-8"))
         card = render_model_card(
-            base, params.download, trained, settings.target_sensitivity, metrics, shift, data_report
+            base,
+            params.download,
+            trained,
+            settings.target_sensitivity,
+            metrics,
+            shift,
+            data_report,
+            metrics["external"],
+            settings.threshold_rule,
         )
         write_text_atomic(args.model_card, card)
         mlflow.log_metrics(loggable_metrics({**metrics, **shift}))
         mlflow.log_artifacts(str(args.plots), "plots")
-        for artifact in (args.shift_report, args.model_card):
+        for artifact in (args.shift_report, args.external_report, args.model_card):
             mlflow.log_artifact(str(artifact))
 
+        unlike_training = ood.score(e_test) > ood.threshold
         figures = reference_figures(
-            metrics, y_test, p_test, ood.score(e_test) > ood.threshold, base.classes, melanoma
+            metrics, y_test, p_test, unlike_training, base.classes, melanoma, metrics["external"]
         )
         version, reason = register(args, params, run.info.run_id, metrics, card, ood, figures)
         metrics["model_version"] = int(version)
@@ -139,6 +186,7 @@ def register(
             source,
             ood_path=Path(folder) / "ood.npz",
             test_figures=figures,
+            mirror_average=base.mirror_average,
         )
     return register_and_promote(model_uri, base.model_name, card, tags, metrics, params.evaluate)
 
@@ -155,6 +203,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--plots", type=Path, required=True, help="folder of plot data to write")
     parser.add_argument("--model-card", type=Path, required=True, help="model card to write")
     parser.add_argument("--shift-report", type=Path, required=True, help="by-collection and stress JSON")
+    parser.add_argument("--external", type=Path, required=True, help="folder of external validation sets")
+    parser.add_argument("--external-report", type=Path, required=True, help="external validation JSON")
     return parser.parse_args()
 
 

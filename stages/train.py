@@ -29,7 +29,7 @@ from skin_lesion.plots import write_training_curves
 from skin_lesion.runner import run_cli
 from skin_lesion.serving import MLFLOW_MODEL_NAME, pip_requirements
 from skin_lesion.tracking import stage_run
-from skin_lesion.training import check_weights_file, train_model
+from skin_lesion.training import ImageSet, check_weights_file, fit_recipe
 
 log = logging.getLogger("stages.train")
 
@@ -41,10 +41,14 @@ def main() -> None:
     base, train = params.base, params.train
     check_weights_file(train.weights, args.pretrained)
 
-    frames = [read_manifest(args.split / "train.csv", SPLIT_COLUMNS)]
+    split_rows = read_manifest(args.split / "train.csv", SPLIT_COLUMNS)
+    frames = [split_rows]
     if train.use_rebalanced:
-        frames.append(read_manifest(args.rebalanced, REBALANCED_COLUMNS))
-    train_rows = pd.concat([frame[["path", "label"]] for frame in frames], ignore_index=True)
+        augmented = read_manifest(args.rebalanced, REBALANCED_COLUMNS)
+        # An augmented image comes from the collection of the image it was made from.
+        collection_of = split_rows.set_index("path")["collection"]
+        frames.append(augmented.assign(collection=augmented["source_path"].map(collection_of).fillna("")))
+    train_rows = pd.concat([frame[["path", "label", "collection"]] for frame in frames], ignore_index=True)
     val_rows = read_manifest(args.split / "val.csv", SPLIT_COLUMNS)
     cache = in_main_repo(args.cache)
     x_train, train_key = load_cached_images(train_rows["path"].tolist(), base.image_size, cache)
@@ -58,8 +62,14 @@ def main() -> None:
 
     with stage_run("train", base, train) as run:
         live = Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None)
-        model, summary = train_model(
-            x_train, y_train, x_val, y_val, base, train, [EpochLogger(live)], checkpoint_dir
+        model, summary = fit_recipe(
+            ImageSet(x_train, y_train, train_key, train_rows["collection"].to_numpy()),
+            ImageSet(x_val, y_val, val_key, val_rows["collection"].to_numpy()),
+            base,
+            train,
+            cache,
+            [EpochLogger(live)],
+            checkpoint_dir,
         )
         live.end()
         mlflow.log_metrics({key: v for key, v in summary.items() if isinstance(v, (int, float))})
@@ -76,8 +86,9 @@ def main() -> None:
         write_json_atomic(args.metrics, {key: summary[key] for key in ("best_epoch", "seconds")})
         write_training_curves(args.live / "plots" / "metrics", args.live / "curves.png")
     log.info(
-        "trained %s on %s in %.0f s; best epoch %d, val balanced accuracy %.3f",
+        "trained %s (%s) on %s in %.0f s; best epoch %d, val balanced accuracy %.3f",
         train.arch,
+        train.recipe,
         summary["device"],
         summary["seconds"],
         summary["best_epoch"],

@@ -37,7 +37,7 @@ def repo_params() -> dict[str, Any]:
 
 
 # Tests never download weights: whatever the committed default, they train this net from scratch.
-OFFLINE_TRAIN = {"arch": "resnet_small", "weights": "none"}
+OFFLINE_TRAIN = {"arch": "resnet_small", "weights": "none", "recipe": "fine_tune"}
 
 
 def small_params(**sections: dict[str, Any]) -> dict[str, Any]:

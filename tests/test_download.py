@@ -38,6 +38,22 @@ def test_local_folder_keeps_train_and_test_splits(tmp_path: Path) -> None:
     }
 
 
+def test_local_folder_takes_bmp_tiff_and_webp_images(tmp_path: Path) -> None:
+    root = make_isic_folder(tmp_path / "isic", train_per_class=1)
+    pixels = np.full((24, 24, 3), (150, 60, 60), dtype=np.uint8)
+    for suffix in (".bmp", ".tif", ".tiff", ".webp"):
+        Image.fromarray(pixels).save(root / "Train" / "melanoma" / f"ISIC_9{suffix}")
+    images, skipped = list_local_images(root, CLASSES)
+    assert skipped.empty
+    assert sorted(image.source_path.suffix for image in images if image.label == "melanoma") == [
+        ".bmp",
+        ".jpg",
+        ".tif",
+        ".tiff",
+        ".webp",
+    ]
+
+
 def test_copy_images_writes_files_and_manifest(tmp_path: Path) -> None:
     root = make_isic_folder(tmp_path / "isic", train_per_class=2)
     manifest = copy_images(list_local_images(root, CLASSES)[0], tmp_path / "out", source="local")

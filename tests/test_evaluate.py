@@ -15,6 +15,7 @@ from PIL import Image
 
 from skin_lesion.errors import PipelineError
 from skin_lesion.metrics import (
+    alert_thresholds,
     auc_above_sensitivity,
     bootstrap_intervals,
     choose_threshold,
@@ -128,6 +129,17 @@ def test_threshold_is_the_highest_that_reaches_the_target() -> None:
     assert choose_threshold(is_positive, scores, 0.8) == 0.6  # 4 of 5 melanomas at or above
     assert choose_threshold(is_positive, scores, 0.81) == 0.2  # needs all 5
     assert choose_threshold(is_positive, scores, 0.2) == 0.9
+
+
+def test_worst_collection_rule_holds_the_target_in_every_collection_with_enough_melanomas() -> None:
+    # Clinic a's 10 melanomas score high, clinic b's 5 low; clinic c's 2 are too few to count.
+    a_scores, b_scores, c_scores = np.linspace(0.9, 0.6, 10), [0.5, 0.4, 0.3, 0.2, 0.1], [0.05, 0.04]
+    scores = np.array([*a_scores, *b_scores, *c_scores, 0.45, 0.15])
+    is_positive = np.array([True] * 17 + [False] * 2)
+    collections = np.array(["a"] * 10 + ["b"] * 5 + ["c"] * 2 + ["a", "b"])
+    thresholds = alert_thresholds(is_positive, scores, collections, 0.7)
+    assert thresholds["overall"] == 0.4  # 12 of 17 melanomas at or above
+    assert thresholds["worst_collection"] == 0.2  # b needs 0.2 for 4 of its 5; c (0.04) does not count
 
 
 def test_threshold_needs_melanoma_in_validation() -> None:

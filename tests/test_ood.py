@@ -66,8 +66,8 @@ def test_small_dark_and_blurred_images_are_named_as_such() -> None:
     ]
 
 
-def _figures() -> dict:
-    metrics = {
+def _metrics() -> dict:
+    return {
         "melanoma": {
             "operating_point": {
                 "threshold": 0.3,
@@ -78,9 +78,16 @@ def _figures() -> dict:
         },
         "confidence_intervals": {"melanoma_sensitivity": [0.75, 1.0]},
     }
+
+
+def _figures() -> dict:
+    return reference_figures(*_inputs())
+
+
+def _inputs() -> tuple:
     y = np.array([0, 0, 1, 2])
     p = np.array([[0.9, 0.1, 0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
-    return reference_figures(metrics, y, p, np.array([False, False, False, True]), CLASSES, melanoma=0)
+    return _metrics(), y, p, np.array([False, False, False, True]), CLASSES, 0
 
 
 def test_reference_figures_and_the_threshold_in_words() -> None:
@@ -90,7 +97,19 @@ def test_reference_figures_and_the_threshold_in_words() -> None:
     assert figures["class_mix"] == {"melanoma": 0.25, "nevus": 0.5, "vascular lesion": 0.25}
     words = threshold_in_words(figures, 0.3)
     assert "found 90% of the 2 melanomas in its test set (95 % CI 75% to 100%)" in words
-    assert "with 20 alerts per 100 benign lesions" in words
+    assert "with 20 alerts per 100 non-melanoma lesions" in words
+    assert "outside its training data" not in words  # no external set was scored
+
+
+def test_the_threshold_in_words_states_each_external_sets_alert() -> None:
+    alert = {"sensitivity": 0.5, "sensitivity_n": 40, "false_alert_rate": 0.25}
+    external = {"clinic": {"alert": alert}, "archive": {"alert": {**alert, "sensitivity": 0.8}}}
+    figures = {**_figures(), "external": reference_figures(*_inputs(), external=external)["external"]}
+    words = threshold_in_words(figures, 0.3)
+    assert words.endswith(
+        " On images from outside its training data (clinic: 50% of 40 melanomas, 25 alerts per 100"
+        " non-melanoma lesions; archive: 80% of 40 melanomas, 25 alerts per 100 non-melanoma lesions)."
+    )
 
 
 def _log(labels: list[str], alerts: list[bool], unlike: list[bool]) -> pd.DataFrame:

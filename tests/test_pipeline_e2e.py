@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 import yaml
 from playwright.sync_api import Route, sync_playwright
 
+from skin_lesion.files import sha256_file
+from skin_lesion.sources.synthetic import generate_synthetic
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS, repo_params
 from tests.isic_standin import serve
 from tests.pipeline_project import (
@@ -42,12 +45,39 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, pd.
         yield api_url, manifest
 
 
+CLASSES = repo_params()["base"]["classes"]
+# The external set's folders, named as another clinic names them, mapped onto the classes.
+EXTERNAL_MAP = {f"clinic {label}": label for label in CLASSES}
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, standin: tuple) -> Path:
-    """A git + DVC repo holding this project's pipeline, set to a small run against the stand-in."""
+    """A git + DVC repo holding this project's pipeline, set to a small run against the stand-in,
+    with an external validation set that holds copies of some of the archive's images."""
     api_url, manifest = standin
+    external = {"clinic": {"labels_csv": "", "label_map": EXTERNAL_MAP}}
     # Its 6 epochs learn the shapes at 0.002; at the default 0.001 they learned too little.
-    return make_project(tmp_path_factory.mktemp("project"), api_url, manifest, train={"learning_rate": 0.002})
+    root = make_project(
+        tmp_path_factory.mktemp("project"),
+        api_url,
+        manifest,
+        train={"learning_rate": 0.002},
+        evaluate={"external": external},
+    )
+    scratch = tmp_path_factory.mktemp("external")
+    for row in generate_synthetic(scratch / "new", CLASSES, images_per_class=4, size=32, seed=11):
+        target = root / "data" / "external" / "clinic" / f"clinic {row[1]}" / Path(row[0]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(scratch / "new" / row[0], target)
+    # The archive's first melanomas again (the same seed draws the same images), under other names.
+    archive = generate_synthetic(scratch / "archive", CLASSES, images_per_class=20, size=32, seed=3)
+    for index, row in enumerate(r for r in archive if r[1] == "melanoma"):
+        if index < 5:
+            shutil.copy(
+                scratch / "archive" / row[0],
+                root / "data" / "external" / "clinic" / "clinic melanoma" / f"copy_{index}.png",
+            )
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +232,12 @@ def test_changing_train_params_reruns_only_train_and_evaluate(project: Path, fir
     revision = names["two-epochs"]["revs"][0]["data"]
     assert revision["params"]["params.yaml"]["data"]["train"]["epochs"] == 2
     assert "bal_acc" in revision["metrics"]["metrics/evaluate.json"]["data"]
-    # `dvc exp show` spreads every metric into a column: ten headline numbers, not hundreds.
+    # `dvc exp show` spreads every metric into a column: a dozen headline numbers, not hundreds.
     shown_metrics = [
         name for data in revision["metrics"].values() for name in data["data"] if not isinstance(name, dict)
     ]
     assert set(revision["metrics"]) == {"metrics/evaluate.json", "metrics/train.json"}
-    assert len(shown_metrics) <= 11, shown_metrics
+    assert len(shown_metrics) <= 12, shown_metrics  # with the external sets' mean melanoma AUC
 
 
 def test_the_readmes_comparison_fits_120_columns(project: Path, first_repro: str) -> None:
@@ -247,3 +277,26 @@ def test_evaluate_reports_collections_and_the_stress_test(project: Path, first_r
     assert "## Acquisition stress test" in card
     assert "## Where the images come from" in (project / "metrics" / "data_report.md").read_text()
     assert (project / "metrics" / "evaluate" / "stress.png").stat().st_size > 0
+
+
+def test_evaluate_validates_on_the_external_set(project: Path, first_repro: str) -> None:
+    external = json.loads((project / "metrics" / "external.json").read_text())["clinic"]
+    seen = pd.concat(pd.read_csv(project / "data" / "split" / f"{name}.csv") for name in ("train", "val"))
+    copies = project / "data" / "external" / "clinic" / "clinic melanoma"
+    expected = sum(sha256_file(path) in set(seen["sha256"]) for path in copies.glob("copy_*.png"))
+    assert expected > 0
+    assert external["copies_of_training"] == expected
+    assert external["images"] == 4 * len(CLASSES) + 5 - expected
+    assert external["melanoma_auc"] > 0.5
+    assert 0 <= external["alert"]["sensitivity"] <= 1
+    assert set(external["alert_by_rule"]) == {"overall", "worst_collection"}
+    card = (project / "metrics" / "model_card.md").read_text()
+    assert "## External validation" in card
+    assert "| clinic |" in card
+    assert "## Threshold rules" in card
+    version = mlflow_client(sqlite_uri(project)).get_model_version_by_alias(model_name(), "challenger")
+    assert float(version.tags["external_clinic_melanoma_auc"]) == pytest.approx(external["melanoma_auc"])
+    headline = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert headline["ext_mel_auc"] == round(external["melanoma_auc"], 3)
+    model = mlflow.pyfunc.load_model(f"models:/{model_name()}@challenger")
+    assert set(model.model_config["test_figures"]["external"]) == {"clinic"}

@@ -157,7 +157,7 @@ def test_page_names_the_model_its_alert_and_that_it_is_no_diagnostic_device(revi
     assert f"<strong>{NAME}</strong> version <strong>1</strong>" in page
     assert page.count(DISCLAIMER) >= 2  # banner and footer
     assert "found 75% of the 12 melanomas in its test set (95 % CI 50% to 100%)" in page
-    assert "with 17 alerts per 100 benign lesions" in page
+    assert "with 17 alerts per 100 non-melanoma lesions" in page
     assert "/#/experiments/" in page  # the link to the MLflow run
     status, card = _request(f"{review['url']}/model-card")
     assert status == 200
@@ -184,7 +184,7 @@ def test_a_batch_gets_a_card_per_image_in_order_with_alert_by_the_threshold(revi
 @pytest.mark.parametrize(
     ("name", "make", "message"),
     [
-        ("notes.txt", lambda: b"just some text", "not a JPEG or PNG image"),
+        ("notes.txt", lambda: b"just some text", "not a JPEG, PNG, BMP, TIFF or WebP image"),
         ("truncated.png", lambda: _png(draw_lesion(1, 180))[:300], "cannot decode image"),
         ("bomb.png", lambda: _png(Image.new("1", (7100, 7100))), "is over the limit of 50000000"),
     ],

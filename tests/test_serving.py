@@ -77,6 +77,18 @@ def _folder(tmp_path: Path) -> Path:
     return tmp_path / "imgs"
 
 
+@pytest.mark.parametrize("suffix", [".bmp", ".tif", ".tiff", ".webp", ".png"])
+def test_predict_takes_every_format_a_dermatoscope_writes(tracking: str, tmp_path: Path, suffix: str) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40, 3), (180, 90, 70), dtype=np.uint8)).save(folder / f"lesion{suffix}")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    table = predict_files(model, collect_images([folder]))
+    assert [Path(p).name for p in table["path"]] == [f"lesion{suffix}"]
+    assert table["error"].eq("").all()
+    assert table["p_melanoma"].between(0, 1).all()
+
+
 def test_pyfunc_returns_probabilities_and_alert(tracking: str, tmp_path: Path) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     image = write_image(tmp_path / "a.jpg", (200, 40, 40), size=50)

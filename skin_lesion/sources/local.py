@@ -9,18 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import stat
 import tempfile
-import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.files import read_table, sha256_file, write_csv_atomic
+from skin_lesion.files import extract_zip_safely, read_table, sha256_file, write_csv_atomic
 from skin_lesion.images import IMAGE_SUFFIXES
 from skin_lesion.manifests import OFFICIAL_SPLITS, RAW_COLUMNS, SKIPPED_COLUMNS, SKIPPED_NAME
 from skin_lesion.params import COLLECTION_FROM_ID, LocalParams
@@ -62,40 +59,6 @@ def fetch_local(settings: LocalParams, classes: Sequence[str], out: Path) -> pd.
             manifest["collection"] = manifest["isic_id"].map(collection_from_isic_id)
         manifest["collection"] = manifest["collection"].replace("", UNKNOWN)
         return manifest
-
-
-def extract_zip_safely(archive_path: Path, dest: Path, max_bytes: int) -> None:
-    """Extract a zip after refusing absolute paths, '..', links and oversized contents."""
-    try:
-        archive = zipfile.ZipFile(archive_path)
-    except zipfile.BadZipFile as err:
-        raise PipelineError(f"download.local.path: {archive_path} is not a valid zip ({err})") from err
-    with archive:
-        total = 0
-        for entry in archive.infolist():
-            name = PurePosixPath(entry.filename.replace("\\", "/"))
-            if name.is_absolute() or ".." in name.parts or ":" in entry.filename:
-                raise PipelineError(
-                    f"download.local.path: {archive_path} has unsafe entry {entry.filename!r}"
-                )
-            if stat.S_ISLNK(entry.external_attr >> 16):
-                raise PipelineError(
-                    f"download.local.path: {archive_path} has symbolic link {entry.filename!r}"
-                )
-            total += entry.file_size
-            if total > max_bytes:
-                raise PipelineError(
-                    f"download.local.path: {archive_path} unpacks to more than "
-                    f"download.local.max_extract_mb={max_bytes // 2**20} MiB"
-                )
-        for entry in archive.infolist():
-            try:
-                archive.extract(entry, dest)
-            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-                # A bad CRC, or a header that understates a member's size, shows only while reading it.
-                raise PipelineError(
-                    f"download.local.path: {archive_path}: member {entry.filename!r} is damaged ({err})"
-                ) from err
 
 
 def find_dataset_root(folder: Path, label: str) -> Path:

@@ -1,0 +1,147 @@
+"""Linear probing: a logistic regression on a frozen pretrained backbone's embeddings, as a Keras model.
+
+Fine-tuning distorts pretrained features and loses out of distribution, where a linear probe on the
+frozen features holds up (Kumar et al., ICLR 2022); on dermoscopy from other clinics the probe beat
+every fine-tuned recipe (docs/results.md). The probe is fitted exactly, not by gradient descent:
+the backbone's embeddings are computed once per image set (cached under data/cache, keyed by the
+backbone's weights and the images' bytes), then scikit-learn's multinomial logistic regression is
+fitted in seconds and its coefficients become the weights of the model's softmax head. The result is
+an ordinary classifier (backbone, dense head), so predict, serving, the review page and Grad-CAM take
+it as they take a fine-tuned one. `interpolate_weights` is WiSE-FT (Wortsman et al., CVPR 2022): the
+weight-space mix of the probe and the model fine-tuned from it (LP-FT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from skin_lesion.architectures import BACKBONE_NAME, OUTPUT_LAYER
+from skin_lesion.files import atomic_file
+from skin_lesion.ood import predict_with_embeddings, with_embeddings
+
+log = logging.getLogger("skin_lesion.probe")
+
+ABSENT_CLASS_LOGIT = -30.0  # the head's bias for a class with no training image: probability ~1e-13
+
+
+def backbone_key(model: keras.Model, mirror_average: bool) -> str:
+    """A digest of what makes an embedding: the backbone's weights, the input layers and dtypes, mirroring."""
+    digest = hashlib.sha256(f"{mirror_average}\n".encode())
+    for layer in model.layers:
+        if layer.name == OUTPUT_LAYER:
+            break
+        if layer.name == BACKBONE_NAME:  # its layers and weights, below: its config names them per process
+            inner = [f"{part.__class__.__name__}:{part.dtype_policy.name}" for part in layer.layers]
+            digest.update(json.dumps(inner).encode())
+            continue
+        # Keras numbers unnamed layers per process (dropout_3): the rest of the config is what counts.
+        config = {key: value for key, value in layer.get_config().items() if key != "name"}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for weight in model.get_layer(BACKBONE_NAME).weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cached_embeddings(
+    model: keras.Model,
+    images: np.ndarray,
+    images_key: str,
+    cache_dir: Path,
+    batch_size: int,
+    mirror_average: bool,
+) -> np.ndarray:
+    """The embeddings the model's head sees for `images`, from the cache when this backbone saw them."""
+    cache_file = cache_dir / f"embeddings-{backbone_key(model, mirror_average)}-{images_key}.npy"
+    if cache_file.is_file():
+        log.info("reusing embeddings from %s", cache_file)
+        return np.load(cache_file)
+    started = time.perf_counter()
+    _, embeddings = predict_with_embeddings(with_embeddings(model), images, batch_size, mirror_average)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    with atomic_file(cache_file, suffix=".npy") as tmp:
+        np.save(tmp, embeddings)
+    log.info("embedded %d images in %.0f s into %s", len(images), time.perf_counter() - started, cache_file)
+    return embeddings
+
+
+def fit_probe(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    c: float,
+    class_weight: str,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """An L2-regularised multinomial logistic regression, as a (features, classes) kernel and a bias."""
+    regression = LogisticRegression(
+        C=c,
+        class_weight="balanced" if class_weight == "balanced" else None,
+        max_iter=5000,
+        random_state=seed,
+    )
+    regression.fit(np.asarray(embeddings, dtype=np.float64), labels)
+    kernel = np.zeros((embeddings.shape[1], num_classes), dtype=np.float32)
+    bias = np.full(num_classes, ABSENT_CLASS_LOGIT, dtype=np.float32)
+    present = regression.classes_
+    if len(present) == 2:
+        # scikit-learn fits two classes as one logistic unit z; a softmax over (-z/2, z/2) is sigmoid(z).
+        kernel[:, present] = np.stack([-regression.coef_[0], regression.coef_[0]], axis=1) / 2
+        bias[present] = np.array([-regression.intercept_[0], regression.intercept_[0]]) / 2
+    else:
+        kernel[:, present] = regression.coef_.T
+        bias[present] = regression.intercept_
+    return kernel, bias
+
+
+MIN_COLLECTION_IMAGES = 5  # a class's images from one collection needed to estimate its shift
+
+
+def collection_projection(embeddings: np.ndarray, labels: np.ndarray, collections: np.ndarray) -> np.ndarray:
+    """The projection that removes, from embeddings, the directions along which a class's collections differ.
+
+    Where one class comes from several collections (melanomas from two ISIC archive eras, say), the
+    difference between its collections' mean embeddings is the look of a collection, not of a
+    lesion; a probe that may use it learns "images like this collection's are melanomas" and fails
+    where that collection's look comes with other lesions. Those directions (one fewer than the
+    collections of each class with MIN_COLLECTION_IMAGES images or more) are projected out, as in
+    nullspace projection (Ravfogel et al., ACL 2020). Returns the symmetric (features, features)
+    matrix I - U U^T; the identity where no class has two such collections.
+    """
+    shifts = []
+    for label in np.unique(labels):
+        groups = [
+            embeddings[(labels == label) & (collections == collection)]
+            for collection in np.unique(collections[labels == label])
+        ]
+        means = np.array([group.mean(axis=0) for group in groups if len(group) >= MIN_COLLECTION_IMAGES])
+        if len(means) >= 2:
+            shifts += list(means - means.mean(axis=0))
+    identity = np.eye(embeddings.shape[1], dtype=np.float64)
+    if not shifts:
+        return identity.astype(np.float32)
+    _, singular, rows = np.linalg.svd(np.array(shifts, dtype=np.float64), full_matrices=False)
+    basis = rows[singular > 1e-6 * singular.max()].T
+    return (identity - basis @ basis.T).astype(np.float32)
+
+
+def set_head(model: keras.Model, kernel: np.ndarray, bias: np.ndarray) -> None:
+    """Write a probe's kernel and bias into the model's softmax head."""
+    model.get_layer(OUTPUT_LAYER).set_weights([kernel, bias])
+
+
+def interpolate_weights(probe: keras.Model, tuned: keras.Model, interpolation: float) -> keras.Model:
+    """WiSE-FT: `tuned` with each weight set to (1 - interpolation) * probe's + interpolation * its own."""
+    mixed = [
+        (1 - interpolation) * start + interpolation * end if np.issubdtype(end.dtype, np.floating) else end
+        for start, end in zip(probe.get_weights(), tuned.get_weights(), strict=True)
+    ]
+    tuned.set_weights(mixed)
+    return tuned

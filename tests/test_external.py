@@ -1,0 +1,202 @@
+"""External validation: sets from outside the training data, their label maps, copies left out, figures."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from skin_lesion.errors import PipelineError
+from skin_lesion.external import binomial, load_external_sets, score_external_set
+from skin_lesion.params import ExternalSetParams
+from tests.conftest import CLASSES, as_params, draw_lesion, small_params
+
+MAP = {"mel": "melanoma", "atypical nevus": "nevus", "lentigo": "other"}
+
+
+def _settings(label_map: dict[str, str] = MAP, labels_csv: str = "") -> dict[str, ExternalSetParams]:
+    return {"clinic": ExternalSetParams(labels_csv=labels_csv, label_map=label_map)}
+
+
+def _training_images(folder: Path) -> list[str]:
+    paths = []
+    for seed in range(4):
+        path = folder / f"train_{seed}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw_lesion(seed, size=64).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _external_set(root: Path) -> Path:
+    """clinic/<label>/*: two melanomas, two nevi, a lentigo (BMP, TIFF, WebP, PNG), and two copies."""
+    images = {
+        "mel/a.bmp": draw_lesion(10, size=64),
+        "mel/b.tif": draw_lesion(11, size=64),
+        "atypical nevus/c.webp": draw_lesion(12, size=64).resize((80, 80)),
+        "atypical nevus/d.png": draw_lesion(13, size=64),
+        "lentigo/e.png": draw_lesion(14, size=64),
+        "mel/copy_exact.bmp": draw_lesion(0, size=64),  # the pixels of training image 0
+        "atypical nevus/copy_resized.jpg": draw_lesion(1, size=64).resize((96, 96)),  # training image 1
+    }
+    for name, image in images.items():
+        path = root / "clinic" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, **({"lossless": True} if path.suffix == ".webp" else {}))
+    return root
+
+
+def test_a_set_is_read_mapped_and_its_copies_of_training_images_left_out(tmp_path: Path) -> None:
+    seen = _training_images(tmp_path / "train")
+    (found,) = load_external_sets(_external_set(tmp_path / "external"), _settings(), seen, 2, "melanoma", 32)
+    assert found.name == "clinic"
+    assert found.left_out == {"unreadable": 0, "copies_of_training": 2}
+    assert sorted(Path(path).name for path in found.rows["path"]) == [
+        "a.bmp",
+        "b.tif",
+        "c.webp",
+        "d.png",
+        "e.png",
+    ]
+    targets = dict(
+        zip(found.rows["path"].map(lambda path: Path(path).name), found.rows["target"], strict=True)
+    )
+    assert targets == {
+        "a.bmp": "melanoma",
+        "b.tif": "melanoma",
+        "c.webp": "nevus",
+        "d.png": "nevus",
+        "e.png": "other",
+    }
+    assert found.images.shape == (5, 32, 32, 3)
+
+
+def test_a_zip_of_a_set_reads_like_the_folder(tmp_path: Path) -> None:
+    folder = _external_set(tmp_path / "unpacked") / "clinic"
+    archive = tmp_path / "external" / "clinic.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(folder.rglob("*")):
+            handle.write(path, "wrapped/" + path.relative_to(folder).as_posix())
+    (found,) = load_external_sets(tmp_path / "external", _settings(), [], 2, "melanoma", 32)
+    assert len(found.rows) == 7
+    assert set(found.rows["target"]) == {"melanoma", "nevus", "other"}
+
+
+def test_reviewed_images_exported_by_export_feedback_are_a_set(tmp_path: Path) -> None:
+    for index, label in enumerate(["melanoma", "nevus", "nevus"]):
+        path = tmp_path / "external" / "clinic" / "Train" / label / f"{index}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw_lesion(20 + index).save(path)
+    (tmp_path / "external" / "clinic" / "metadata.csv").write_text("isic_id,label\n", encoding="utf-8")
+    identity = {"melanoma": "melanoma", "nevus": "nevus"}
+    (found,) = load_external_sets(tmp_path / "external", _settings(identity), [], 2, "melanoma", 32)
+    assert sorted(found.rows["target"]) == ["melanoma", "nevus", "nevus"]
+
+
+def test_labels_can_come_from_a_csv(tmp_path: Path) -> None:
+    root = _external_set(tmp_path / "external") / "clinic"
+    flat = root / "all"
+    flat.mkdir()
+    for path in list(root.rglob("*.*")):
+        if path.parent != flat:
+            shutil.move(path, flat / path.name)
+    (root / "labels.csv").write_text(
+        "isic_id,label\na,mel\nb,mel\nc,atypical nevus\nd,lentigo\n", encoding="utf-8"
+    )
+    (found,) = load_external_sets(
+        tmp_path / "external", _settings(labels_csv="labels.csv"), [], 2, "melanoma", 32
+    )
+    assert sorted(found.rows["target"]) == [
+        "melanoma",
+        "melanoma",
+        "nevus",
+        "other",
+    ]  # unlisted images left out
+
+
+def test_figures_are_computed_as_by_hand() -> None:
+    # Rows: P(melanoma), P(nevus), P(vascular lesion). Threshold 0.5.
+    targets = ["melanoma"] * 4 + ["nevus"] * 4 + ["other"] * 2
+    probabilities = np.array(
+        [
+            [0.9, 0.05, 0.05],  # melanoma: alert, right
+            [0.8, 0.1, 0.1],  # melanoma: alert, right
+            [0.4, 0.5, 0.1],  # melanoma: missed, called nevus
+            [0.2, 0.3, 0.5],  # melanoma: missed, called vascular lesion
+            [0.7, 0.2, 0.1],  # nevus: false alert
+            [0.3, 0.6, 0.1],  # nevus: right
+            [0.1, 0.8, 0.1],  # nevus: right
+            [0.05, 0.9, 0.05],  # nevus: right
+            [0.6, 0.2, 0.2],  # other: false alert
+            [0.01, 0.98, 0.01],  # other
+        ]
+    )
+    thresholds = {"overall": 0.5, "worst_collection": 0.35}
+    result = score_external_set(
+        targets, probabilities, CLASSES, "melanoma", thresholds, "overall", 200, seed=0
+    )
+    # Melanoma scores 0.9, 0.8, 0.4, 0.2 against 0.7, 0.3, 0.1, 0.05, 0.6, 0.01: 6 + 6 + 4 + 3 of 24 pairs.
+    assert result["melanoma_auc"] == pytest.approx(19 / 24)
+    low, high = result["melanoma_auc_ci"]
+    assert low < 19 / 24 < high
+    alert = result["alert"]
+    assert alert["sensitivity"] == pytest.approx(2 / 4)
+    assert alert["sensitivity_n"] == 4
+    assert alert["false_alert_rate"] == pytest.approx(2 / 6)
+    assert alert["false_alert_rate_n"] == 6
+    # Clopper-Pearson for 2 of 4: the 2.5 % quantile of Beta(2, 3) and the 97.5 % quantile of Beta(3, 2).
+    assert alert["sensitivity_ci"] == pytest.approx([0.0676, 0.9324], abs=1e-4)
+    lower = result["alert_by_rule"]["worst_collection"]  # at 0.35: one more melanoma, no more false alerts
+    assert (lower["sensitivity"], lower["false_alert_rate"]) == (pytest.approx(3 / 4), pytest.approx(2 / 6))
+    assert result["alert_by_rule"]["overall"] == alert
+    assert result["recall"] == {"melanoma": 0.5, "nevus": 0.75}  # only the classes the set has
+    assert result["balanced_accuracy"] == pytest.approx(0.625)
+    assert result["class_counts"] == {"melanoma": 4, "nevus": 4, "other": 2}
+    assert result["images"] == 10
+
+
+def test_five_of_five_has_an_interval_that_does_not_collapse() -> None:
+    found = binomial("sensitivity", 5, 5)
+    assert found["sensitivity"] == 1.0
+    assert found["sensitivity_ci"] == pytest.approx([0.4782, 1.0], abs=1e-4)
+
+
+def test_a_missing_set_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(
+        PipelineError, match=r"^evaluate.external.clinic: neither .*clinic/ nor .*clinic.zip exists$"
+    ):
+        load_external_sets(tmp_path, _settings(), [], 2, "melanoma", 32)
+
+
+def test_a_label_missing_from_the_map_is_one_line(tmp_path: Path) -> None:
+    partial = {"mel": "melanoma", "atypical nevus": "nevus"}
+    with pytest.raises(
+        PipelineError, match=r"^evaluate.external.clinic.label_map: no entry for label 'lentigo' \(1 images"
+    ):
+        load_external_sets(_external_set(tmp_path), _settings(partial), [], 2, "melanoma", 32)
+
+
+def test_a_set_without_melanoma_is_one_line(tmp_path: Path) -> None:
+    no_melanoma = {"mel": "nevus", "atypical nevus": "nevus", "lentigo": "other"}
+    with pytest.raises(
+        PipelineError, match=r"^evaluate.external.clinic: no melanoma image .* cannot be checked on it$"
+    ):
+        load_external_sets(_external_set(tmp_path), _settings(no_melanoma), [], 2, "melanoma", 32)
+
+
+def test_a_map_onto_an_unknown_class_is_refused_by_the_params() -> None:
+    external = {"clinic": {"labels_csv": "", "label_map": {"mel": "melanom"}}}
+    with pytest.raises(ValidationError, match=r"evaluate.external.clinic.label_map: 'mel' maps to 'melanom'"):
+        as_params(small_params(evaluate={"external": external}))
+
+
+def test_promoting_on_external_figures_needs_external_sets() -> None:
+    with pytest.raises(
+        ValidationError, match=r"promote_metric=external_melanoma_auc needs evaluate.external"
+    ):
+        as_params(small_params(evaluate={"promote_metric": "external_melanoma_auc"}))

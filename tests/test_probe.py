@@ -1,0 +1,201 @@
+"""Linear probing, LP-FT and WiSE-FT: the probe as a Keras head, its embedding cache, the interpolation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from sklearn.linear_model import LogisticRegression
+
+from skin_lesion.architectures import OUTPUT_LAYER, build_model
+from skin_lesion.ood import predict_with_embeddings, with_embeddings
+from skin_lesion.params import TrainParams
+from skin_lesion.probe import (
+    backbone_key,
+    cached_embeddings,
+    collection_projection,
+    fit_probe,
+    interpolate_weights,
+)
+from skin_lesion.training import ImageSet, Phase, fit_recipe, train_linear_probe, training_phases
+from tests.conftest import small_params, tiny_backbone_weights
+from tests.test_train import SIZE, _data, _params
+
+
+@pytest.fixture(autouse=True)
+def _float32_policy():
+    yield
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.fixture
+def weights_file(tmp_path: Path) -> Path:
+    return tiny_backbone_weights(tmp_path / "weights" / "mobilenet.weights.h5", seed=5)
+
+
+def _probe_params(weights: Path, **train: object):
+    overrides = {"recipe": "linear_probe", "probe_c": 0.5, **train}
+    return _params(arch="mobilenet", weights=str(weights), **overrides)
+
+
+def _sets(n: int = 24) -> tuple[ImageSet, ImageSet]:
+    (x, y), (x_val, y_val) = _data(n=n), _data(n=12, seed=1)
+    return ImageSet(x, y, "train-key"), ImageSet(x_val, y_val, "val-key")
+
+
+def _regression(embeddings: np.ndarray, labels: np.ndarray, c: float) -> LogisticRegression:
+    return LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(
+        embeddings.astype(float), labels
+    )
+
+
+@pytest.mark.parametrize("mirror", [False, True], ids=["plain", "mirror-averaged"])
+def test_probe_model_answers_what_the_regression_answers(
+    weights_file: Path, tmp_path: Path, mirror: bool
+) -> None:
+    params = _probe_params(weights_file)
+    base = params.base.model_copy(update={"mirror_average": mirror})
+    train_set, val_set = _sets()
+    model, summary = train_linear_probe(train_set, val_set, base, params.train, tmp_path / "cache")
+
+    # The regression scikit-learn fits on the backbone's own embeddings of the same images.
+    frozen = build_model("mobilenet", SIZE, 3, 0.0, weights=str(weights_file))
+    network = with_embeddings(frozen)
+    _, plain = predict_with_embeddings(network, train_set.images, 8)
+    _, flipped = predict_with_embeddings(network, train_set.images[:, :, ::-1], 8)
+    embeddings = (plain + flipped) / 2 if mirror else plain
+    expected = _regression(embeddings, train_set.labels, 0.5).predict_proba(embeddings)
+
+    got, _ = predict_with_embeddings(with_embeddings(model), train_set.images, 8, mirror_average=mirror)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert summary["recipe"] == "linear_probe"
+    assert summary["epochs"] == 0
+    assert 0 <= summary["val_balanced_accuracy"] <= 1
+
+
+def test_two_class_probe_is_the_logistic_unit_as_a_softmax() -> None:
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(40, 5)).astype(np.float32)
+    labels = np.where(embeddings[:, 0] + 0.3 * rng.normal(size=40) > 0, 2, 0)  # classes 0 and 2 of 3
+    kernel, bias = fit_probe(embeddings, labels, 3, c=1.0, class_weight="balanced", seed=0)
+    logits = embeddings @ kernel + bias
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    expected = _regression(embeddings, labels, 1.0).predict_proba(embeddings)
+    np.testing.assert_allclose(softmax[:, [0, 2]], expected, rtol=1e-5, atol=1e-6)
+    assert softmax[:, 1].max() < 1e-9  # a class with no training image is never predicted
+
+
+def test_embeddings_are_computed_once_per_backbone_and_image_set(weights_file: Path, tmp_path: Path) -> None:
+    params = _probe_params(weights_file)
+    train_set, val_set = _sets()
+    cache = tmp_path / "cache"
+    train_linear_probe(train_set, val_set, params.base, params.train, cache)
+    files = sorted(cache.glob("embeddings-*.npy"))
+    assert len(files) == 2
+    stamps = [path.stat().st_mtime_ns for path in files]
+    other_c = params.train.model_copy(update={"probe_c": 0.01})
+    train_linear_probe(train_set, val_set, params.base, other_c, cache)  # another C: same embeddings
+    assert sorted(cache.glob("embeddings-*.npy")) == files
+    assert [path.stat().st_mtime_ns for path in files] == stamps
+
+
+def test_embedding_cache_key_follows_the_backbone_weights_and_mirroring(tmp_path: Path) -> None:
+    first = build_model(
+        "mobilenet", SIZE, 3, 0.0, weights=str(tiny_backbone_weights(tmp_path / "a.weights.h5", seed=1))
+    )
+    second = build_model(
+        "mobilenet", SIZE, 3, 0.0, weights=str(tiny_backbone_weights(tmp_path / "b.weights.h5", seed=2))
+    )
+    assert backbone_key(first, False) != backbone_key(second, False)
+    assert backbone_key(first, False) != backbone_key(first, True)
+    first.get_layer(OUTPUT_LAYER).set_weights(
+        [np.ones((first.get_layer(OUTPUT_LAYER).input.shape[-1], 3)), np.ones(3)]
+    )
+    assert backbone_key(first, False) == backbone_key(first, False)  # the head is not part of it
+
+
+def test_cached_embeddings_are_the_networks_embeddings(weights_file: Path, tmp_path: Path) -> None:
+    model = build_model("mobilenet", SIZE, 3, 0.0, weights=str(weights_file))
+    images, _ = _data(n=6)
+    got = cached_embeddings(model, images, "key", tmp_path, 4, mirror_average=False)
+    np.testing.assert_allclose(got, predict_with_embeddings(with_embeddings(model), images, 4)[1], rtol=1e-6)
+
+
+def test_wise_ft_at_zero_and_one_is_the_probe_and_the_fine_tuned_model(weights_file: Path) -> None:
+    keras.utils.set_random_seed(1)
+    probe = build_model("mobilenet", SIZE, 3, 0.0, weights=str(weights_file))
+    keras.utils.set_random_seed(2)
+    tuned = build_model("mobilenet", SIZE, 3, 0.0)
+    images, _ = _data(n=4)
+    expected = {0.0: probe.predict(images, verbose=0), 1.0: tuned.predict(images, verbose=0)}
+    tuned_weights = tuned.get_weights()
+    for interpolation, want in expected.items():
+        tuned.set_weights(tuned_weights)
+        mixed = interpolate_weights(probe, tuned, interpolation)
+        np.testing.assert_allclose(mixed.predict(images, verbose=0), want, rtol=1e-6, atol=1e-7)
+    tuned.set_weights(tuned_weights)
+    halfway = interpolate_weights(probe, tuned, 0.5).get_weights()
+    for got, a, b in zip(halfway, probe.get_weights(), tuned_weights, strict=True):
+        np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_lp_ft_fine_tunes_from_the_probe_without_a_warm_up(weights_file: Path, tmp_path: Path) -> None:
+    no_augmentation = {"flip": False, "rotation": 0, "zoom": 0, "contrast": 0, "brightness": 0}
+    params = _probe_params(
+        weights_file, recipe="lp_ft", epochs=2, freeze_epochs=1, interpolation=1.0, augment=no_augmentation
+    )
+    assert training_phases(params.train) == [
+        Phase("fine_tune", 0, 2, params.train.fine_tune_learning_rate, params.train.unfreeze)
+    ]
+    train_set, val_set = _sets()
+    probe, _ = train_linear_probe(train_set, val_set, params.base, params.train, tmp_path / "cache")
+    started: list[list[np.ndarray]] = []
+
+    class FirstWeights(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            # Without augmentation, the model trained is the model itself.
+            started.append(self.model.get_layer(OUTPUT_LAYER).get_weights())
+
+    _, summary = fit_recipe(
+        train_set, val_set, params.base, params.train, tmp_path / "cache", [FirstWeights()]
+    )
+    for got, want in zip(started[0], probe.get_layer(OUTPUT_LAYER).get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert summary["recipe"] == "lp_ft"
+    assert summary["epochs"] == 2
+    assert "probe_val_balanced_accuracy" in summary
+
+
+def test_a_probe_needs_a_pretrained_backbone() -> None:
+    values = {**small_params()["train"], "recipe": "linear_probe", "weights": "none", "arch": "mobilenet"}
+    with pytest.raises(ValidationError, match=r"train.recipe=linear_probe needs a pretrained backbone"):
+        TrainParams.model_validate(values)
+
+
+def test_collection_projection_removes_a_classs_collection_shift_and_keeps_the_rest() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 40)
+    collections = np.array(["old", "new"] * 20 + ["old"] * 40)  # class 0 from two collections
+    embeddings = rng.normal(size=(80, 6))
+    embeddings[:, 0] += 3 * labels  # the lesion: class 1 is high on feature 0
+    embeddings[(labels == 0) & (collections == "new"), 1] += 5  # the look of the "new" collection
+    projection = collection_projection(embeddings, labels, collections)
+    np.testing.assert_allclose(projection, projection.T, atol=1e-6)
+    projected = embeddings @ projection
+    zero = labels == 0
+    gap = projected[zero & (collections == "new")].mean(axis=0) - projected[
+        zero & (collections == "old")
+    ].mean(axis=0)
+    np.testing.assert_allclose(gap, 0, atol=1e-5)  # no collection difference left within class 0
+    lesion = projected[labels == 1, 0].mean() - projected[labels == 0, 0].mean()
+    assert lesion > 2.5  # the class difference survives
+    assert round(6 - float(np.trace(projection))) == 1  # one direction removed
+
+
+def test_collection_projection_is_the_identity_where_each_class_has_one_collection() -> None:
+    embeddings = np.random.default_rng(1).normal(size=(20, 4))
+    projection = collection_projection(embeddings, np.repeat([0, 1], 10), np.repeat(["a", "b"], 10))
+    np.testing.assert_array_equal(projection, np.eye(4, dtype=np.float32))
