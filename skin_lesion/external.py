@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
 
 from skin_lesion.dedup import inspect_images, near_duplicate_mask
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import extract_zip_safely, read_table
 from skin_lesion.images import IMAGE_SUFFIXES, load_images
-from skin_lesion.metrics import auc_or_none
+from skin_lesion.metrics import auc_or_none, exact_interval
 from skin_lesion.params import OTHER_LABEL, ExternalSetParams
 
 log = logging.getLogger("skin_lesion.external")
@@ -191,12 +190,9 @@ def alert_figures(is_melanoma: np.ndarray, scores: np.ndarray, threshold: float)
 
 def binomial(name: str, successes: int, trials: int) -> dict[str, Any]:
     """A proportion with its exact (Clopper-Pearson) 95 % interval, None when there are no trials."""
-    if not trials:
-        return {name: None, f"{name}_ci": None, f"{name}_n": 0}
-    interval = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="exact")
     return {
-        name: successes / trials,
-        f"{name}_ci": [float(interval.low), float(interval.high)],
+        name: successes / trials if trials else None,
+        f"{name}_ci": exact_interval(successes, trials),
         f"{name}_n": trials,
     }
 

@@ -168,6 +168,13 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
     assert 0 <= first["melanoma_auc"][0] < first["melanoma_auc"][1] <= 1
 
 
+def test_an_alert_that_finds_every_melanoma_has_an_exact_interval_not_a_point() -> None:
+    y_true = np.array([0] * 5 + [1] * 5)
+    probabilities = np.array([[0.9, 0.1, 0.0]] * 5 + [[0.1, 0.9, 0.0]] * 5)
+    intervals = bootstrap_intervals(y_true, probabilities, 0, 0.5, resamples=50, seed=1)
+    assert intervals["melanoma_sensitivity"] == pytest.approx([0.4782, 1.0], abs=1e-4)  # 5 of 5
+
+
 def test_calibration_error_matches_hand_computation() -> None:
     probabilities = np.array([[0.9, 0.1], [0.6, 0.4]])
     # Bin 9 holds a right answer at 0.9, bin 6 a wrong one at 0.6.
