@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+import tomllib
 from pathlib import Path
 
 import keras
-import tomllib
 from packaging.requirements import Requirement
 
 from skin_lesion.callbacks import ResumableCheckpoint
