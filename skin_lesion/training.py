@@ -97,21 +97,12 @@ def fit_recipe(
     checkpoint_dir: Path | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
     """The model `train.recipe` makes, and its training summary."""
-    if train.recipe == "fine_tune":
-        return train_model(
-            train_set.images,
-            train_set.labels,
-            val_set.images,
-            val_set.labels,
-            base,
-            train,
-            callbacks,
-            checkpoint_dir,
-        )
-    probe, summary = train_linear_probe(train_set, val_set, base, train, cache_dir)
-    if train.recipe == "linear_probe":
-        return probe, summary
-    tuned, tuned_summary = train_model(
+    probe, probe_summary = None, {}
+    if train.recipe in ("linear_probe", "lp_ft"):
+        probe, probe_summary = train_linear_probe(train_set, val_set, base, train, cache_dir)
+        if train.recipe == "linear_probe":
+            return probe, probe_summary
+    model, summary = train_model(
         train_set.images,
         train_set.labels,
         val_set.images,
@@ -120,11 +111,13 @@ def fit_recipe(
         train,
         callbacks,
         checkpoint_dir,
-        initial_weights=probe.get_weights(),
+        initial_weights=probe.get_weights() if probe else None,
     )
-    model = interpolate_weights(probe, tuned, train.interpolation)
-    probe_figures = {f"probe_{key}": summary[key] for key in ("val_balanced_accuracy", "seconds")}
-    return model, {**tuned_summary, **probe_figures, "interpolation": train.interpolation}
+    if probe is None:
+        return model, summary
+    probe_figures = {f"probe_{key}": probe_summary[key] for key in ("val_balanced_accuracy", "seconds")}
+    model = interpolate_weights(probe, model, train.interpolation)
+    return model, {**summary, **probe_figures, "interpolation": train.interpolation}
 
 
 def train_linear_probe(
@@ -162,12 +155,7 @@ def train_linear_probe(
     val_predicted = (embed["val"] @ kernel + bias).argmax(axis=1)
     val_score = capped_balanced_accuracy(val_set.labels, val_predicted, train.val_class_cap)
     return model, {
-        "recipe": train.recipe,
-        "arch": train.arch,
-        "weights": "file" if train.weights not in ("none", "imagenet") else train.weights,
-        "precision": train.precision,
-        "backend": keras.backend.backend(),
-        "device": detect_device(),
+        **training_setup(train),
         "epochs": 0,
         "best_epoch": 0,
         "best_val_balanced_accuracy": val_score,
@@ -240,6 +228,18 @@ def train_model(
     return model, {**summary, "train_images": len(x_train), "val_images": len(x_val)}
 
 
+def training_setup(train: TrainParams) -> dict[str, str]:
+    """What every recipe's summary starts with: how it trained, and on what."""
+    return {
+        "recipe": train.recipe,
+        "arch": train.arch,
+        "weights": "file" if train.weights not in ("none", "imagenet") else train.weights,
+        "precision": train.precision,
+        "backend": keras.backend.backend(),
+        "device": detect_device(),
+    }
+
+
 def training_summary(
     train: TrainParams,
     epochs_run: dict[str, list[float]],
@@ -254,12 +254,7 @@ def training_summary(
     best = last_phase_start + int(np.argmax(scores[last_phase_start:]))
     kept = best if train.early_stopping_patience else len(scores) - 1
     return {
-        "recipe": train.recipe,
-        "arch": train.arch,
-        "weights": "file" if train.weights not in ("none", "imagenet") else train.weights,
-        "precision": train.precision,
-        "backend": keras.backend.backend(),
-        "device": detect_device(),
+        **training_setup(train),
         "epochs": len(scores),
         "best_epoch": best + 1,
         "best_val_balanced_accuracy": float(scores[best]),

@@ -22,7 +22,8 @@ from skin_lesion.probe import (
 )
 from skin_lesion.training import ImageSet, Phase, fit_recipe, train_linear_probe, training_phases
 from tests.conftest import small_params, tiny_backbone_weights
-from tests.test_train import SIZE, _data, _params
+from tests.test_train import SIZE, _data
+from tests.test_transfer import _pretrained
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +38,7 @@ def weights_file(tmp_path: Path) -> Path:
 
 
 def _probe_params(weights: Path, **train: object):
-    overrides = {"recipe": "linear_probe", "probe_c": 0.5, **train}
-    return _params(arch="mobilenet", weights=str(weights), **overrides)
+    return _pretrained(weights, **{"recipe": "linear_probe", "probe_c": 0.5, **train})
 
 
 def _sets(n: int = 24) -> tuple[ImageSet, ImageSet]:
@@ -143,10 +143,7 @@ def test_wise_ft_at_zero_and_one_is_the_probe_and_the_fine_tuned_model(weights_f
 
 
 def test_lp_ft_fine_tunes_from_the_probe_without_a_warm_up(weights_file: Path, tmp_path: Path) -> None:
-    no_augmentation = {"flip": False, "rotation": 0, "zoom": 0, "contrast": 0, "brightness": 0}
-    params = _probe_params(
-        weights_file, recipe="lp_ft", epochs=2, freeze_epochs=1, interpolation=1.0, augment=no_augmentation
-    )
+    params = _probe_params(weights_file, recipe="lp_ft", epochs=2, freeze_epochs=1, interpolation=1.0)
     assert training_phases(params.train) == [
         Phase("fine_tune", 0, 2, params.train.fine_tune_learning_rate, params.train.unfreeze)
     ]
