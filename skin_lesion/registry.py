@@ -161,6 +161,37 @@ def provenance_note(tags: dict[str, str], commit: str | None, experiment: str | 
     return "\n".join(lines) + "\n"
 
 
+# MLflow's SQL stores (PostgreSQL, MySQL) hold a version's description in 5,000 characters; SQLite
+# does not check, so a longer one registers locally and fails on a team's server.
+MAX_DESCRIPTION = 5000
+# The model card's sections that a version's description drops first when the card is too long.
+SECTIONS_DROPPED_FIRST = ("## Acquisition stress test", "## By collection", "## Threshold rules", "## Data")
+
+
+def version_description(card: str, note: str, limit: int = MAX_DESCRIPTION) -> str:
+    """The model card and provenance note within `limit` characters, dropping whole card sections.
+
+    The whole card is always the evaluate run's artifact `model_card.md`; what was dropped is named.
+    """
+    dropped = []
+    for heading in SECTIONS_DROPPED_FIRST:
+        pointer = (
+            f"\n*Left out here for length: {', '.join(dropped)}; the full card is the evaluate run's "
+            "artifact `model_card.md`.*\n"
+            if dropped
+            else ""
+        )
+        if len(card) + len(pointer) + len(note) <= limit:
+            return card + pointer + note
+        start = card.find(f"\n{heading}\n")
+        if start >= 0:
+            end = card.find("\n## ", start + 1)
+            card = card[:start] + (card[end:] if end >= 0 else "\n")
+            dropped.append(heading.removeprefix("## ").lower())
+    pointer = "\n*Cut short for length: the full card is the evaluate run's artifact `model_card.md`.*\n"
+    return card[: limit - len(pointer) - len(note)] + pointer + note
+
+
 def register_and_promote(
     model_uri: str,
     name: str,

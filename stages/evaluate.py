@@ -47,6 +47,7 @@ from skin_lesion.registry import (
     provenance_note,
     register_and_promote,
     split_fingerprint,
+    version_description,
     version_tags,
 )
 from skin_lesion.runner import run_cli
@@ -172,7 +173,8 @@ def register(
     data = upstream_data_hashes("evaluate", Path.cwd())
     tags = version_tags(train_run, run_id, split_fingerprint(args.split / "test.csv"), metrics, source, data)
     run_tags = mlflow.get_run(run_id).data.tags
-    card += provenance_note(tags, run_tags.get(GIT_COMMIT_TAG), run_tags.get("DVC_EXP_NAME"))
+    note = provenance_note(tags, run_tags.get(GIT_COMMIT_TAG), run_tags.get("DVC_EXP_NAME"))
+    card = version_description(card, note)
     threshold = metrics["melanoma"]["operating_point"]["threshold"]
     with tempfile.TemporaryDirectory() as folder:
         ood.save(Path(folder) / "ood.npz")

@@ -8,7 +8,13 @@ import pytest
 from mlflow import MlflowClient
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.registry import CHAMPION_ALIAS, TEST_SPLIT_TAG, promote, split_fingerprint
+from skin_lesion.registry import (
+    CHAMPION_ALIAS,
+    TEST_SPLIT_TAG,
+    promote,
+    split_fingerprint,
+    version_description,
+)
 from tests.conftest import REPO, point_mlflow_at, run_skin_lesion
 
 NAME = "skin-lesion-classifier"  # base.model_name in the committed params.yaml
@@ -73,3 +79,25 @@ def test_split_fingerprint_changes_with_the_split(tmp_path: Path) -> None:
     (tmp_path / "b.csv").write_text("path,label\ny.jpg,nevus\n")
     assert split_fingerprint(tmp_path / "a.csv") != split_fingerprint(tmp_path / "b.csv")
     assert len(split_fingerprint(tmp_path / "a.csv")) == 16
+
+
+def test_a_long_model_card_fits_a_sql_stores_description_by_dropping_whole_sections() -> None:
+    sections = {
+        "Data": "d" * 900,
+        "Model": "m" * 300,
+        "By collection": "c" * 1500,
+        "Acquisition stress test": "s" * 2000,
+        "Limitations": "l" * 400,
+    }
+    card = "# Model card: x\n" + "".join(f"\n## {name}\n\n{body}\n" for name, body in sections.items())
+    note = "\n## Provenance\n\n- git commit: `abc`\n"
+    described = version_description(card, note, limit=5000)
+    assert len(described) <= 5000
+    assert "## By collection" in described  # dropping the stress test was enough
+    assert "## Acquisition stress test" not in described
+    assert "## Limitations" in described
+    assert (
+        "Left out here for length: acquisition stress test; the full card is the evaluate run's" in described
+    )
+    assert described.endswith(note)
+    assert version_description("# short card\n", note) == "# short card\n" + note
