@@ -32,9 +32,18 @@ def run_cli(main: Callable[[], None]) -> int:
         log.error("%s", err)
         return 1
     except MlflowException as err:
-        log.error("MLflow at %s failed: %s", redact(tracking_uri()), redact(mlflow_failure(err)))
+        cause = first_mlflow_failure(err)
+        log.error("MLflow at %s failed: %s", redact(tracking_uri()), redact(mlflow_failure(cause)))
         return 1
     return 0
+
+
+def first_mlflow_failure(err: MlflowException) -> MlflowException:
+    """The MLflow failure that started it all: ending the failed run can fail too (a server that broke
+    off the connection), and that second error, raised while handling the first, hides the cause."""
+    while isinstance(err.__context__, MlflowException):
+        err = err.__context__
+    return err
 
 
 def mlflow_failure(err: MlflowException) -> str:

@@ -153,6 +153,26 @@ def test_an_artifact_store_failure_says_what_failed() -> None:
     assert "could not store" not in mlflow_failure(MlflowException("API request to /runs/log-batch failed"))
 
 
+def test_a_failure_while_ending_the_failed_run_does_not_hide_the_cause(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("skin_lesion.runner.check_tracking_server", lambda: None)
+    endpoint = "http://127.0.0.1:9/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/plots/roc.csv"
+
+    def stage() -> None:
+        try:
+            raise MlflowException(f"API request to {endpoint} failed with exception 500 error responses")
+        except MlflowException as err:  # as mlflow.start_run's exit ends the run on a broken connection
+            raise MlflowException("API request to http://127.0.0.1:9/api/2.0/mlflow/runs/get failed") from err
+
+    assert run_cli(stage) == 1
+    (error,) = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert "mlflow-artifacts" in error
+    assert error.endswith(
+        "(the server could not store an artifact: is its object store up, with its bucket?)"
+    )
+
+
 def test_a_tensorflow_warning_in_a_stage_is_printed_once(in_tmp: Path) -> None:
     # As in a stage: TensorFlow is imported before run_cli sets logging up.
     stage = (
