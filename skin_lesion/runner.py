@@ -40,10 +40,15 @@ def run_cli(main: Callable[[], None]) -> int:
 
 def first_mlflow_failure(err: MlflowException) -> MlflowException:
     """The MLflow failure that started it all: ending the failed run can fail too (a server that broke
-    off the connection), and that second error, raised while handling the first, hides the cause."""
-    while isinstance(err.__context__, MlflowException):
-        err = err.__context__
-    return err
+    off the connection), and that second error, raised while handling the first, hides the cause.
+    Requests' own errors may stand between the two in the chain of exceptions."""
+    first, seen, current = err, set(), err.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MlflowException):
+            first = current
+        current = current.__context__
+    return first
 
 
 def mlflow_failure(err: MlflowException) -> str:

@@ -163,7 +163,12 @@ def test_a_failure_while_ending_the_failed_run_does_not_hide_the_cause(
         try:
             raise MlflowException(f"API request to {endpoint} failed with exception 500 error responses")
         except MlflowException as err:  # as mlflow.start_run's exit ends the run on a broken connection
-            raise MlflowException("API request to http://127.0.0.1:9/api/2.0/mlflow/runs/get failed") from err
+            try:
+                raise ConnectionResetError(104, "Connection reset by peer") from err
+            except ConnectionResetError as reset:
+                raise MlflowException(
+                    "API request to http://127.0.0.1:9/api/2.0/mlflow/runs/get failed"
+                ) from reset
 
     assert run_cli(stage) == 1
     (error,) = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
