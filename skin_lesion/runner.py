@@ -48,8 +48,8 @@ def mark_run_failed() -> None:
         return
     try:
         mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
-    except (MlflowException, OSError) as err:  # requests' connection errors are OSErrors
-        log.warning("MLflow run %s could not be marked FAILED: %s", run_id, str(err).splitlines()[0])
+    except MlflowException as err:
+        log.warning("MLflow run %s could not be marked FAILED: %s", run_id, mlflow_failure(err))
 
 
 def first_mlflow_failure(err: MlflowException) -> MlflowException:
