@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import mlflow
 from mlflow.exceptions import MlflowException
 
 from skin_lesion.errors import PipelineError
@@ -35,21 +34,8 @@ def run_cli(main: Callable[[], None]) -> int:
     except MlflowException as err:
         cause = first_mlflow_failure(err)
         log.error("MLflow at %s failed: %s", redact(tracking_uri()), redact(mlflow_failure(cause)))
-        mark_run_failed()
         return 1
     return 0
-
-
-def mark_run_failed() -> None:
-    """Mark the stage's run FAILED once more on a new connection: ending it may have failed on the
-    broken one, which would leave it RUNNING for ever."""
-    run_id = mlflow.tracking.fluent._last_active_run_id  # MLflow keeps it nowhere public
-    if not run_id:
-        return
-    try:
-        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
-    except MlflowException as err:
-        log.warning("MLflow run %s could not be marked FAILED: %s", run_id, mlflow_failure(err))
 
 
 def first_mlflow_failure(err: MlflowException) -> MlflowException:
