@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlflow
 
-from skin_lesion.predict import collect_images, predict_files
+from skin_lesion.app.predict import collect_images, predict_files
 from skin_lesion.tracking import configure_mlflow
 
 

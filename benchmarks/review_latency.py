@@ -29,9 +29,9 @@ import uvicorn
 from mlflow import MlflowClient
 from playwright.sync_api import sync_playwright
 
-from skin_lesion.feedback import FeedbackStore
-from skin_lesion.registry import describe_version
-from skin_lesion.review import create_review_app
+from skin_lesion.app.feedback import FeedbackStore
+from skin_lesion.app.promotion import describe_version
+from skin_lesion.app.review import create_review_app
 from skin_lesion.tracking import configure_mlflow
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS, free_port
 

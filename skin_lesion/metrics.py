@@ -306,3 +306,37 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 def _finite(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
+
+
+def reference_figures(
+    metrics: dict[str, Any],
+    y_test: np.ndarray,
+    p_test: np.ndarray,
+    unlike_training: np.ndarray,
+    classes: Sequence[str],
+    melanoma: int,
+    external: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The test split's melanoma sensitivity (with its interval), alert, OOD and predicted-class rates,
+    and the alert's sensitivity and false-alert rate on each external set."""
+    point = metrics["melanoma"]["operating_point"]
+    predicted = np.asarray(p_test).argmax(axis=1)
+    specificity = point["specificity"]
+    return {
+        "images": len(y_test),
+        "melanomas": int((np.asarray(y_test) == melanoma).sum()),
+        "melanoma_sensitivity": point["sensitivity"],
+        "melanoma_sensitivity_ci": metrics["confidence_intervals"].get("melanoma_sensitivity"),
+        "alerts_per_100_benign": None if specificity is None else 100 * (1 - specificity),
+        "alert_rate": point["alerts_per_100"] / 100,
+        "ood_rate": float(np.mean(unlike_training)),
+        "class_mix": {label: float(np.mean(predicted == k)) for k, label in enumerate(classes)},
+        "external": {
+            name: {
+                "melanomas": result["alert"]["sensitivity_n"],
+                "sensitivity": result["alert"]["sensitivity"],
+                "false_alert_rate": result["alert"]["false_alert_rate"],
+            }
+            for name, result in (external or {}).items()
+        },
+    }

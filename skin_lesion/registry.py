@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import tempfile
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +18,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from PIL import Image
 
-from skin_lesion.errors import PipelineError
 from skin_lesion.files import sha256_file
 from skin_lesion.metrics import headline
+from skin_lesion.packaging import MLFLOW_MODEL_NAME, model_code
 from skin_lesion.params import EvaluateParams
-from skin_lesion.serving import (
-    IMAGE_COLUMN,
-    MLFLOW_MODEL_NAME,
-    pip_requirements,
-    prediction_frame,
-)
-from skin_lesion.tracking import DVC_DATA_TAG, tracking_uri
+from skin_lesion.serving import IMAGE_COLUMN, prediction_frame
+from skin_lesion.tracking import DVC_DATA_TAG
 
 log = logging.getLogger("skin_lesion.registry")
 
@@ -51,7 +46,7 @@ def log_servable_model(
     image_size: int,
     melanoma_class: str,
     threshold: float,
-    backend: str,
+    requirements: list[str],
     data_source: str,
     ood_path: Path | None = None,
     test_figures: dict[str, Any] | None = None,
@@ -59,9 +54,11 @@ def log_servable_model(
 ) -> str:
     """Log the pyfunc that wraps the Keras model with its preprocessing and threshold; return its URI.
 
-    `data_source` (download.source) travels with it: a model trained on synthetic shapes says so in
-    every answer (`model_warning`) and in its metadata. `ood_path` is its OOD summary (.npz of
-    skin_lesion/ood.py); `test_figures` are what its test split said (monitoring.reference_figures),
+    It ships only the code that loading it needs (packaging.MODEL_CODE) and `requirements`, the
+    pinned packages that code imports (packaging.pip_requirements). `data_source` (download.source)
+    travels with it: a model trained on synthetic shapes says so in every answer (`model_warning`)
+    and in its metadata. `ood_path` is its OOD summary (.npz of
+    skin_lesion/ood.py); `test_figures` are what its test split said (metrics.reference_figures),
     which the review page and `skin-lesion monitor` read from the registry. With `mirror_average`,
     every consumer averages each image with its mirror, as evaluate did.
     """
@@ -87,19 +84,20 @@ def log_servable_model(
     artifacts = {"keras_model": str(keras_path)}
     if ood_path is not None:
         artifacts["ood"] = str(ood_path)
-    info = mlflow.pyfunc.log_model(
-        name=MLFLOW_MODEL_NAME,
-        python_model=Path(__file__).with_name("pyfunc_model.py"),
-        input_example=example,
-        artifacts=artifacts,
-        model_config=config,
-        metadata={"data_source": data_source},
-        code_paths=[str(Path(__file__).parent)],
-        # Outputs only: MLflow's own input check answers a bad request with the request's data in the
-        # message; LesionClassifier checks the input itself and names only the row and the problem.
-        signature=ModelSignature(outputs=infer_signature(example, output).outputs),
-        pip_requirements=pip_requirements(backend),
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        info = mlflow.pyfunc.log_model(
+            name=MLFLOW_MODEL_NAME,
+            python_model=Path(__file__).with_name("pyfunc_model.py"),
+            input_example=example,
+            artifacts=artifacts,
+            model_config=config,
+            metadata={"data_source": data_source},
+            code_paths=[str(model_code(Path(folder)))],
+            # Outputs only: MLflow's own input check answers a bad request with the request's data in
+            # the message; LesionClassifier checks the input itself and names only the row and problem.
+            signature=ModelSignature(outputs=infer_signature(example, output).outputs),
+            pip_requirements=requirements,
+        )
     return info.model_uri
 
 
@@ -247,76 +245,3 @@ def decide_promotion(
     verdict = "beats" if beats else "does not beat"
     comparison = f"champion version {champion.version} ({theirs:.4f}) by more than {settings.promote_margin}"
     return beats, f"{metric} {ours:.4f} {verdict} {comparison}"
-
-
-def resolve_default_model(name: str) -> str:
-    """`models:/name@champion`, or the newest version with a warning when no champion is set."""
-    client = MlflowClient()
-    try:
-        client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-    except MlflowException:
-        versions = client.search_model_versions(f"name='{name}'")
-        if not versions:
-            raise PipelineError(
-                f"no registered model {name!r} in {tracking_uri()}: run the pipeline first"
-            ) from None
-        newest = max(int(version.version) for version in versions)
-        log.warning(
-            "no %r alias on %s yet; using its newest version %d (set the alias in the MLflow UI)",
-            CHAMPION_ALIAS,
-            name,
-            newest,
-        )
-        return f"models:/{name}/{newest}"
-    return f"models:/{name}@{CHAMPION_ALIAS}"
-
-
-def promote(client: MlflowClient, name: str, version: str, alias: str, force: bool = False) -> str:
-    """Point `alias` at `version` of `name`; refuse when the alias's version was tested on another split."""
-    try:
-        candidate = client.get_model_version(name, version)
-    except MlflowException:
-        raise PipelineError(f"{name} has no version {version} in {tracking_uri()}") from None
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        current = None
-    if current is not None and not force:
-        ours, theirs = candidate.tags.get(TEST_SPLIT_TAG), current.tags.get(TEST_SPLIT_TAG)
-        if ours != theirs:
-            raise PipelineError(
-                f"version {version} was tested on another test split than @{alias} (version"
-                f" {current.version}), so their metrics do not compare; --force promotes it anyway"
-            )
-    client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(name, version, "promotion", f"set @{alias} by hand")
-    before = f" (was version {current.version})" if current is not None else ""
-    return f"{name} version {version} is now @{alias}{before}"
-
-
-def describe_version(client: MlflowClient, model_uri: str) -> dict[str, Any]:
-    """Name, version, aliases, registration time, run and model card of a `models:/` URI's version.
-
-    Other URIs (a run's model, a folder) are not registered versions: only the URI is known.
-    """
-    name, _, ref = model_uri.removeprefix("models:/").partition("@")
-    if not model_uri.startswith("models:/"):
-        return {"uri": model_uri, "name": "", "version": "", "aliases": [], "registered": "", "card": ""}
-    if ref:
-        version = client.get_model_version_by_alias(name, ref)
-    else:
-        name, _, number = name.partition("/")
-        version = client.get_model_version(name, number)
-    run = client.get_run(version.run_id)
-    return {
-        "uri": model_uri,
-        "name": name,
-        "version": str(version.version),
-        "aliases": list(version.aliases),
-        "registered": datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime(
-            "%Y-%m-%d %H:%M UTC"
-        ),
-        "run_id": version.run_id,
-        "experiment_id": run.info.experiment_id,
-        "card": version.description or "",
-    }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import importlib.metadata
 import io
 import logging
 from collections.abc import Sequence
@@ -32,7 +31,6 @@ from skin_lesion.images import load_rgb
 log = logging.getLogger("skin_lesion.serving")
 
 IMAGE_COLUMN = "image"
-MLFLOW_MODEL_NAME = "model"  # the model's name inside its MLflow run
 
 
 MAX_IMAGE_BYTES = 20 * 2**20  # one uploaded image; larger payloads get a 400
@@ -41,19 +39,6 @@ MAX_IMAGE_BYTES = 20 * 2**20  # one uploaded image; larger payloads get a 400
 MAX_PIXELS = 50_000_000
 PREDICT_BATCH = 32  # images through the network at once
 SYNTHETIC_WARNING = "TRAINED ON SYNTHETIC SHAPES, NOT SKIN LESIONS: its predictions mean nothing clinically"
-
-
-def pip_requirements(backend: str) -> list[str]:
-    """Pinned requirements of a logged model: Keras, its `backend`, NumPy, Pillow as installed."""
-    # Pinning what is installed is exact and skips MLflow's slow requirement inference, which loads
-    # the model again in a subprocess. The backend's package is named like the backend.
-    requirements = []
-    for name in ("keras", "numpy", "pillow", backend):
-        try:
-            requirements.append(f"{name}=={importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            requirements.append(name)  # installed under another name, e.g. tensorflow-cpu
-    return requirements
 
 
 def probability_column(label: str) -> str:

@@ -35,10 +35,10 @@ from skin_lesion.external import load_external_sets, score_external_set
 from skin_lesion.files import read_manifest, write_json_atomic, write_text_atomic
 from skin_lesion.images import read_split
 from skin_lesion.manifests import SPLIT_COLUMNS
-from skin_lesion.metrics import experiment_row, score_test_split
+from skin_lesion.metrics import experiment_row, reference_figures, score_test_split
 from skin_lesion.model_card import describe_model, render_model_card
-from skin_lesion.monitoring import reference_figures
 from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings, with_embeddings
+from skin_lesion.packaging import pip_requirements
 from skin_lesion.params import Params, load_params
 from skin_lesion.plots import write_plots
 from skin_lesion.registry import (
@@ -184,7 +184,7 @@ def register(
             base.image_size,
             base.melanoma_class,
             threshold,
-            keras.backend.backend(),
+            pip_requirements(keras.backend.backend(), args.lock),
             source,
             ood_path=Path(folder) / "ood.npz",
             test_figures=figures,
@@ -207,6 +207,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shift-report", type=Path, required=True, help="by-collection and stress JSON")
     parser.add_argument("--external", type=Path, required=True, help="folder of external validation sets")
     parser.add_argument("--external-report", type=Path, required=True, help="external validation JSON")
+    parser.add_argument("--lock", type=Path, required=True, help="requirements lock the model pins from")
     return parser.parse_args()
 
 

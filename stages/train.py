@@ -24,10 +24,10 @@ from skin_lesion.batching import load_cached_images
 from skin_lesion.callbacks import EpochLogger, checkpoint_folder, predict_in_batches
 from skin_lesion.files import in_main_repo, read_manifest, write_json_atomic
 from skin_lesion.manifests import REBALANCED_COLUMNS, SPLIT_COLUMNS, class_indices
+from skin_lesion.packaging import MLFLOW_MODEL_NAME, pip_requirements
 from skin_lesion.params import load_params
 from skin_lesion.plots import write_training_curves
 from skin_lesion.runner import run_cli
-from skin_lesion.serving import MLFLOW_MODEL_NAME, pip_requirements
 from skin_lesion.tracking import stage_run
 from skin_lesion.training import ImageSet, check_weights_file, fit_recipe
 
@@ -79,7 +79,7 @@ def main() -> None:
             model,
             name=MLFLOW_MODEL_NAME,
             signature=infer_signature(x_val[:2], predict_in_batches(model, x_val[:2], batch_size=2)),
-            pip_requirements=pip_requirements(keras.backend.backend()),
+            pip_requirements=pip_requirements(keras.backend.backend(), args.lock),
         )
         write_json_atomic(args.model_info, {"run_id": run.info.run_id, "model_uri": info.model_uri})
         write_json_atomic(args.details, summary)
@@ -108,6 +108,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--metrics", type=Path, required=True, help="headline train metrics JSON")
     parser.add_argument("--details", type=Path, required=True, help="all train metrics JSON")
     parser.add_argument("--live", type=Path, required=True, help="DVCLive folder")
+    parser.add_argument("--lock", type=Path, required=True, help="requirements lock the model pins from")
     return parser.parse_args()
 
 

@@ -22,6 +22,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from scripts.team_stack import free_port, wait_for_http
+from skin_lesion.packaging import pip_requirements
 from skin_lesion.params import Params
 from skin_lesion.registry import log_servable_model
 from skin_lesion.sources.isic import fetch_isic
@@ -120,7 +121,7 @@ def run_stage(cwd: Path, module: str, *args: str, **env: str) -> subprocess.Comp
 def run_skin_lesion(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """Run the `skin-lesion` command in `cwd` as a user would, with extra environment variables."""
     return subprocess.run(
-        [sys.executable, "-m", "skin_lesion.cli", *args],
+        [sys.executable, "-m", "skin_lesion.app.cli", *args],
         cwd=cwd,
         env={**os.environ, **env},
         capture_output=True,
@@ -187,9 +188,9 @@ def log_test_model(
     """
     import keras  # noqa: PLC0415 - only the tests that log models pay for importing Keras here
 
-    backend = keras.backend.backend()
+    requirements = pip_requirements(keras.backend.backend(), REPO / "requirements.lock")
     return log_servable_model(
-        keras_path, classes, size, "melanoma", threshold, backend=backend, data_source=source, **extra
+        keras_path, classes, size, "melanoma", threshold, requirements, data_source=source, **extra
     )
 
 

@@ -39,6 +39,7 @@ def make_project(root: Path, api_url: str, manifest: pd.DataFrame, **sections: d
     for package in ("stages", "skin_lesion"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / "requirements.lock", root / "requirements.lock")
     shutil.copytree(REPO / "weights", root / "weights", ignore=shutil.ignore_patterns("*.h5"))
     shutil.copytree(REPO / "data" / "local", root / "data" / "local")
     shutil.copytree(REPO / "data" / "external", root / "data" / "external")

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
+from skin_lesion.app.monitoring import drift_report, render_drift, threshold_in_words
+from skin_lesion.app.quality import quality_problems
 from skin_lesion.architectures import build_model
-from skin_lesion.monitoring import drift_report, reference_figures, render_drift, threshold_in_words
+from skin_lesion.metrics import reference_figures
 from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings, with_embeddings
-from skin_lesion.quality import quality_problems
 from tests.conftest import draw_lesion
 
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
@@ -101,6 +102,12 @@ def test_reference_figures_and_the_threshold_in_words() -> None:
     assert "outside its training data" not in words  # no external set was scored
 
 
+def test_the_threshold_in_words_of_a_version_without_figures_says_they_are_not_recorded() -> None:
+    assert threshold_in_words({}, 0.3).endswith("this version's test figures are not recorded.")
+    no_melanoma = {**_figures(), "melanomas": 0, "melanoma_sensitivity": None}
+    assert threshold_in_words(no_melanoma, 0.3).endswith("its test set had no melanoma to check it on.")
+
+
 def test_the_threshold_in_words_states_each_external_sets_alert() -> None:
     alert = {"sensitivity": 0.5, "sensitivity_n": 40, "false_alert_rate": 0.25}
     external = {"clinic": {"alert": alert}, "archive": {"alert": {**alert, "sensitivity": 0.8}}}
@@ -122,13 +129,29 @@ def test_a_log_like_the_test_split_shows_no_drift() -> None:
         [True, False, False, False],
         [True, False, False, False],
     )
-    report = drift_report(log, _figures(), CLASSES, tolerance=0.1)
+    report = drift_report(log, _figures(), CLASSES, tolerance=0.1, min_predictions=4)
     assert report["drifted"] == []
     assert render_drift(report, "m").endswith("no drift beyond tolerance")
 
 
 def test_a_shifted_class_mix_and_alert_rate_are_flagged_as_drift() -> None:
     log = _log(["melanoma"] * 8, [True] * 8, [False] * 8)
-    report = drift_report(log, _figures(), CLASSES, tolerance=0.1)
+    report = drift_report(log, _figures(), CLASSES, tolerance=0.1, min_predictions=8)
     assert report["drifted"] == ["alert_rate", "ood_rate", "class_mix_distance"]
     assert "DRIFT in alert_rate, ood_rate, class_mix_distance" in render_drift(report, "m")
+
+
+def test_a_handful_of_predictions_gets_no_verdict() -> None:
+    log = _log(["melanoma"] * 8, [True] * 8, [False] * 8)  # drift, were there enough of them
+    report = drift_report(log, _figures(), CLASSES, tolerance=0.1, min_predictions=9)
+    assert report["drifted"] == []
+    assert render_drift(report, "m").endswith("no verdict: fewer than 9 predictions, too few to judge drift")
+
+
+def test_a_version_without_test_figures_has_nothing_to_compare_with() -> None:
+    log = _log(["melanoma"] * 8, [True] * 8, [False] * 8)
+    report = drift_report(log, {}, CLASSES, tolerance=0.1, min_predictions=1)
+    assert report["drifted"] == []
+    assert render_drift(report, "m").endswith(
+        "no verdict: this version carries no test figures to compare with"
+    )

@@ -221,6 +221,24 @@ def test_second_repro_runs_nothing(project: Path, first_repro: str) -> None:
     assert "Data and pipelines are up to date." in output
 
 
+def test_editing_what_only_people_run_leaves_every_stage_up_to_date(project: Path, first_repro: str) -> None:
+    # `promote`, an upload limit of `serve`: code in skin_lesion/app/, which no stage imports.
+    app = project / "skin_lesion" / "app"
+    edits = {
+        app / "promotion.py": ("def promote(", "def promote(  "),
+        app / "server.py": ("MAX_IMAGES_PER_REQUEST = ", "MAX_IMAGES_PER_REQUEST = 2 * "),
+    }
+    originals = {path: path.read_text(encoding="utf-8") for path in edits}
+    try:
+        for path, (old, new) in edits.items():
+            assert old in originals[path], path
+            path.write_text(originals[path].replace(old, new, 1), encoding="utf-8")
+        assert "Data and pipelines are up to date." in run(project, "dvc", "status")
+    finally:
+        for path, text in originals.items():
+            path.write_text(text, encoding="utf-8")
+
+
 def test_changing_train_params_reruns_only_train_and_evaluate(project: Path, first_repro: str) -> None:
     output = run(project, "dvc", "exp", "run", "-S", "train.epochs=2", "--name", "two-epochs")
     ran = [stage for stage in STAGES if f"Running stage '{stage}'" in output]

@@ -7,14 +7,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from skin_lesion.app.promotion import promote
 from skin_lesion.errors import PipelineError
-from skin_lesion.registry import (
-    CHAMPION_ALIAS,
-    TEST_SPLIT_TAG,
-    promote,
-    split_fingerprint,
-    version_description,
-)
+from skin_lesion.registry import CHAMPION_ALIAS, TEST_SPLIT_TAG, split_fingerprint, version_description
 from tests.conftest import REPO, point_mlflow_at, run_skin_lesion
 
 NAME = "skin-lesion-classifier"  # base.model_name in the committed params.yaml
@@ -22,15 +17,14 @@ NAME = "skin-lesion-classifier"  # base.model_name in the committed params.yaml
 
 @pytest.fixture
 def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    """A registry with versions 1 and 2 scored on test split `a`, version 3 on split `b`; 1 is champion."""
+    """Versions 1 and 2 scored on test split `a`, 3 on split `b`, 4 and 5 on none recorded; 1 is champion."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     point_mlflow_at(uri, monkeypatch)
     registry = MlflowClient(uri, uri)
     registry.create_registered_model(NAME)
-    for split in ("a", "a", "b"):
-        registry.create_model_version(
-            NAME, source=(tmp_path / "model").as_uri(), tags={TEST_SPLIT_TAG: split}
-        )
+    for split in ("a", "a", "b", None, None):
+        tags = {TEST_SPLIT_TAG: split} if split else {}
+        registry.create_model_version(NAME, source=(tmp_path / "model").as_uri(), tags=tags)
     registry.set_registered_model_alias(NAME, CHAMPION_ALIAS, "1")
     return registry
 
@@ -43,18 +37,42 @@ def test_promote_moves_the_alias_to_a_version_on_the_same_test_split(client: Mlf
     message = promote(client, NAME, "2", CHAMPION_ALIAS)
     assert _champion(client) == "2"
     assert message == f"{NAME} version 2 is now @champion (was version 1)"
-    assert client.get_model_version(NAME, "2").tags["promotion"] == "set @champion by hand"
+    assert client.get_model_version(NAME, "2").tags["promotion"] == "set @champion by hand (was version 1)"
 
 
 def test_promote_refuses_a_version_scored_on_another_test_split(client: MlflowClient) -> None:
-    with pytest.raises(PipelineError, match=r"version 3 was tested on another test split than @champion"):
+    with pytest.raises(
+        PipelineError, match=r"version 3 was not tested on the same known test split as @champion"
+    ):
         promote(client, NAME, "3", CHAMPION_ALIAS)
     assert _champion(client) == "1"
 
 
-def test_promote_with_force_moves_the_alias_anyway(client: MlflowClient) -> None:
+def test_promote_refuses_between_versions_whose_test_split_is_unknown(client: MlflowClient) -> None:
+    promote(client, NAME, "4", CHAMPION_ALIAS, force=True)
+    with pytest.raises(PipelineError, match=r"version 5 was not tested on the same known test split"):
+        promote(client, NAME, "5", CHAMPION_ALIAS)
+    assert _champion(client) == "4"
+
+
+def test_promote_with_force_moves_the_alias_and_records_the_override(client: MlflowClient) -> None:
     promote(client, NAME, "3", CHAMPION_ALIAS, force=True)
     assert _champion(client) == "3"
+    tags = client.get_model_version(NAME, "3").tags
+    assert (
+        tags["promotion"]
+        == "set @champion by hand with --force: tested on another test split (was version 1)"
+    )
+
+
+def test_rolling_back_a_forced_promotion_needs_no_force(client: MlflowClient) -> None:
+    promote(client, NAME, "3", CHAMPION_ALIAS, force=True)
+    promote(client, NAME, "1", CHAMPION_ALIAS)
+    assert _champion(client) == "1"
+    assert (
+        client.get_model_version(NAME, "1").tags["promotion"]
+        == "set @champion by hand, rolled back (was version 3)"
+    )
 
 
 def test_promote_names_a_version_that_does_not_exist(client: MlflowClient) -> None:
@@ -70,7 +88,7 @@ def test_promote_command_sets_the_alias_and_refuses_in_one_line(client: MlflowCl
     assert _champion(client) == "2"
     refused = run_skin_lesion(tmp_path, "promote", "3")
     assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1].startswith("ERROR skin_lesion: version 3 was tested")
+    assert refused.stderr.strip().splitlines()[-1].startswith("ERROR skin_lesion: version 3 was not tested")
     assert "Traceback" not in refused.stderr
 
 

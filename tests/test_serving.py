@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,11 +18,13 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from skin_lesion.app.gradcam import explain_alerts, grad_cam
+from skin_lesion.app.predict import collect_images, predict_files, render_summary
+from skin_lesion.app.promotion import resolve_default_model
 from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
-from skin_lesion.gradcam import explain_alerts, grad_cam
-from skin_lesion.predict import collect_images, predict_files, render_summary
-from skin_lesion.registry import register_version, resolve_default_model
+from skin_lesion.packaging import MODEL_CODE, pip_requirements
+from skin_lesion.registry import register_version
 from tests.conftest import (
     CLASSES,
     REPO,
@@ -143,7 +147,7 @@ def test_predict_folder_keeps_going_past_a_corrupt_file(tracking: str, tmp_path:
 def test_a_file_over_the_size_limit_gets_an_error_row_and_the_rest_are_predicted(
     tracking: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("skin_lesion.predict.MAX_IMAGE_BYTES", 2**20)
+    monkeypatch.setattr("skin_lesion.app.predict.MAX_IMAGE_BYTES", 2**20)
     big = tmp_path / "big.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(big)  # noise: over 1 MiB
@@ -234,6 +238,35 @@ def test_served_model_answers_on_localhost(tracking: str, tmp_path: Path) -> Non
         assert "cannot decode image" in body
 
 
+def test_a_registered_model_loads_in_an_environment_of_its_own_requirements(
+    tracking: str, tmp_path: Path
+) -> None:
+    # What `mlflow models serve --env-manager uv` does, without the network: a fresh venv with only the
+    # model's requirements.txt, from uv's cache (CI's `uv sync` filled it), and not this project.
+    model = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model")))
+    shipped = {path.name for path in (model / "code" / "skin_lesion").glob("*.py")}
+    assert shipped == set(MODEL_CODE)
+    requirements = (model / "requirements.txt").read_text(encoding="utf-8").split()
+    assert requirements == pip_requirements(keras.backend.backend(), REPO / "requirements.lock")
+    uv = shutil.which("uv") or str(REPO / ".uv-tool" / "bin" / "uv")  # .ci/run installs it there
+    venv, env = tmp_path / "venv", {**os.environ, "UV_OFFLINE": "1", "VIRTUAL_ENV": str(tmp_path / "venv")}
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True, env=env)
+    subprocess.run([uv, "pip", "install", "-q", "-r", str(model / "requirements.txt")], check=True, env=env)
+    image = _b64(write_image(tmp_path / "x.jpg", (150, 60, 60), size=40))
+    script = (
+        "import mlflow, pandas; "
+        f"model = mlflow.pyfunc.load_model({str(model)!r}); "
+        f"frame = model.predict(pandas.DataFrame({{'image': [{image!r}]}})); "
+        "import skin_lesion; print(frame.loc[0, 'predicted_label'], skin_lesion.__file__)"
+    )
+    command = [str(venv / "bin" / "python"), "-c", script]
+    result = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    label, code = result.stdout.split()[-2:]
+    assert label in CLASSES
+    assert Path(code).is_relative_to(model / "code")  # the model's own copy, not this checkout
+
+
 def _post(port: int, rows: list[list[str]]) -> tuple[int, str]:
     return _post_body(port, json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode())
 
@@ -265,7 +298,7 @@ def test_skin_lesion_serve_answers_every_image_of_a_batch(tracking: str, tmp_pat
     # Served from a downloaded copy: no tracking server needed while it runs.
     folder = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model"))
     port = free_port()
-    command = [sys.executable, "-m", "skin_lesion.cli", "serve", "--model", folder, "--port", str(port)]
+    command = [sys.executable, "-m", "skin_lesion.app.cli", "serve", "--model", folder, "--port", str(port)]
     with running_server(command, f"http://127.0.0.1:{port}/health", timeout_s=SERVER_START_S):
         good = _b64(write_image(tmp_path / "x.jpg", (150, 60, 60), size=40))
         broken = base64.b64encode(b"not an image at all").decode()

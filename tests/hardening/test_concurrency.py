@@ -175,7 +175,7 @@ def test_promote_predict_and_serving_work_against_the_team_server(
         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(serve_port),
     ]  # fmt: skip
     review = [
-        sys.executable, "-m", "skin_lesion.cli", "review",
+        sys.executable, "-m", "skin_lesion.app.cli", "review",
         "--port", str(review_port), "--db", str(tmp_path / "review.db"),
     ]  # fmt: skip
     with (

@@ -1,7 +1,8 @@
-"""What a registered version's test split said, and whether what it sees in use has drifted from it.
+"""What a registered version's test figures mean in words, and whether what it sees in use has drifted.
 
-`reference_figures` runs in `evaluate` and travels in the registered model's config; the review page
-words the alert threshold with it, and `skin-lesion monitor` compares the prediction log against it.
+The figures are `metrics.reference_figures`, which `evaluate` puts in the registered model's config;
+the review page words the alert threshold with them, and `skin-lesion monitor` compares the
+prediction log against them.
 """
 
 from __future__ import annotations
@@ -13,49 +14,19 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-
-def reference_figures(
-    metrics: dict[str, Any],
-    y_test: np.ndarray,
-    p_test: np.ndarray,
-    unlike_training: np.ndarray,
-    classes: Sequence[str],
-    melanoma: int,
-    external: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """The test split's melanoma sensitivity (with its interval), alert, OOD and predicted-class rates,
-    and the alert's sensitivity and false-alert rate on each external set."""
-    point = metrics["melanoma"]["operating_point"]
-    predicted = np.asarray(p_test).argmax(axis=1)
-    specificity = point["specificity"]
-    return {
-        "images": len(y_test),
-        "melanomas": int((np.asarray(y_test) == melanoma).sum()),
-        "melanoma_sensitivity": point["sensitivity"],
-        "melanoma_sensitivity_ci": metrics["confidence_intervals"].get("melanoma_sensitivity"),
-        "alerts_per_100_benign": None if specificity is None else 100 * (1 - specificity),
-        "alert_rate": point["alerts_per_100"] / 100,
-        "ood_rate": float(np.mean(unlike_training)),
-        "class_mix": {label: float(np.mean(predicted == k)) for k, label in enumerate(classes)},
-        "external": {
-            name: {
-                "melanomas": result["alert"]["sensitivity_n"],
-                "sensitivity": result["alert"]["sensitivity"],
-                "false_alert_rate": result["alert"]["false_alert_rate"],
-            }
-            for name, result in (external or {}).items()
-        },
-    }
+# Fewer predictions than this leave drift undecided: below 100, the 95 % interval of a 30 % rate is
+# wider than +-0.09, so chance alone could move it past the default tolerance of 0.1.
+MIN_PREDICTIONS = 100
 
 
 def threshold_in_words(figures: dict[str, Any], threshold: float) -> str:
     """What the melanoma threshold means, from the version's own test figures."""
+    alert = f"Alert when P(melanoma) is at least {threshold:.3f}"
+    if not figures:  # older versions, a `runs:/` URI or a folder
+        return f"{alert}; this version's test figures are not recorded."
     sensitivity = figures.get("melanoma_sensitivity")
     if sensitivity is None:
-        return (
-            f"Alert when P(melanoma) is at least {threshold:.3f};"
-            " its test set had no melanoma to check it on."
-        )
+        return f"{alert}; its test set had no melanoma to check it on."
     interval = figures.get("melanoma_sensitivity_ci")
     ci = f" (95 % CI {interval[0]:.0%} to {interval[1]:.0%})" if interval else ""
     melanomas = figures.get("melanomas")
@@ -77,14 +48,21 @@ def threshold_in_words(figures: dict[str, Any], threshold: float) -> str:
 
 
 def drift_report(
-    log: pd.DataFrame, figures: dict[str, Any], classes: Sequence[str], tolerance: float
+    log: pd.DataFrame,
+    figures: dict[str, Any],
+    classes: Sequence[str],
+    tolerance: float,
+    min_predictions: int = MIN_PREDICTIONS,
 ) -> dict[str, Any]:
     """Recent alert rate, OOD rate and class mix against the test split's; what drifted beyond `tolerance`.
 
     The class mix is compared by total variation distance (half the sum of absolute differences).
+    `status` says whether there was anything to judge: no predictions, fewer than `min_predictions`
+    (a rate of a handful of images moves by more than any tolerance by chance), or a version that
+    carries no test figures (older versions, a `runs:/` URI, a folder) leave the verdict open.
     """
     if log.empty:
-        return {"images": 0, "drifted": []}
+        return {"images": 0, "status": "no predictions", "drifted": []}
     recent_mix = log["predicted_label"].value_counts(normalize=True)
     mix = {label: float(recent_mix.get(label, 0.0)) for label in classes}
     reference_mix = figures.get("class_mix", {})
@@ -98,13 +76,22 @@ def drift_report(
             0.0 if reference_mix else None,
         ),
     }
+    compared = {name: pair for name, pair in rows.items() if None not in pair}
+    if not compared:
+        status = "no test figures"
+    elif len(log) < min_predictions:
+        status = "too few predictions"
+    else:
+        status = "compared"
     drifted = [
         name
-        for name, (recent, reference) in rows.items()
-        if recent is not None and reference is not None and abs(recent - reference) > tolerance
+        for name, (recent, reference) in compared.items()
+        if status == "compared" and abs(recent - reference) > tolerance
     ]
     return {
         "images": len(log),
+        "status": status,
+        "min_predictions": min_predictions,
         "figures": {name: {"recent": new, "test": old} for name, (new, old) in rows.items()},
         "class_mix": {"recent": mix, "test": {label: reference_mix.get(label) for label in classes}},
         "tolerance": tolerance,
@@ -127,9 +114,18 @@ def render_drift(report: dict[str, Any], model: str) -> str:
     for label, recent in report["class_mix"]["recent"].items():
         test = report["class_mix"]["test"][label]
         lines.append(f"    {label:<28} {recent:6.1%} / {'n/a' if test is None else f'{test:.1%}'}")
-    drifted = report["drifted"]
-    lines.append("DRIFT in " + ", ".join(drifted) if drifted else "no drift beyond tolerance")
+    lines.append(_verdict(report))
     return "\n".join(lines)
+
+
+def _verdict(report: dict[str, Any]) -> str:
+    if report["status"] == "no test figures":
+        return "no verdict: this version carries no test figures to compare with"
+    if report["status"] == "too few predictions":
+        return f"no verdict: fewer than {report['min_predictions']} predictions, too few to judge drift"
+    if report["drifted"]:
+        return "DRIFT in " + ", ".join(report["drifted"])
+    return "no drift beyond tolerance"
 
 
 def drift_figure(report: dict[str, Any], model: str) -> Figure:

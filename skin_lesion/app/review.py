@@ -3,7 +3,7 @@
 Each uploaded image gets a card: the class probabilities, P(melanoma) and the alert (worded with the
 version's own test figures), a Grad-CAM overlay on demand, and a flag when the image is unlike the
 training data or unfit to judge. A clinician records the confirmed diagnosis per image; those records
-(skin_lesion/feedback.py) become training data through `skin-lesion export-feedback`.
+(skin_lesion/app/feedback.py) become training data through `skin-lesion export-feedback`.
 
 Uploaded images stay in memory (the last SESSION_IMAGES of them, for Grad-CAM and diagnoses) and are
 written to disk only when a diagnosis is recorded. Every prediction is logged without the image.
@@ -29,13 +29,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
+from skin_lesion.app.feedback import OTHER_DIAGNOSIS, Diagnosis, FeedbackStore
+from skin_lesion.app.gradcam import EXPLANATION_DPI, FIGURE_IMAGE_PX, explanation_figure, grad_cam
+from skin_lesion.app.monitoring import threshold_in_words
+from skin_lesion.app.quality import quality_problems
+from skin_lesion.app.server import json_object
 from skin_lesion.errors import PipelineError
-from skin_lesion.feedback import OTHER_DIAGNOSIS, Diagnosis, FeedbackStore
-from skin_lesion.gradcam import EXPLANATION_DPI, FIGURE_IMAGE_PX, explanation_figure, grad_cam
 from skin_lesion.images import FORMAT_NAMES, IMAGE_FORMATS, decode_image, decode_rgb, resize_rgb
-from skin_lesion.monitoring import threshold_in_words
-from skin_lesion.quality import quality_problems
-from skin_lesion.server import json_object
 from skin_lesion.serving import (
     MAX_IMAGE_BYTES,
     MAX_PIXELS,
@@ -55,7 +55,9 @@ DISCLAIMER = "Research tool, not a diagnostic device: every decision rests with 
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
 _TEMPLATES = jinja2.Environment(
-    loader=jinja2.PackageLoader("skin_lesion", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    loader=jinja2.PackageLoader("skin_lesion.app", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
 )
 
 
@@ -97,7 +99,7 @@ def create_review_app(
     mlflow_ui: str,
     token: str | None = None,
 ) -> FastAPI:
-    """The review page and its JSON API, for one loaded model (`version` from registry.describe_version)."""
+    """The review page and its JSON API, for one loaded model (`version` from promotion.describe_version)."""
     app = FastAPI(title="skin-lesion review", docs_url=None, redoc_url=None, openapi_url=None)
     classifier = model.unwrap_python_model()
     config = classifier.config

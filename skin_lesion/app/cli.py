@@ -13,12 +13,12 @@ cannot be read gets an error row; the others are still predicted. --explain writ
 per alerted image, showing which regions drove P(melanoma).
 
 `serve`: the model over HTTP in MLflow's request format, with an answer row for every image of a
-batch (skin_lesion/server.py says how it differs from `mlflow models serve`).
+batch (skin_lesion/app/server.py says how it differs from `mlflow models serve`).
 
 `promote`: point an alias (champion by default) at a registered version, refusing a version that was
 tested on another test split than the one the alias holds now (their metrics do not compare).
 
-`review`: the clinician's web page (skin_lesion/review.py). Beyond 127.0.0.1 it needs a token in
+`review`: the clinician's web page (skin_lesion/app/review.py). Beyond 127.0.0.1 it needs a token in
 SKIN_LESION_REVIEW_TOKEN. `export-feedback`: the diagnoses recorded there, as a dataset folder for
 `download.source: local`. `monitor`: the logged predictions' alert rate, OOD rate and class mix
 against the model's test split, and a figure of them.
@@ -37,25 +37,27 @@ import mlflow
 import uvicorn
 from mlflow import MlflowClient
 
+from skin_lesion.app.feedback import FeedbackStore, export_feedback
+from skin_lesion.app.gradcam import explain_alerts
+from skin_lesion.app.monitoring import MIN_PREDICTIONS, drift_figure, drift_report, render_drift
+from skin_lesion.app.predict import BATCH_SIZE, collect_images, predict_files, render_summary
+from skin_lesion.app.promotion import describe_version, promote, resolve_default_model
+from skin_lesion.app.review import create_review_app
+from skin_lesion.app.server import create_app
 from skin_lesion.errors import PipelineError
-from skin_lesion.feedback import FeedbackStore, export_feedback
 from skin_lesion.files import atomic_file, write_csv_atomic
-from skin_lesion.gradcam import explain_alerts
-from skin_lesion.monitoring import drift_figure, drift_report, render_drift
 from skin_lesion.params import load_params
-from skin_lesion.predict import BATCH_SIZE, collect_images, predict_files, render_summary
-from skin_lesion.registry import CHAMPION_ALIAS, describe_version, promote, resolve_default_model
-from skin_lesion.review import create_review_app
+from skin_lesion.registry import CHAMPION_ALIAS
 from skin_lesion.runner import run_cli
-from skin_lesion.server import create_app
 from skin_lesion.tracking import configure_mlflow, redact, tracking_uri
 
 DEFAULT_DB = Path("feedback/review.db")
+DRIFT_EXIT_CODE = 3  # `skin-lesion monitor` found drift
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_VARIABLE = "SKIN_LESION_REVIEW_TOKEN"
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves the default SQLite store
 
-log = logging.getLogger("skin_lesion.cli")
+log = logging.getLogger("skin_lesion.app.cli")
 
 
 def main() -> int:
@@ -132,7 +134,7 @@ def monitor_command(args: argparse.Namespace) -> None:
     else:
         log_table = log_table[log_table["model"] == uri]
     figures = config.get("test_figures") or {}
-    report = drift_report(log_table, figures, config["classes"], args.tolerance)
+    report = drift_report(log_table, figures, config["classes"], args.tolerance, args.min_predictions)
     model = f"{version['name']} version {version['version']}" if version["version"] else uri
     sys.stdout.write(render_drift(report, model) + "\n")
     if report["images"]:
@@ -140,6 +142,8 @@ def monitor_command(args: argparse.Namespace) -> None:
         with atomic_file(figure_path, suffix=".png") as tmp:
             drift_figure(report, model).savefig(tmp, dpi=100)
         log.info("figure: %s", figure_path)
+    if report["drifted"]:
+        sys.exit(DRIFT_EXIT_CODE)  # so that a cron job can act on it; 1 stays "the command failed"
 
 
 def promote_command(args: argparse.Namespace) -> None:
@@ -201,6 +205,9 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--days", type=_positive, default=30, help="default: %(default)s")
     monitor.add_argument("--tolerance", type=float, default=0.1, help="largest change not flagged as drift")
     monitor.add_argument("--plot", type=_path, help="figure to write (default: monitor.png beside --db)")
+    monitor.add_argument(
+        "--min-predictions", type=_positive, default=MIN_PREDICTIONS, help="fewer: no verdict (%(default)s)"
+    )
     monitor.set_defaults(command=monitor_command)
     return parser
 

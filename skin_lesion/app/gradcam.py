@@ -18,7 +18,7 @@ from skin_lesion.errors import PipelineError
 from skin_lesion.files import atomic_file
 from skin_lesion.images import load_rgb
 
-log = logging.getLogger("skin_lesion.gradcam")
+log = logging.getLogger("skin_lesion.app.gradcam")
 
 HEATMAP = "jet"
 

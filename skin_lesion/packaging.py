@@ -1,0 +1,120 @@
+"""What a logged model carries besides its weights: its name in the run, its code, its requirements.
+
+A registered model is loaded where the pipeline may not be installed (`mlflow models serve` builds an
+environment from the model's own requirements), so it carries the modules that loading it imports
+and the versions the project's lock pins for the packages those modules import.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+
+from skin_lesion.errors import PipelineError
+
+log = logging.getLogger("skin_lesion.packaging")
+
+MLFLOW_MODEL_NAME = "model"  # the model's name inside its MLflow run
+PACKAGE = Path(__file__).parent
+# pyfunc_model.py and every module it imports, directly or not (tests/test_dvc_yaml.py checks this):
+# the code a registered model ships. The package's __init__ runs first on import, and quiet.py with it.
+MODEL_CODE = (
+    "__init__.py",
+    "quiet.py",
+    "pyfunc_model.py",
+    "serving.py",
+    "architectures.py",
+    "ood.py",
+    "images.py",
+    "files.py",
+    "manifests.py",
+    "params.py",
+    "errors.py",
+)
+# The distributions MODEL_CODE imports (tests/test_dvc_yaml.py checks this), and each backend's.
+MODEL_PACKAGES = ("keras", "mlflow", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "scikit-learn")
+BACKEND_PACKAGES = {
+    "tensorflow": ("tensorflow", "tensorflow-cpu"),  # the lock holds the one for this platform
+    "jax": ("jax", "jaxlib"),
+    "torch": ("torch",),
+}
+
+
+def locked_versions(lock_text: str) -> dict[str, str]:
+    """Name -> version of each `name==version` line of a pip requirements lock whose marker holds here."""
+    # A hashed export continues each requirement over lines ending in a backslash.
+    lines = lock_text.replace("\\\n", " ").splitlines()
+    versions = {}
+    for line in lines:
+        text = line.split(" --hash", 1)[0].split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            requirement = Requirement(text)
+        except InvalidRequirement as err:
+            raise PipelineError(f"the lock has a line pip cannot read: {text!r} ({err})") from None
+        pins = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+        if pins and (requirement.marker is None or requirement.marker.evaluate()):
+            versions[_normalise(requirement.name)] = pins[0]
+    return versions
+
+
+def pip_requirements(backend: str, lock: Path) -> list[str]:
+    """`name==version` for the model's packages and its Keras `backend`, as `lock` pins them here.
+
+    A backend the lock does not hold (torch) is pinned at its installed version, with a warning.
+    """
+    try:
+        pinned = locked_versions(lock.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise PipelineError(f"{lock}: cannot read the lock ({err.strerror})") from None
+    missing = [name for name in MODEL_PACKAGES if name not in pinned]
+    if missing:
+        raise PipelineError(f"{lock}: pins no version of {', '.join(missing)}, which the model imports")
+    backend_packages = [name for name in BACKEND_PACKAGES.get(backend, (backend,)) if name in pinned]
+    locked = (*MODEL_PACKAGES, *backend_packages)
+    requirements = [f"{name}=={pinned[name]}" for name in locked]
+    if not backend_packages:
+        log.warning("%s does not pin the %s backend: the model pins the installed version", lock, backend)
+        requirements += [f"{name}=={version}" for name, version in _installed(BACKEND_PACKAGES[backend])]
+    _warn_when_installed_differs(dict(_installed(locked)), pinned, lock)
+    return requirements
+
+
+def model_code(folder: Path) -> Path:
+    """Copy MODEL_CODE into `folder`/skin_lesion and return that package folder, for `code_paths`."""
+    package = folder / PACKAGE.name
+    package.mkdir(parents=True)
+    for name in MODEL_CODE:
+        shutil.copy2(PACKAGE / name, package / name)
+    return package
+
+
+def _installed(names: Iterable[str]) -> list[tuple[str, str]]:
+    found = []
+    for name in names:
+        try:
+            found.append((name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _warn_when_installed_differs(installed: dict[str, str], pinned: dict[str, str], lock: Path) -> None:
+    # The model declares the lock's versions; one trained with others should say so.
+    differ = [
+        f"{name} {installed[name]} (lock: {pinned[name]})"
+        for name in installed
+        if installed[name] != pinned[name]
+    ]
+    if differ:
+        log.warning("installed versions differ from %s: %s", lock, ", ".join(differ))
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
