@@ -46,6 +46,7 @@ from tests.conftest import (
 )
 
 SIZE = 32
+CARD = "# Model card\n\n**Trained** on <script>x</script>.\n\n| set | AUC |\n| --- | --- |\n| test | 0.9 |\n"
 NAME = "lesions"
 FIGURES = {
     "images": 40,
@@ -96,7 +97,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             ood_path=root / "ood.npz",
             test_figures=FIGURES,
         )
-    register_version(model_uri, NAME, tags={})
+    register_version(model_uri, NAME, tags={}, description=CARD)
     return {"root": root, "uri": uri, "images": images, "threshold": threshold}
 
 
@@ -163,6 +164,16 @@ def test_page_names_the_model_its_alert_and_that_it_is_no_diagnostic_device(revi
     status, card = _request(f"{review['url']}/model-card")
     assert status == 200
     assert DISCLAIMER in card
+
+
+def test_the_model_card_is_rendered_not_shown_as_markdown(review: dict) -> None:
+    status, card = _request(f"{review['url']}/model-card")
+    assert status == 200
+    assert "<h1>" in card
+    assert "<table>" in card
+    assert "| --- |" not in card
+    assert "**" not in card
+    assert "&lt;script&gt;" in card  # HTML inside the card is shown as text, never run
 
 
 def test_a_batch_gets_a_card_per_image_in_order_with_alert_by_the_threshold(review: dict) -> None:

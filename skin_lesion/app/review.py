@@ -22,11 +22,13 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 import jinja2
+import markupsafe
 import mlflow
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from markdown_it import MarkdownIt
 from PIL import Image
 
 from skin_lesion.app.feedback import OTHER_DIAGNOSIS, Diagnosis, FeedbackStore
@@ -54,6 +56,8 @@ DISCLAIMER = "Research tool, not a diagnostic device: every decision rests with 
 # How JPEG, PNG, BMP, TIFF (both byte orders) and WebP (RIFF) files begin.
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
+# The model card is Markdown (headings, tables); raw HTML in it is escaped, not rendered.
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("skin_lesion.app", "templates"),
     autoescape=True,
@@ -211,6 +215,7 @@ def page_context(config: dict[str, Any], version: dict[str, Any], mlflow_ui: str
         "disclaimer": DISCLAIMER,
         "max_images": MAX_IMAGES_PER_REQUEST,
         "max_image_mib": MAX_IMAGE_BYTES // 2**20,
+        "card_html": markupsafe.Markup(_MARKDOWN.render(version.get("card") or "")),
     }
 
 
