@@ -76,8 +76,10 @@ def write_plots(
         _curves_figure(pr, "recall", "precision", "Melanoma precision-recall (test split)").savefig(
             tmp / "pr_melanoma.png", dpi=FIGURE_DPI
         )
-        _confusion_figure(y_true, probabilities.argmax(axis=1), classes).savefig(
-            tmp / "confusion.png", dpi=FIGURE_DPI
+        predicted = probabilities.argmax(axis=1)
+        _confusion_figure(y_true, predicted, classes).savefig(tmp / "confusion.png", dpi=FIGURE_DPI)
+        _confusion_figure(y_true, predicted, classes, normalised=True).savefig(
+            tmp / "confusion_normalized.png", dpi=FIGURE_DPI
         )
         _reliability_figure(reliability).savefig(tmp / "reliability.png", dpi=FIGURE_DPI)
         worst_misclassified_grid(rows, y_true, probabilities, classes, settings.worst_examples).save(
@@ -156,16 +158,21 @@ def _curves_figure(table: pd.DataFrame, x: str, y: str, title: str, diagonal: bo
     return figure
 
 
-def _confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> Figure:
-    counts = confusion_matrix(y_true, y_pred, labels=range(len(classes)))
+def _confusion_figure(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], normalised: bool = False
+) -> Figure:
+    counts = confusion_matrix(
+        y_true, y_pred, labels=range(len(classes)), normalize="true" if normalised else None
+    )
     figure = Figure(figsize=(8, 7), layout="constrained")
     axis = figure.subplots()
-    ConfusionMatrixDisplay(counts, display_labels=list(classes)).plot(
-        ax=axis, colorbar=True, xticks_rotation=45, cmap="Blues"
+    ConfusionMatrixDisplay(np.nan_to_num(counts), display_labels=list(classes)).plot(
+        ax=axis, colorbar=True, xticks_rotation=45, cmap="Blues", values_format=".2f" if normalised else "d"
     )
     for label in axis.get_xticklabels():
         label.set_horizontalalignment("right")  # long class names end under their column
-    axis.set(title="Confusion matrix (test split): rows are the true class")
+    title = "rows normalised by true class" if normalised else "rows are the true class"
+    axis.set(title=f"Confusion matrix (test split), {title}")
     return figure
 
 

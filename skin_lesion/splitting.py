@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+from matplotlib.figure import Figure
 from sklearn.model_selection import StratifiedGroupKFold
 
 from skin_lesion.dedup import (
@@ -158,3 +159,15 @@ def _carve(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> tuple[
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     rest_index, held_index = next(splitter.split(frame, frame["label"], groups=frame["group"]))
     return frame.iloc[rest_index], frame.iloc[held_index]
+
+
+def class_counts_figure(class_counts: dict[str, dict[str, int]]) -> Figure:
+    """Each split's images per class as horizontal bars: the PNG twin of the interactive plot."""
+    figure = Figure(figsize=(4 * len(class_counts), 4), layout="constrained")
+    axes = figure.subplots(1, len(class_counts), sharey=True, squeeze=False)[0]
+    for axis, (name, counts) in zip(axes, class_counts.items(), strict=True):
+        axis.barh(list(counts), list(counts.values()), color="tab:blue")
+        axis.set(title=f"{name} split", xlabel="images")
+        axis.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()  # the first class on top, as in the table
+    return figure

@@ -43,7 +43,7 @@ from skin_lesion.manifests import (
 )
 from skin_lesion.params import load_params
 from skin_lesion.runner import run_cli
-from skin_lesion.splitting import render_report, split_dataset
+from skin_lesion.splitting import class_counts_figure, render_report, split_dataset
 from skin_lesion.tracking import stage_run
 
 log = logging.getLogger("stages.split")
@@ -82,6 +82,7 @@ def main() -> None:
             for name, counts in result.report["class_counts"].items():
                 rows = pd.DataFrame({"label": list(counts), "count": list(counts.values())})
                 write_csv_atomic(tmp / f"{name}.csv", rows)
+            class_counts_figure(result.report["class_counts"]).savefig(tmp / "class_counts.png", dpi=100)
         mlflow.log_metrics({key: value for key, value in result.report.items() if isinstance(value, int)})
         mlflow.log_dict(result.report, "data_report.json")
         for path in (args.report_md, args.out / "removed.csv"):

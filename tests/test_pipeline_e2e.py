@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,10 +143,11 @@ def test_dvc_knows_the_metrics_and_plots(project: Path, first_repro: str) -> Non
         "Confusion matrix (test split)",
         "Reliability (test split)",
     }
-    images = {
-        f"metrics/evaluate/{name}.png" for name in ("roc", "pr_melanoma", "confusion", "worst_misclassified")
-    }
-    assert charts | images | {"metrics/train/curves.png"} <= plots.keys()
+    # Every interactive chart has a PNG twin: DVC's charts load Vega from the internet.
+    twins = ("roc", "pr_melanoma", "confusion", "confusion_normalized", "reliability", "worst_misclassified")
+    images = {f"metrics/evaluate/{name}.png" for name in twins}
+    images |= {"metrics/train/curves.png", "metrics/class_counts/class_counts.png"}
+    assert charts | images <= plots.keys()
     roc = plots["ROC, one curve per class (test split)"][0]["content"]
     assert roc["encoding"]["color"]["field"] == "class"
     assert {row["class"] for row in roc["data"]["values"]} == set(repo_params()["base"]["classes"])
@@ -237,6 +239,23 @@ def test_editing_what_only_people_run_leaves_every_stage_up_to_date(project: Pat
     finally:
         for path, text in originals.items():
             path.write_text(text, encoding="utf-8")
+
+
+def test_a_bad_value_fails_in_one_line_and_keeps_the_committed_metrics(
+    project: Path, first_repro: str
+) -> None:
+    committed = [project / "metrics" / name for name in ("train.json", "train_details.json", "evaluate.json")]
+    before = {path: path.read_bytes() for path in committed}
+    params = (project / "params.yaml").read_text(encoding="utf-8")
+    command, env = ["dvc", "exp", "run", "-S", "train.epochs=zero"], command_env()
+    try:
+        result = subprocess.run(command, check=False, cwd=project, env=env, capture_output=True, text=True)
+    finally:
+        (project / "params.yaml").write_text(params, encoding="utf-8")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "ERROR skin_lesion: params.yaml: train.epochs: Input should be a valid integer" in output, output
+    assert {path: path.read_bytes() for path in committed if path.exists()} == before
 
 
 def test_changing_train_params_reruns_only_train_and_evaluate(project: Path, first_repro: str) -> None:

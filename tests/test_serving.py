@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from packaging.requirements import Requirement
 from PIL import Image
 
-from skin_lesion.app.gradcam import explain_alerts, grad_cam
+from skin_lesion.app.gradcam import explain_alerts, explanation_figure, grad_cam
 from skin_lesion.app.predict import collect_images, predict_files, render_summary
 from skin_lesion.app.promotion import resolve_default_model
 from skin_lesion.architectures import build_model
@@ -218,6 +218,22 @@ def test_grad_cam_overlays_are_written_for_alerts(tracking: str, tmp_path: Path)
     assert written == ["ok_0_gradcam.png", "ok_1_gradcam.png", "ok_2_gradcam.png"]
     with Image.open(tmp_path / "cams" / "ok_0_gradcam.png") as figure:
         assert figure.width >= 2 * 384  # the original and the overlay, each at a readable size
+
+
+def test_explaining_predictions_without_an_alert_writes_nothing(tracking: str, tmp_path: Path) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    table = predict_files(model, collect_images([_folder(tmp_path)])).assign(melanoma_alert=False)
+    assert explain_alerts(model, table, tmp_path / "cams") == 0
+    assert not (tmp_path / "cams").exists()
+
+
+def test_an_empty_grad_cam_map_is_said_in_words_without_a_colour_scale() -> None:
+    image = np.asarray(draw_lesion(0, 64))
+    empty = explanation_figure(image, np.zeros((2, 2)), "x.jpg")
+    texts = [text.get_text() for axis in empty.axes for text in axis.texts]
+    assert any(text.startswith("Grad-CAM map is empty") for text in texts)
+    assert len(empty.axes) == 2  # no colour bar claiming a 0-1 scale
+    assert len(explanation_figure(image, np.eye(2), "x.jpg").axes) == 3
 
 
 @pytest.mark.slow

@@ -21,15 +21,20 @@ from skin_lesion.images import load_rgb
 log = logging.getLogger("skin_lesion.app.gradcam")
 
 HEATMAP = "jet"
+EMPTY_MAP = "no region of the image raised P(melanoma) at the last feature map"
 
 
-def explain_alerts(model: mlflow.pyfunc.PyFuncModel, predictions: pd.DataFrame, folder: Path) -> None:
-    """Write a Grad-CAM overlay PNG for each alerted image."""
+def explain_alerts(model: mlflow.pyfunc.PyFuncModel, predictions: pd.DataFrame, folder: Path) -> int:
+    """Write a Grad-CAM overlay PNG for each alerted image; how many. No alert writes no folder."""
     wrapper = model.unwrap_python_model()
     config, keras_model = wrapper.config, wrapper.model
     melanoma = config["classes"].index(config["melanoma_class"])
+    alerted = predictions[predictions["melanoma_alert"].fillna(False).astype(bool)]
+    if alerted.empty:
+        log.info("no image raised a melanoma alert: no Grad-CAM to write to %s", folder)
+        return 0
     folder.mkdir(parents=True, exist_ok=True)
-    for row in predictions[predictions["melanoma_alert"].fillna(False).astype(bool)].itertuples():
+    for row in alerted.itertuples():
         pixels = load_rgb(Path(row.path), config["image_size"])
         heatmap = grad_cam(keras_model, pixels, melanoma)
         target = folder / f"{Path(row.path).stem}_gradcam.png"
@@ -38,7 +43,11 @@ def explain_alerts(model: mlflow.pyfunc.PyFuncModel, predictions: pd.DataFrame, 
         caption = f"{Path(row.path).name}: {row.predicted_label}, P(melanoma) {row.p_melanoma:.3f} (alert)"
         with atomic_file(target, suffix=".png") as tmp:
             explanation_figure(original, heatmap, caption).savefig(tmp, dpi=EXPLANATION_DPI)
-        log.info("Grad-CAM for %s: %s", row.path, target)
+        if heatmap.any():
+            log.info("Grad-CAM for %s: %s", row.path, target)
+        else:
+            log.warning("Grad-CAM for %s is empty (%s): %s", row.path, EMPTY_MAP, target)
+    return len(alerted)
 
 
 def grad_cam(model: object, image: np.ndarray, class_index: int) -> np.ndarray:
@@ -105,19 +114,26 @@ EXPLANATION_DPI = 100
 
 
 def explanation_figure(image: np.ndarray, heatmap: np.ndarray, caption: str) -> Figure:
-    """The image and its Grad-CAM overlay side by side, captioned, with the heat map's colour scale."""
-    overlay = overlay_heatmap(Image.fromarray(image), heatmap)
+    """The image and its Grad-CAM overlay side by side, captioned, with the heat map's colour scale.
+
+    An all-zero map (no region of the last feature map raised P(melanoma)) is said in words, not
+    drawn as a uniform colour that would read as "everywhere".
+    """
     side = image.shape[0] / EXPLANATION_DPI
     figure = Figure(figsize=(2 * side + 1.6, side + 0.9), layout="constrained")
     left, right = figure.subplots(1, 2)
     left.imshow(image)
     left.set_title("original")
-    shown = right.imshow(np.asarray(overlay), cmap=HEATMAP, vmin=0, vmax=1)
-    right.set_title("what drove P(melanoma)")
     for axis in (left, right):
         axis.set_axis_off()
-    figure.colorbar(shown, ax=right, fraction=0.046, label="Grad-CAM weight (0 to 1)")
     figure.suptitle(caption)
+    if not heatmap.any():
+        right.text(0.5, 0.5, f"Grad-CAM map is empty:\n{EMPTY_MAP}", ha="center", va="center", wrap=True)
+        return figure
+    overlay = overlay_heatmap(Image.fromarray(image), heatmap)
+    shown = right.imshow(np.asarray(overlay), cmap=HEATMAP, vmin=0, vmax=1)
+    right.set_title("what drove P(melanoma)")
+    figure.colorbar(shown, ax=right, fraction=0.046, label="Grad-CAM weight (0 to 1)")
     return figure
 
 
