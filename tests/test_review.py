@@ -28,6 +28,7 @@ from skin_lesion.app.feedback import FeedbackStore, export_feedback
 from skin_lesion.app.promotion import describe_version
 from skin_lesion.app.review import DISCLAIMER, MAX_REQUEST_BYTES, create_review_app
 from skin_lesion.architectures import build_model
+from skin_lesion.errors import PipelineError
 from skin_lesion.ood import fit_ood, predict_with_embeddings, with_embeddings
 from skin_lesion.registry import register_version
 from tests.conftest import (
@@ -315,6 +316,13 @@ def test_an_export_with_a_base_dataset_trains_on_both(review: dict, tmp_path: Pa
     labelled = _ingest(tmp_path / "export", tmp_path / "raw")
     assert len(labelled) == 2 * len(CLASSES) + 1
     assert labelled[low["sha256"][:20]] == "nevus"
+
+
+def test_an_export_with_a_base_that_does_not_exist_says_so(review: dict, tmp_path: Path) -> None:
+    local = as_params(small_params()).download.local
+    with pytest.raises(PipelineError, match=r"^--base: .*missing does not exist$"):
+        export_feedback(review["store"], tmp_path / "export", CLASSES, local, base=tmp_path / "missing")
+    assert not (tmp_path / "export").exists()
 
 
 def test_a_token_guards_every_page_but_health(registered: dict) -> None:

@@ -122,6 +122,20 @@ def test_a_model_trained_on_synthetic_shapes_says_so_in_every_answer(store: Path
     assert summary[-1] == summary[0]
 
 
+def test_the_terminal_summary_caps_the_alert_lines_highest_first() -> None:
+    p = np.linspace(0.5, 0.99, 25)
+    table = pd.DataFrame({
+        "path": [f"{k}.jpg" for k in range(25)], "predicted_label": "melanoma", "p_melanoma": p,
+        "melanoma_alert": True, "error": "",
+    })  # fmt: skip
+    lines = render_summary(table).splitlines()
+    alerts = [line for line in lines if line.startswith("MELANOMA ALERT")]
+    assert len(alerts) == 20
+    assert alerts[0] == "MELANOMA ALERT p=0.990  24.jpg"
+    assert "... 5 more alerts (use --output for all)" in lines
+    assert lines[-1] == "25 images, 25 melanoma alerts, 0 unreadable"
+
+
 def test_pyfunc_rejects_an_empty_batch_without_a_stack_trace(tracking: str) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     with pytest.raises(MlflowException, match=r"^no images: the request has no rows$"):

@@ -194,6 +194,8 @@ def _metadata_row(record: Any, stem: str, local: LocalParams) -> dict[str, str]:
 
 
 def _copy_base(base: Path, out: Path, metadata_name: str) -> pd.DataFrame:
+    if not base.is_dir():
+        raise PipelineError(f"--base: {base} {'is not a folder' if base.exists() else 'does not exist'}")
     if not (base / "Train").is_dir():
         raise PipelineError(f"--base: {base} has no Train/ folder")
     for split in ("Train", "Test"):

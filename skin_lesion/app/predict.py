@@ -64,7 +64,8 @@ def predict_files(
 
 
 def render_summary(predictions: pd.DataFrame) -> str:
-    """A short table for the terminal, then one line per alert and per unreadable file.
+    """A short table for the terminal, then a line per alert (highest P(melanoma) first) and per
+    unreadable file, each list cut at TABLE_ROWS.
 
     A model trained on synthetic shapes says so first and last, where nobody can miss it.
     """
@@ -75,9 +76,15 @@ def render_summary(predictions: pd.DataFrame) -> str:
     if len(predictions) > TABLE_ROWS:
         lines.append(f"... {len(predictions) - TABLE_ROWS} more rows (use --output for all)")
     alerts = predictions[predictions["melanoma_alert"].fillna(False).astype(bool)]
-    lines += [f"MELANOMA ALERT p={row.p_melanoma:.3f}  {row.path}" for row in alerts.itertuples()]
+    highest_first = alerts.sort_values("p_melanoma", ascending=False, kind="stable")
+    lines += [
+        f"MELANOMA ALERT p={row.p_melanoma:.3f}  {row.path}"
+        for row in highest_first.head(TABLE_ROWS).itertuples()
+    ]
+    lines += _more(len(alerts), "alerts")
     failed = predictions[predictions["error"] != ""]
-    lines += [f"ERROR {row.path}: {row.error}" for row in failed.itertuples()]
+    lines += [f"ERROR {row.path}: {row.error}" for row in failed.head(TABLE_ROWS).itertuples()]
+    lines += _more(len(failed), "unreadable files")
     lines.append(
         f"{_count(len(predictions), 'image')}, {_count(len(alerts), 'melanoma alert')},"
         f" {len(failed)} unreadable"
@@ -86,6 +93,10 @@ def render_summary(predictions: pd.DataFrame) -> str:
     for warning in sorted(warnings):
         lines = [f"WARNING: {warning}", *lines, f"WARNING: {warning}"]
     return "\n".join(lines)
+
+
+def _more(number: int, what: str) -> list[str]:
+    return [f"... {number - TABLE_ROWS} more {what} (use --output for all)"] if number > TABLE_ROWS else []
 
 
 def _probability(value: object) -> str:
