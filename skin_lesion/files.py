@@ -20,6 +20,17 @@ import pandas as pd
 from skin_lesion.errors import PipelineError
 
 
+def _read_umask() -> int:
+    # The umask can only be read by setting it; set it back at once. Read once, at import, not from
+    # threads that write files.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # outputs get the permissions the user's umask gives new files
+
+
 def repo_root() -> Path:
     """The repository that owns this run; DVC points DVC_ROOT at it even for queued experiments."""
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
@@ -46,6 +57,7 @@ def atomic_output_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp's folder is private (0700); the output is not
     _replace_path(tmp, final)
 
 
@@ -65,6 +77,7 @@ def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    tmp.chmod(0o666 & ~UMASK)  # mkstemp's file is private (0600); the output is not
     os.replace(tmp, path)
 
 

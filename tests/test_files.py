@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.files import atomic_output_dir, read_manifest, write_csv_atomic
+from skin_lesion.files import atomic_output_dir, read_manifest, write_csv_atomic, write_text_atomic
 from skin_lesion.images import decode_rgb, load_images, load_rgb
 from skin_lesion.manifests import class_indices
 from tests.conftest import write_image
@@ -55,6 +56,17 @@ def test_atomic_dir_clears_temp_left_by_a_killed_run(tmp_path: Path) -> None:
     with atomic_output_dir(tmp_path / "out"):
         pass
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_outputs_get_the_permissions_of_the_users_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("skin_lesion.files.UMASK", 0o022)  # temp files are created 0600, folders 0700
+    write_text_atomic(tmp_path / "preds.csv", "path\n")
+    with atomic_output_dir(tmp_path / "cams") as tmp:
+        (tmp / "a.png").write_bytes(b"")
+    assert stat.S_IMODE((tmp_path / "preds.csv").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "cams").stat().st_mode) == 0o755
 
 
 def test_manifest_missing_column_is_named(tmp_path: Path) -> None:

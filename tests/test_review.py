@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -20,13 +21,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import uvicorn
+from fastapi import Request
 from mlflow import MlflowClient
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from skin_lesion.app.feedback import FeedbackStore, export_feedback
 from skin_lesion.app.promotion import describe_version
-from skin_lesion.app.review import DISCLAIMER, MAX_REQUEST_BYTES, create_review_app
+from skin_lesion.app.review import DISCLAIMER, MAX_DIAGNOSIS_BYTES, MAX_REQUEST_BYTES, create_review_app
+from skin_lesion.app.server import read_limited
 from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
 from skin_lesion.ood import fit_ood, predict_with_embeddings, with_embeddings
@@ -220,6 +223,23 @@ def test_an_upload_over_the_size_limit_is_413_with_a_message(review: dict) -> No
     status, body = _request(f"{review['url']}/api/score", b"x" * (MAX_REQUEST_BYTES + 1))
     assert status == 413
     assert "MiB limit" in body["message"]
+
+
+def test_a_diagnosis_over_its_size_limit_is_413(review: dict) -> None:
+    status, body = _request(f"{review['url']}/api/diagnoses", b"x" * (MAX_DIAGNOSIS_BYTES + 1))
+    assert status == 413
+    assert body["message"] == "a diagnosis is at most 64 KiB"
+
+
+def test_a_body_over_the_limit_is_read_to_its_end_but_not_kept() -> None:
+    chunks = [b"x" * 10] * 5
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    assert asyncio.run(read_limited(request, 30)) is None
+    assert chunks == []  # drained, so the client is not cut off mid-upload
 
 
 @pytest.mark.parametrize(

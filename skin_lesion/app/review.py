@@ -35,7 +35,7 @@ from skin_lesion.app.feedback import OTHER_DIAGNOSIS, Diagnosis, FeedbackStore
 from skin_lesion.app.gradcam import EXPLANATION_DPI, FIGURE_IMAGE_PX, explanation_figure, grad_cam
 from skin_lesion.app.monitoring import threshold_in_words
 from skin_lesion.app.quality import quality_problems
-from skin_lesion.app.server import json_object
+from skin_lesion.app.server import json_object, read_limited
 from skin_lesion.errors import PipelineError
 from skin_lesion.images import FORMAT_NAMES, IMAGE_FORMATS, decode_image, decode_rgb, resize_rgb
 from skin_lesion.serving import (
@@ -50,6 +50,7 @@ MAX_IMAGES_PER_REQUEST = 16  # the page sends larger selections in chunks, showi
 # One request carries at most one image's worth of base64 (plus JSON): the page sends a file near the
 # limit alone, and a larger one is answered 413 without being read in full.
 MAX_REQUEST_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 2**20
+MAX_DIAGNOSIS_BYTES = 64 * 2**10  # a diagnosis and its biopsy note
 SESSION_IMAGES = 256  # uploads kept in memory for Grad-CAM and diagnoses, oldest dropped first
 TOKEN_COOKIE = "review_token"
 DISCLAIMER = "Research tool, not a diagnostic device: every decision rests with a clinician."
@@ -170,8 +171,11 @@ def create_review_app(
 
     @app.post("/api/diagnoses")
     async def record(request: Request) -> JSONResponse:
+        body = await read_limited(request, MAX_DIAGNOSIS_BYTES)
+        if body is None:
+            return _message(413, f"a diagnosis is at most {MAX_DIAGNOSIS_BYTES // 2**10} KiB")
         try:
-            sha256, diagnosis, biopsy = diagnosis_of_request(await request.body(), page["diagnoses"])
+            sha256, diagnosis, biopsy = diagnosis_of_request(body, page["diagnoses"])
         except ValueError as err:
             return _message(400, str(err))
         upload = session.get(sha256)
@@ -182,18 +186,6 @@ def create_review_app(
         return JSONResponse({"recorded": sha256, "diagnosis": diagnosis}, status_code=201)
 
     return app
-
-
-async def read_limited(request: Request, limit: int) -> bytes | None:
-    """The request body, or None when it exceeds `limit` bytes (read to its end but not kept)."""
-    # Answering before the client has sent everything would reset its connection mid-upload, so
-    # the rest is drained; holding at most `limit` bytes keeps a huge upload out of memory.
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-    return b"".join(chunks) if size <= limit else None
 
 
 def page_context(config: dict[str, Any], version: dict[str, Any], mlflow_ui: str) -> dict[str, Any]:

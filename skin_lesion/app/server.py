@@ -36,8 +36,8 @@ def create_app(model: mlflow.pyfunc.PyFuncModel, model_uri: str) -> FastAPI:
 
     @app.post("/invocations")
     async def invocations(request: Request) -> JSONResponse:
-        body = await request.body()
-        if len(body) > MAX_REQUEST_BYTES:
+        body = await read_limited(request, MAX_REQUEST_BYTES)
+        if body is None:
             return _error(413, f"request larger than {MAX_REQUEST_BYTES // 2**20} MiB; send fewer images")
         try:
             images = images_of_request(body)
@@ -48,6 +48,18 @@ def create_app(model: mlflow.pyfunc.PyFuncModel, model_uri: str) -> FastAPI:
         return JSONResponse({"predictions": json.loads(table.to_json(orient="records"))})
 
     return app
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it exceeds `limit` bytes (read to its end but not kept)."""
+    # Answering before the client has sent everything would reset its connection mid-upload, so
+    # the rest is drained; holding at most `limit` bytes keeps a huge upload out of memory.
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+    return b"".join(chunks) if size <= limit else None
 
 
 def json_object(body: bytes) -> dict[str, Any]:
