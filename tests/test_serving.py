@@ -6,6 +6,7 @@ import base64
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -27,6 +28,7 @@ from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
 from skin_lesion.packaging import MODEL_CODE, pip_requirements
 from skin_lesion.registry import register_version
+from skin_lesion.serving import prediction_frame
 from tests.conftest import (
     CLASSES,
     REPO,
@@ -48,7 +50,8 @@ SERVER_START_S = 180
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SQLite MLflow store with one registered version whose threshold alerts on everything."""
+    """A SQLite MLflow store with one registered version, and high.png and low.png, two lesion images
+    whose P(melanoma) lie on either side of its threshold."""
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -58,8 +61,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # With the custom colour constancy layer, which the served model must find in its code.
     model = build_model("baseline_cnn", SIZE, len(CLASSES), 0.0, shades_of_gray=6)
     model.save(root / "model.keras")
+    pixels = np.stack([np.asarray(draw_lesion(seed, SIZE)) for seed in range(20)])
+    p_melanoma = model.predict(pixels, verbose=0)[:, 0]
+    low, high = np.argsort(p_melanoma)[[0, -1]]
+    for name, seed in (("low.png", low), ("high.png", high)):
+        draw_lesion(int(seed), SIZE).save(root / name)
+    threshold = float(p_melanoma[[low, high]].mean())
     with mlflow.start_run(experiment_id=experiment):
-        uri_of_model = log_test_model(root / "model.keras", CLASSES, SIZE, threshold=0.0, source="local")
+        uri_of_model = log_test_model(
+            root / "model.keras", CLASSES, SIZE, threshold=threshold, source="local"
+        )
     register_version(uri_of_model, NAME, tags={})
     return root
 
@@ -95,10 +106,9 @@ def test_predict_takes_every_format_a_dermatoscope_writes(tracking: str, tmp_pat
     assert table["p_melanoma"].between(0, 1).all()
 
 
-def test_pyfunc_returns_probabilities_and_alert(tracking: str, tmp_path: Path) -> None:
+def test_pyfunc_returns_probabilities_and_alert(tracking: str, store: Path) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
-    image = write_image(tmp_path / "a.jpg", (200, 40, 40), size=50)
-    out = model.predict(pd.DataFrame({"image": [_b64(image), _b64(image)]}))
+    out = model.predict(pd.DataFrame({"image": [_b64(store / "high.png"), _b64(store / "low.png")]}))
     columns = ["p_melanoma", "p_nevus", "p_vascular_lesion"]
     flags = ["melanoma_alert", "ood_score", "unlike_training", "model_warning"]
     assert list(out.columns) == ["predicted_label", *columns, *flags]
@@ -106,7 +116,17 @@ def test_pyfunc_returns_probabilities_and_alert(tracking: str, tmp_path: Path) -
     assert not out["unlike_training"].any()
     assert out["model_warning"].eq("").all()  # trained on real data (download.source local)
     np.testing.assert_allclose(out[columns].sum(axis=1), 1.0, rtol=1e-5)
-    assert out["melanoma_alert"].all()  # threshold 0 travels with the model
+    threshold = model.model_config["melanoma_threshold"]
+    assert 0 < threshold < 1
+    assert out["melanoma_alert"].tolist() == [True, False]  # the threshold travels with the model
+    assert out.loc[0, "p_melanoma"] >= threshold > out.loc[1, "p_melanoma"]
+
+
+def test_an_image_exactly_at_the_threshold_raises_the_alert() -> None:
+    frame = prediction_frame(
+        np.array([[0.3, 0.7], [0.29, 0.71]]), ["melanoma", "nevus"], "melanoma", 0.3, "local"
+    )
+    assert frame["melanoma_alert"].tolist() == [True, False]
 
 
 def test_a_model_trained_on_synthetic_shapes_says_so_in_every_answer(store: Path, tmp_path: Path) -> None:
@@ -186,8 +206,12 @@ def test_default_model_is_the_champion_or_else_the_newest(tracking: str, store: 
         client.delete_registered_model_alias(NAME, "champion")
 
 
-def test_predict_command_writes_csv_and_alert_lines(tracking: str, tmp_path: Path) -> None:
-    folder = _folder(tmp_path)
+def test_predict_command_writes_csv_and_alert_lines(tracking: str, store: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("high.png", "low.png"):
+        shutil.copy(store / name, folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     result = run_skin_lesion(
         tmp_path, "predict", str(folder), "--model", f"models:/{NAME}/1", "--output", "p.csv",
@@ -197,9 +221,11 @@ def test_predict_command_writes_csv_and_alert_lines(tracking: str, tmp_path: Pat
     table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert list(table.columns)[:2] == ["path", "predicted_label"]
     assert {"p_melanoma", "melanoma_alert", "error"} <= set(table.columns)
-    assert result.stdout.count("MELANOMA ALERT") == 3
+    assert [line.split()[-1] for line in result.stdout.splitlines() if "MELANOMA ALERT" in line] == [
+        str(folder / "high.png")
+    ]
     assert "ERROR " in result.stdout
-    assert "4 images, 3 melanoma alerts, 1 unreadable" in result.stdout
+    assert "3 images, 1 melanoma alert, 1 unreadable" in result.stdout
 
 
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path: Path) -> None:
@@ -224,13 +250,13 @@ def test_grad_cam_reaches_inside_a_pretrained_backbone(tmp_path: Path) -> None:
     assert 0.0 <= heatmap.min() <= heatmap.max() <= 1.0
 
 
-def test_grad_cam_overlays_are_written_for_alerts(tracking: str, tmp_path: Path) -> None:
+def test_grad_cam_overlays_are_written_for_alerts(tracking: str, store: Path, tmp_path: Path) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
-    table = predict_files(model, collect_images([_folder(tmp_path)]))
-    explain_alerts(model, table, tmp_path / "cams")
+    table = predict_files(model, [store / "high.png", store / "low.png"])
+    assert explain_alerts(model, table, tmp_path / "cams") == 1
     written = sorted(path.name for path in (tmp_path / "cams").iterdir())
-    assert written == ["ok_0_gradcam.png", "ok_1_gradcam.png", "ok_2_gradcam.png"]
-    with Image.open(tmp_path / "cams" / "ok_0_gradcam.png") as figure:
+    assert written == ["high_gradcam.png"]  # low.png raised no alert
+    with Image.open(tmp_path / "cams" / "high_gradcam.png") as figure:
         assert figure.width >= 2 * 384  # the original and the overlay, each at a readable size
 
 
@@ -251,7 +277,7 @@ def test_an_empty_grad_cam_map_is_said_in_words_without_a_colour_scale() -> None
 
 
 @pytest.mark.slow
-def test_served_model_answers_on_localhost(tracking: str, tmp_path: Path) -> None:
+def test_served_model_answers_on_localhost(tracking: str, store: Path) -> None:
     port = free_port()
     command = [
         "mlflow", "models", "serve", "-m", f"models:/{NAME}/1",
@@ -259,12 +285,11 @@ def test_served_model_answers_on_localhost(tracking: str, tmp_path: Path) -> Non
     ]  # fmt: skip
     path = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     with running_server(command, f"http://127.0.0.1:{port}/ping", path, SERVER_START_S):
-        image = write_image(tmp_path / "x.jpg", (150, 60, 60), size=40)
-        status, body = _post(port, [[_b64(image)]])
+        status, body = _post(port, [[_b64(store / "high.png")], [_b64(store / "low.png")]])
         assert status == 200, body
-        prediction = json.loads(body)["predictions"][0]
-        assert prediction["melanoma_alert"] is True
-        assert prediction["predicted_label"] in CLASSES
+        high, low = json.loads(body)["predictions"]
+        assert (high["melanoma_alert"], low["melanoma_alert"]) == (True, False)
+        assert high["predicted_label"] in CLASSES
         status, body = _post(port, [[base64.b64encode(b"not an image").decode()]])
         assert status == 400, body
         assert "cannot decode image" in body
@@ -358,15 +383,15 @@ def _post_body(port: int, body: bytes) -> tuple[int, str]:
     return http_request(f"http://127.0.0.1:{port}/invocations", body)
 
 
-def test_skin_lesion_serve_answers_every_image_of_a_batch(tracking: str, tmp_path: Path) -> None:
+def test_skin_lesion_serve_answers_every_image_of_a_batch(tracking: str, store: Path, tmp_path: Path) -> None:
     # Served from a downloaded copy: no tracking server needed while it runs.
     folder = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model"))
     port = free_port()
     command = [sys.executable, "-m", "skin_lesion.app.cli", "serve", "--model", folder, "--port", str(port)]
     with running_server(command, f"http://127.0.0.1:{port}/health", timeout_s=SERVER_START_S):
-        good = _b64(write_image(tmp_path / "x.jpg", (150, 60, 60), size=40))
+        good, low = _b64(store / "high.png"), _b64(store / "low.png")
         broken = base64.b64encode(b"not an image at all").decode()
-        status, body = _post(port, [[good], [broken], ["%%% not base64"], [good]])
+        status, body = _post(port, [[good], [broken], ["%%% not base64"], [low]])
         assert status == 200, body
         rows = json.loads(body)["predictions"]
         assert [row["error"] for row in rows] == [
@@ -376,7 +401,7 @@ def test_skin_lesion_serve_answers_every_image_of_a_batch(tracking: str, tmp_pat
             "",
         ]
         assert rows[1]["p_melanoma"] is None
-        assert rows[0]["melanoma_alert"] is True
+        assert (rows[0]["melanoma_alert"], rows[3]["melanoma_alert"]) == (True, False)
         for payload, expected in [
             (
                 b'{"dataframe_split": {"columns": ["image"], "data": []}}',
