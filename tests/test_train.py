@@ -334,7 +334,7 @@ def test_short_fit_returns_model_and_summary() -> None:
     model, summary = train_model(x, y, x, y, params.base, params.train)
     probabilities = model.predict(x[:4], verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    assert summary["device"] == detect_device() == "cpu"
+    assert summary["device"] == detect_device()  # whichever this machine trains on
     assert summary["train_images"] == 24
     assert {"loss", "accuracy", "val_loss", "val_accuracy", MONITOR} <= summary.keys()
 
