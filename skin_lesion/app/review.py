@@ -106,38 +106,60 @@ def create_review_app(
 ) -> FastAPI:
     """The review page and its JSON API, for one loaded model (`version` from promotion.describe_version)."""
     app = FastAPI(title="skin-lesion review", docs_url=None, redoc_url=None, openapi_url=None)
-    classifier = model.unwrap_python_model()
-    config = classifier.config
-    session = Session()
-    page = page_context(config, version, mlflow_ui)
+    routes = ReviewRoutes(model.unwrap_python_model(), version, store, mlflow_ui, token)
+    app.middleware("http")(routes.require_token)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/", routes.index, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/model-card", routes.model_card, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/api/score", routes.score, methods=["POST"])
+    app.add_api_route("/api/gradcam/{sha256}", routes.gradcam, methods=["GET"])
+    app.add_api_route("/api/diagnoses", routes.diagnoses, methods=["GET"])
+    app.add_api_route("/api/diagnoses", routes.record, methods=["POST"])
+    return app
 
-    @app.middleware("http")
-    async def require_token(request: Request, call_next: Any) -> Response:
-        if token is None or request.url.path == "/health":
+
+class ReviewRoutes:
+    """The page's routes over one model, its session of uploads and the feedback store."""
+
+    def __init__(
+        self,
+        classifier: Any,
+        version: dict[str, Any],
+        store: FeedbackStore,
+        mlflow_ui: str,
+        token: str | None,
+    ) -> None:
+        self.classifier, self.version, self.store, self.token = classifier, version, store, token
+        self.session = Session()
+        self.page = page_context(classifier.config, version, mlflow_ui)
+
+    async def require_token(self, request: Request, call_next: Any) -> Response:
+        """Every route but /health needs the token when one is set (header, cookie or ?token=)."""
+        if self.token is None or request.url.path == "/health":
             return await call_next(request)
         offered = request.headers.get("authorization", "").removeprefix("Bearer ")
         offered = offered or request.cookies.get(TOKEN_COOKIE, "") or request.query_params.get("token", "")
-        if not secrets.compare_digest(offered.encode(), token.encode()):
+        if not secrets.compare_digest(offered.encode(), self.token.encode()):
             return _message(401, "this page needs its access token: open /?token=<SKIN_LESION_REVIEW_TOKEN>")
         response = await call_next(request)
         if request.query_params.get("token"):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
         return response
 
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok", "model": version["uri"]}
+    def health(self) -> dict[str, str]:
+        """Alive, and which model it serves."""
+        return {"status": "ok", "model": self.version["uri"]}
 
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return _TEMPLATES.get_template("review.html").render(**page)
+    def index(self) -> str:
+        """The review page."""
+        return _TEMPLATES.get_template("review.html").render(**self.page)
 
-    @app.get("/model-card", response_class=HTMLResponse)
-    def model_card() -> str:
-        return _TEMPLATES.get_template("model_card.html").render(**page)
+    def model_card(self) -> str:
+        """The version's model card, rendered."""
+        return _TEMPLATES.get_template("model_card.html").render(**self.page)
 
-    @app.post("/api/score")
-    async def score(request: Request) -> JSONResponse:
+    async def score(self, request: Request) -> JSONResponse:
+        """A card per uploaded image; each prediction logged, without the image."""
         body = await read_limited(request, MAX_REQUEST_BYTES)
         if body is None:
             limit = MAX_IMAGE_BYTES // 2**20
@@ -147,45 +169,44 @@ def create_review_app(
         except ValueError as err:
             return _message(400, str(err))
         # The model is CPU-bound: scoring off the event loop keeps the page and /health answering.
-        cards = await run_in_threadpool(score_uploads, classifier, uploads, session)
-        rows = [log_row(card, version) for card in cards if "error" not in card]
+        cards = await run_in_threadpool(score_uploads, self.classifier, uploads, self.session)
+        rows = [log_row(card, self.version) for card in cards if "error" not in card]
         if rows:
-            await run_in_threadpool(store.log_predictions, rows)
+            await run_in_threadpool(self.store.log_predictions, rows)
         return JSONResponse({"cards": cards})
 
-    @app.get("/api/gradcam/{sha256}")
-    async def gradcam(sha256: str) -> Response:
-        upload = session.get(sha256)
+    async def gradcam(self, sha256: str) -> Response:
+        """The Grad-CAM figure of an upload still held in this session."""
+        upload = self.session.get(sha256)
         if upload is None:
             return _message(404, "that image is no longer held: upload it again")
         try:
-            png = await run_in_threadpool(explanation_png, classifier, upload)
+            png = await run_in_threadpool(explanation_png, self.classifier, upload)
         except PipelineError as err:
             return _message(422, str(err))
         return Response(png, media_type="image/png")
 
-    @app.get("/api/diagnoses")
-    async def diagnoses() -> JSONResponse:
-        table = await run_in_threadpool(store.diagnoses)
+    async def diagnoses(self) -> JSONResponse:
+        """Every recorded diagnosis, without the images."""
+        table = await run_in_threadpool(self.store.diagnoses)
         return JSONResponse({"diagnoses": table.drop(columns="image").to_dict(orient="records")})
 
-    @app.post("/api/diagnoses")
-    async def record(request: Request) -> JSONResponse:
+    async def record(self, request: Request) -> JSONResponse:
+        """Record a diagnosis of an upload still held, storing its image with it."""
         body = await read_limited(request, MAX_DIAGNOSIS_BYTES)
         if body is None:
             return _message(413, f"a diagnosis is at most {MAX_DIAGNOSIS_BYTES // 2**10} KiB")
         try:
-            sha256, diagnosis, biopsy = diagnosis_of_request(body, page["diagnoses"])
+            sha256, diagnosis, biopsy = diagnosis_of_request(body, self.page["diagnoses"])
         except ValueError as err:
             return _message(400, str(err))
-        upload = session.get(sha256)
+        upload = self.session.get(sha256)
         if upload is None:
             return _message(404, "that image is no longer held: upload it again, then record the diagnosis")
-        entry = Diagnosis(sha256, upload.filename, diagnosis, biopsy, version["version"], upload.p_melanoma)
-        await run_in_threadpool(store.record_diagnosis, entry, upload.data, upload.suffix)
+        version = self.version["version"]
+        entry = Diagnosis(sha256, upload.filename, diagnosis, biopsy, version, upload.p_melanoma)
+        await run_in_threadpool(self.store.record_diagnosis, entry, upload.data, upload.suffix)
         return JSONResponse({"recorded": sha256, "diagnosis": diagnosis}, status_code=201)
-
-    return app
 
 
 def page_context(config: dict[str, Any], version: dict[str, Any], mlflow_ui: str) -> dict[str, Any]:
