@@ -419,6 +419,11 @@ def test_in_a_browser_a_clinician_triages_records_and_finds_the_diagnosis_after_
         ]
         cards.nth(0).get_by_role("button", name="Show Grad-CAM").click()
         page.wait_for_function("document.querySelector('img.gradcam').naturalWidth > 0", timeout=60_000)
+        # Shown at its own size across the row, so that its caption reads; not shrunk into the card.
+        figure = page.locator("img.gradcam")
+        shown, natural = figure.evaluate("image => [image.width, image.naturalWidth]")
+        assert shown == natural, (shown, natural)
+        page.screenshot(path=str(tmp_path / "gradcam.png"), full_page=True)
         cards.nth(0).locator("select").select_option("melanoma")
         cards.nth(0).get_by_placeholder("biopsy result (optional)").fill("melanoma in situ")
         cards.nth(0).get_by_role("button", name="Record diagnosis").click()
@@ -426,4 +431,7 @@ def test_in_a_browser_a_clinician_triages_records_and_finds_the_diagnosis_after_
         page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
         page.reload()
         page.wait_for_selector("[data-testid=diagnosis-row]:has-text('melanoma in situ')")
+        page.goto(f"{review['url']}/model-card")
+        assert page.locator("table td").first.inner_text() == "test"  # a table, not pipes
+        page.screenshot(path=str(tmp_path / "model_card.png"), full_page=True)
         browser.close()
