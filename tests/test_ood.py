@@ -23,10 +23,10 @@ def _gaussian(seed: int, n: int, shift: float = 0.0) -> np.ndarray:
     return np.random.default_rng(seed).normal(shift, 1.0, (n, 8))
 
 
-def test_threshold_flags_the_chosen_share_of_validation_images() -> None:
+def test_new_images_like_the_validation_ones_are_flagged_at_the_chosen_rate() -> None:
     ood = fit_ood(_gaussian(0, 500), _gaussian(1, 400), quantile=0.9)
-    flagged = ood.score(_gaussian(1, 400)) > ood.threshold
-    assert abs(flagged.mean() - 0.1) <= 0.0025
+    flagged = ood.score(_gaussian(5, 4000)) > ood.threshold  # unseen, from the validation distribution
+    assert abs(flagged.mean() - 0.1) <= 0.04  # the quantile of 400 images: about +-0.015 each way
 
 
 def test_embeddings_far_from_training_are_flagged_and_near_ones_are_not() -> None:
