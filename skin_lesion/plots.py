@@ -167,7 +167,12 @@ def _confusion_figure(
     figure = Figure(figsize=(8, 7), layout="constrained")
     axis = figure.subplots()
     ConfusionMatrixDisplay(np.nan_to_num(counts), display_labels=list(classes)).plot(
-        ax=axis, colorbar=True, xticks_rotation=45, cmap="Blues", values_format=".2f" if normalised else "d"
+        ax=axis,
+        colorbar=True,
+        xticks_rotation=45,
+        cmap="Blues",
+        values_format=".2f" if normalised else "d",
+        im_kw={"vmin": 0, "vmax": 1} if normalised else None,  # a share's scale is 0 to 1
     )
     for label in axis.get_xticklabels():
         label.set_horizontalalignment("right")  # long class names end under their column
