@@ -327,6 +327,8 @@ def reference_figures(
         "melanomas": int((np.asarray(y_test) == melanoma).sum()),
         "melanoma_sensitivity": point["sensitivity"],
         "melanoma_sensitivity_ci": metrics["confidence_intervals"].get("melanoma_sensitivity"),
+        # Per 100 non-melanoma lesions, carcinomas included; the key keeps its old name because
+        # registered versions carry it.
         "alerts_per_100_benign": None if specificity is None else 100 * (1 - specificity),
         "alert_rate": point["alerts_per_100"] / 100,
         "ood_rate": float(np.mean(unlike_training)),
