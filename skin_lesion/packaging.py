@@ -76,12 +76,13 @@ def pip_requirements(backend: str, lock: Path) -> list[str]:
     missing = [name for name in MODEL_PACKAGES if name not in pinned]
     if missing:
         raise PipelineError(f"{lock}: pins no version of {', '.join(missing)}, which the model imports")
-    backend_packages = [name for name in BACKEND_PACKAGES.get(backend, (backend,)) if name in pinned]
+    candidates = BACKEND_PACKAGES.get(backend, (backend,))
+    backend_packages = [name for name in candidates if name in pinned]
     locked = (*MODEL_PACKAGES, *backend_packages)
     requirements = [f"{name}=={pinned[name]}" for name in locked]
     if not backend_packages:
         log.warning("%s does not pin the %s backend: the model pins the installed version", lock, backend)
-        requirements += [f"{name}=={version}" for name, version in _installed(BACKEND_PACKAGES[backend])]
+        requirements += [f"{name}=={version}" for name, version in _installed(candidates)]
     _warn_when_installed_differs(dict(_installed(locked)), pinned, lock)
     return requirements
 

@@ -16,7 +16,7 @@ from skin_lesion.errors import PipelineError
 from skin_lesion.registry import CHAMPION_ALIAS, TEST_SPLIT_TAG
 from skin_lesion.tracking import tracking_uri
 
-log = logging.getLogger("skin_lesion.registry")
+log = logging.getLogger("skin_lesion.app.promotion")
 
 REPLACED_TAG = "replaced_version"  # the version a forced promotion moved the alias away from
 
