@@ -40,6 +40,7 @@ class StandinArchive:
     page_size: int = 100
     latency_s: float = 0.0
     requests: Counter = field(default_factory=Counter)
+    files_requested: list[str] = field(default_factory=list)  # image ids, in the order asked for
     base_url: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -152,6 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _file(self, isic_id: str) -> None:
         self.archive.count("file")
+        with self.archive._lock:
+            self.archive.files_requested.append(isic_id)
         if self.archive.latency_s:
             time.sleep(self.archive.latency_s)
         body = self.archive.images.get(isic_id)
