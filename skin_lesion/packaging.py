@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from skin_lesion.errors import PipelineError
 
@@ -47,7 +48,8 @@ BACKEND_PACKAGES = {
 
 def locked_versions(lock_text: str) -> dict[str, str]:
     """Name -> version of each `name==version` line of a pip requirements lock whose marker holds here."""
-    # A hashed export continues each requirement over lines ending in a backslash.
+    # `packaging` reads one requirement, not a requirements file: the file's own syntax (a hashed
+    # export continues each requirement over lines ending in a backslash) is undone here.
     lines = lock_text.replace("\\\n", " ").splitlines()
     versions = {}
     for line in lines:
@@ -60,7 +62,7 @@ def locked_versions(lock_text: str) -> dict[str, str]:
             raise PipelineError(f"the lock has a line pip cannot read: {text!r} ({err})") from None
         pins = [spec.version for spec in requirement.specifier if spec.operator == "=="]
         if pins and (requirement.marker is None or requirement.marker.evaluate()):
-            versions[_normalise(requirement.name)] = pins[0]
+            versions[canonicalize_name(requirement.name)] = pins[0]
     return versions
 
 
@@ -115,7 +117,3 @@ def _warn_when_installed_differs(installed: dict[str, str], pinned: dict[str, st
     ]
     if differ:
         log.warning("installed versions differ from %s: %s", lock, ", ".join(differ))
-
-
-def _normalise(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")

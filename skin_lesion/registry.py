@@ -57,10 +57,10 @@ def log_servable_model(
     It ships only the code that loading it needs (packaging.MODEL_CODE) and `requirements`, the
     pinned packages that code imports (packaging.pip_requirements). `data_source` (download.source)
     travels with it: a model trained on synthetic shapes says so in every answer (`model_warning`)
-    and in its metadata. `ood_path` is its OOD summary (.npz of
-    skin_lesion/ood.py); `test_figures` are what its test split said (metrics.reference_figures),
-    which the review page and `skin-lesion monitor` read from the registry. With `mirror_average`,
-    every consumer averages each image with its mirror, as evaluate did.
+    and in its metadata. `ood_path` is its OOD summary (.npz of skin_lesion/ood.py); `test_figures`
+    are what its test split said (metrics.reference_figures), which the review page and
+    `skin-lesion monitor` read from the registry. With `mirror_average`, every consumer averages each
+    image with its mirror, as evaluate did.
     """
     config = {
         "classes": list(classes),

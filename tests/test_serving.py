@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
 from skin_lesion.app.gradcam import explain_alerts, explanation_figure, grad_cam
@@ -311,10 +312,11 @@ def test_a_registered_model_loads_from_its_own_code_and_needs_only_its_requireme
     script = f"""
 import importlib.metadata, sys
 sys.path.append({sysconfig.get_paths()["purelib"]!r})  # without its .pth files: not this project
+from packaging.utils import canonicalize_name
 allowed = {sorted(allowed)!r}
 owners = importlib.metadata.packages_distributions()
 absent = {{top for top, dists in owners.items()
-          if not any(d.lower().replace("_", "-").replace(".", "-") in allowed for d in dists)}}
+          if not any(canonicalize_name(d) in allowed for d in dists)}}
 absent.discard("skin_lesion")  # the model's own copy
 
 class Absent:  # as if not installed: optional imports fall back, required ones fail
@@ -337,13 +339,9 @@ print(frame.loc[0, "predicted_label"], skin_lesion.__file__, sep="\\n")
     assert Path(code).is_relative_to(model / "code")  # the model's own copy, not this checkout
 
 
-def _normal(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
 def _with_dependencies(names: list[str]) -> set[str]:
     """The distributions `names` need when installed, as pip would resolve them here (no extras)."""
-    found, todo = set(), [_normal(name) for name in names]
+    found, todo = set(), [canonicalize_name(name) for name in names]
     while todo:
         name = todo.pop()
         if name in found:
@@ -352,7 +350,7 @@ def _with_dependencies(names: list[str]) -> set[str]:
         for text in importlib.metadata.requires(name) or []:
             requirement = Requirement(text)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                todo.append(_normal(requirement.name))
+                todo.append(canonicalize_name(requirement.name))
     return found
 
 

@@ -83,11 +83,9 @@ def drift_report(
         status = "too few predictions"
     else:
         status = "compared"
-    drifted = [
-        name
-        for name, (recent, reference) in compared.items()
-        if status == "compared" and abs(recent - reference) > tolerance
-    ]
+    drifted = []
+    if status == "compared":
+        drifted = [name for name, (recent, old) in compared.items() if abs(recent - old) > tolerance]
     return {
         "images": len(log),
         "status": status,
