@@ -42,7 +42,12 @@ def main() -> None:
     test = pd.read_csv(args.workspace / "data" / "split" / "test.csv")
     test = test.assign(path=[str(args.workspace / path) for path in test["path"]], target=test["label"])
     settings = load_params(args.workspace / "params.yaml").evaluate.external[args.external]
-    external = list_set(args.workspace / "data" / "external" / args.external, args.external, settings)
+    external = list_set(
+        args.workspace / "data" / "external" / args.external,
+        f"evaluate.external.{args.external}",
+        settings.labels_csv,
+        settings.label_map,
+    )
     scored = {
         name: rows.reset_index(drop=True).join(classifier.score(load_images(rows["path"].tolist(), size)))
         for name, rows in (("test split", test), (args.external, external))

@@ -41,6 +41,13 @@ def inspect_images(paths: Iterable[str], max_pixels: int | None, min_side: int =
     return pd.DataFrame(rows, columns=["rejected", "pixel_sha256", "phash"])
 
 
+def photo_groups(hashes: pd.DataFrame, group_distance: int) -> np.ndarray:
+    """A group number per image: same decoded pixels, or perceptual hashes within `group_distance` bits
+    (photos of one lesion, as the split keeps them together)."""
+    pairs = _pairs_sharing(hashes, "pixel_sha256") + _near_pairs(hashes["phash"], group_distance)
+    return _components(len(hashes), pairs)
+
+
 def resolve_duplicates(
     valid: pd.DataFrame,
     exact_groups: np.ndarray,

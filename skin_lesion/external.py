@@ -64,7 +64,8 @@ def load_external_sets(
     loaded = []
     with tempfile.TemporaryDirectory() as scratch:
         for name, settings in sets.items():
-            rows = list_set(locate_set(folder, name, Path(scratch)), name, settings)
+            root = locate_set(folder, name, Path(scratch))
+            rows = list_set(root, f"evaluate.external.{name}", settings.labels_csv, settings.label_map)
             rows, left_out = leave_out_copies(rows, seen, max_distance)
             if not (rows["target"] == melanoma_class).any():
                 raise PipelineError(
@@ -99,48 +100,53 @@ def locate_set(folder: Path, name: str, scratch: Path) -> Path:
     raise PipelineError(f"evaluate.external.{name}: neither {root}/ nor {archive} exists")
 
 
-def list_set(root: Path, name: str, settings: ExternalSetParams) -> pd.DataFrame:
-    """The set's images: path, the set's own label, and the class it maps to (or `other`)."""
+def list_set(root: Path, what: str, labels_csv: str, label_map: Mapping[str, str]) -> pd.DataFrame:
+    """The set's images: path, the set's own label, and the class it maps to (or `other`).
+
+    `what` is the parameter section that named the set (`evaluate.external.<name>`, `site`).
+    """
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if settings.labels_csv:
-        table = read_table(root / settings.labels_csv, ["isic_id", "label"], what=f"evaluate.external.{name}")
+    if labels_csv:
+        table = read_table(root / labels_csv, ["isic_id", "label"], what=what)
         labels = dict(zip(table["isic_id"].astype(str), table["label"].astype(str), strict=True))
         unlabelled = [path for path in files if path.stem not in labels]
         if unlabelled:
             log.warning(
-                "evaluate.external.%s: %d images have no row in %s; left out",
-                name,
+                "%s: %d images have no row in %s; left out",
+                what,
                 len(unlabelled),
-                settings.labels_csv,
+                labels_csv,
             )
         rows = [(str(path), labels[path.stem]) for path in files if path.stem in labels]
     else:
         # The folder an image is in is its label: <name>/<label>/* and export-feedback's Train/<label>/*.
         rows = [(str(path), path.parent.name) for path in files if path.parent != root]
     if not rows:
-        raise PipelineError(f"evaluate.external.{name}: no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
+        raise PipelineError(f"{what}: no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
     images = pd.DataFrame(rows, columns=["path", "label"])
-    unmapped = sorted(set(images["label"]) - set(settings.label_map))
+    unmapped = sorted(set(images["label"]) - set(label_map))
     if unmapped:
         count = int(images["label"].isin(unmapped).sum())
         raise PipelineError(
-            f"evaluate.external.{name}.label_map: no entry for label {unmapped[0]!r} "
+            f"{what}.label_map: no entry for label {unmapped[0]!r} "
             f"({count} images of {root}; map it to a class or to {OTHER_LABEL!r})"
         )
-    images["target"] = images["label"].map(settings.label_map)
+    images["target"] = images["label"].map(label_map)
     return images
 
 
 def leave_out_copies(
     images: pd.DataFrame, seen: pd.DataFrame, max_distance: int
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The images that are neither unreadable nor copies of `seen` images, and how many were left out."""
+    """The images that are neither unreadable nor copies of `seen` images (with their pixel and
+    perceptual hashes), and how many were left out."""
     hashes = inspect_images(images["path"], max_pixels=None)
     readable = (hashes["rejected"] == "").to_numpy()
     exact = hashes["pixel_sha256"].isin(set(seen["pixel_sha256"])).to_numpy()
     near = near_duplicate_mask(hashes["phash"], seen["phash"], max_distance)
     copies = readable & (exact | near)
-    kept = images[readable & ~copies].reset_index(drop=True)
+    hashed = images.assign(pixel_sha256=hashes["pixel_sha256"].to_numpy(), phash=hashes["phash"].to_numpy())
+    kept = hashed[readable & ~copies].reset_index(drop=True)
     return kept, {"unreadable": int((~readable).sum()), "copies_of_training": int(copies.sum())}
 
 

@@ -36,6 +36,7 @@ def capped_balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, class_cap: 
 
 
 PARTIAL_AUC_SENSITIVITY = 0.8  # the ISIC challenges' "AUC above 80 % sensitivity"
+SITE_RULE = "site"  # the threshold rule of a threshold chosen on a site's cross-fitted scores
 
 
 def score_test_split(
@@ -46,19 +47,23 @@ def score_test_split(
     settings: EvaluateParams,
     seed: int,
     val_collections: np.ndarray | None = None,
+    site_threshold: float | None = None,
 ) -> dict[str, Any]:
     """The test metrics, the melanoma operating point (threshold chosen on val), intervals and ECE.
 
     `val` and `test` are (labels, probabilities) pairs. The threshold follows evaluate.threshold_rule;
     every rule's threshold and test operating point are reported (`threshold_rules`), so that what a
-    sensitivity floor in every collection costs in false alerts shows beside the rule in use.
+    sensitivity floor in every collection costs in false alerts shows beside the rule in use. A
+    `site_threshold` (chosen on a site's cross-fitted scores) is the rule `site`, and the one in use.
     """
     (y_val, p_val), (y_test, p_test) = val, test
     collections = val_collections if val_collections is not None else np.full(len(y_val), "")
     thresholds = alert_thresholds(
         y_val == melanoma, p_val[:, melanoma], collections, settings.target_sensitivity
     )
-    threshold = thresholds[settings.threshold_rule]
+    if site_threshold is not None:
+        thresholds[SITE_RULE] = site_threshold
+    threshold = thresholds[SITE_RULE if site_threshold is not None else settings.threshold_rule]
     metrics = compute_metrics(y_test, p_test, classes, melanoma)
     metrics["melanoma"]["operating_point"] = operating_point(
         y_test == melanoma, p_test[:, melanoma], threshold
@@ -261,6 +266,15 @@ def experiment_row(metrics: dict[str, Any], version: int) -> dict[str, float | i
             if metrics.get("external")
             else {}
         ),
+        **(
+            {
+                "site_mel_auc": _rounded(metrics["site"]["melanoma_auc"]),
+                "site_sens": _rounded(metrics["site"]["alert"]["sensitivity"]),
+                "site_false_alerts": _rounded(metrics["site"]["alert"]["false_alert_rate"]),
+            }
+            if metrics.get("site")
+            else {}
+        ),
         "version": version,
     }
 
@@ -278,6 +292,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
         "melanoma_auc": metrics["melanoma"]["auc"],
         "melanoma_auc_sens_80": metrics["melanoma"]["auc_sens_80"],
         "external_melanoma_auc": mean_external_melanoma_auc(metrics.get("external", {})),
+        "site_melanoma_auc": (metrics.get("site") or {}).get("melanoma_auc"),
     }
     return {key: float(value) for key, value in values.items() if value is not None}
 
@@ -341,4 +356,20 @@ def reference_figures(
             }
             for name, result in (external or {}).items()
         },
+        **({"site": site_reference(metrics["site"])} if metrics.get("site") else {}),
+    }
+
+
+def site_reference(site: dict[str, Any]) -> dict[str, Any]:
+    """What the review page and predict quote of a site's cross-fitted figures."""
+    alert = site["alert"]
+    return {
+        "name": site["site"],
+        "images": site["images"],
+        "melanomas": alert["sensitivity_n"],
+        "melanoma_auc": site["melanoma_auc"],
+        "sensitivity": alert["sensitivity"],
+        "sensitivity_ci": alert["sensitivity_ci"],
+        "false_alert_rate": alert["false_alert_rate"],
+        "threshold_source": site["threshold_source"],
     }

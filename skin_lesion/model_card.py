@@ -47,8 +47,10 @@ def render_model_card(
     data: dict[str, Any],
     external: dict[str, dict[str, Any]],
     rule: str,
+    site: dict[str, Any] | None = None,
 ) -> str:
-    """The model card: data and provenance, split, metrics with intervals, threshold, use, limits."""
+    """The model card: data and provenance, split, metrics with intervals, threshold, use, limits;
+    with `site` (sites.site_figures), the site's cross-fitted figures and where its threshold came from."""
     intervals, warning = metrics["confidence_intervals"], trained_on_warning(download.source)
     point = metrics["melanoma"]["operating_point"]
 
@@ -96,11 +98,17 @@ def render_model_card(
         "",
         "## Melanoma alert",
         "",
-        f"An alert is raised when P(melanoma) >= {point['threshold']:.4f}, chosen on the validation split",
+        f"An alert is raised when P(melanoma) >= {point['threshold']:.4f}, chosen on "
+        + (
+            f"site {site['site']}'s cross-fitted melanomas"
+            if site and site["threshold_source"] == "site"
+            else "the validation split"
+        ),
         f"to reach {target_sensitivity:.0%} sensitivity there. On the test split:",
         f"sensitivity {with_interval(point['sensitivity'], 'melanoma_sensitivity')}, "
         f"specificity {_shown(point['specificity'])}, {point['alerts_per_100']:.1f} alerts per 100 images.",
         "",
+        *site_lines(site or {}),
         *external_lines(external, metrics, base.melanoma_class),
         *threshold_rule_lines(metrics["melanoma"]["threshold_rules"], external, rule, target_sensitivity),
         *_collection_lines(shift["by_collection"]),
@@ -114,6 +122,60 @@ def render_model_card(
         *[f"- Provenance: {warning}." for warning in data["provenance"]["warnings"]],
     ]
     return "\n".join(lines) + "\n"
+
+
+def site_lines(site: dict[str, Any]) -> list[str]:
+    """The site's cross-fitted figures: what the model does on images of the site it did not learn."""
+    if not site:
+        return []
+
+    def alert(figures: dict[str, Any]) -> str:
+        return (
+            f"sensitivity {_with_bounds(figures['sensitivity'], figures['sensitivity_ci'])} of "
+            f"{figures['sensitivity_n']} melanomas, false alerts "
+            f"{_with_bounds(figures['false_alert_rate'], figures['false_alert_rate_ci'])} of "
+            f"{figures['false_alert_rate_n']} other lesions"
+        )
+
+    left_out = site.get("left_out") or {}
+    lines = [
+        f"## At site {site['site']} (cross-fitted)",
+        "",
+        f"The model also learned from {site['images']} of the site's own images ({site['melanomas']} "
+        f"melanomas, each weighing {site['weight']:g} training images; "
+        f"{left_out.get('copies_of_training', 0)} copies of training images left out). Every figure here",
+        f"is on images scored by a model fitted without them ({site['folds']} folds, photos of one lesion",
+        "in one fold); the shipped model learned from all of them.",
+        "",
+        f"- Melanoma AUC: {_with_bounds(site['melanoma_auc'], site['melanoma_auc_ci'])}",
+        f"- Threshold {site['threshold']:.4f} ({site['threshold_source']}: {site['threshold_reason']}): "
+        + alert(site["alert"]),
+        "- The site rule judged on folds that did not choose their threshold: "
+        + alert(site["alert_threshold_cross_validated"]),
+        f"- At the validation threshold: {alert(site['alert_at_validation_threshold'])}",
+    ]
+    verification = site.get("verification")
+    if verification:
+        lines.append(verification_line(verification))
+    else:
+        lines.append("- Verification bias: unknown (the set came without the review page's prediction log).")
+    return [*lines, ""]
+
+
+def verification_line(verification: dict[str, Any]) -> str:
+    """Which share of the logged images got a diagnosis, and whether alerted ones got one more often."""
+    line = (
+        f"- Diagnoses were recorded for {verification['diagnosed_images']} of the "
+        f"{verification['logged_images']} images logged at the site; alert rate among them "
+        f"{_shown(verification['alert_rate_diagnosed'])}, among all logged "
+        f"{_shown(verification['alert_rate_logged'])}"
+    )
+    if verification["biased"]:
+        return (
+            line + f" (**differs beyond chance**, p = {verification['p_value']:.3g}: the site's figures "
+            "describe the images clinicians chose to record, not the clinic's stream)."
+        )
+    return line + "."
 
 
 def external_lines(

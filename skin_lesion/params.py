@@ -219,6 +219,7 @@ class EvaluateParams(_Section):
         "melanoma_auc",
         "melanoma_auc_sens_80",
         "external_melanoma_auc",
+        "site_melanoma_auc",
     ]
     promote_margin: Float = Field(ge=0)
     ood_quantile: Float = Field(gt=0, lt=1)
@@ -244,6 +245,26 @@ class EvaluateParams(_Section):
         return self
 
 
+SITE_THRESHOLD_RULES = ("site", "validation")
+
+
+class SiteParams(_Section):
+    # '' (no site) or the name of a labelled set under data/sites/ that training also learns from
+    # (letters, digits, _ and -: it names a folder and the registry alias champion-<name>)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$|^$")
+    # As an external set: a CSV with isic_id and label columns, or '' for the folder names
+    labels_csv: str
+    # Each label onto a class or `other`; {}: the labels are class names (what export-feedback writes)
+    label_map: dict[str, str]
+    weight: Float = Field(gt=0)  # of a site image in the probe's fit, against 1 for a training image
+    folds: Int = Field(ge=2, le=20)  # cross-fitting: each site image scored by a model without its fold
+    # site: the alert threshold chosen on the site's cross-fitted scores | validation: on the val split
+    threshold: Literal["site", "validation"]
+    min_melanomas: Int = Field(ge=1)  # fewer site melanomas: the validation threshold stays
+    curve_sizes: list[Annotated[Int, Field(ge=2)]]  # site images per point of the learning curve
+    curve_repeats: Int = Field(ge=0)  # random subsamples per size; 0: no learning curve
+
+
 class Params(_Section):
     base: BaseParams
     download: DownloadParams
@@ -251,6 +272,25 @@ class Params(_Section):
     rebalance: RebalanceParams
     train: TrainParams
     evaluate: EvaluateParams
+    site: SiteParams
+
+    @model_validator(mode="after")
+    def _check_site(self) -> Params:
+        if not self.site.name:
+            return self
+        if self.train.recipe != "linear_probe":
+            raise ValueError(
+                f"site.name={self.site.name}: only train.recipe=linear_probe learns from a site's images "
+                f"(train.recipe is {self.train.recipe})"
+            )
+        allowed = {*self.base.classes, OTHER_LABEL}
+        for label, target in self.site.label_map.items():
+            if target not in allowed:
+                raise ValueError(
+                    f"site.label_map: {label!r} maps to {target!r}, "
+                    f"which is neither in base.classes nor {OTHER_LABEL!r}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_diagnosis_classes(self) -> Params:
@@ -274,6 +314,8 @@ class Params(_Section):
                     )
         if self.evaluate.promote_metric == "external_melanoma_auc" and not self.evaluate.external:
             raise ValueError("evaluate.promote_metric=external_melanoma_auc needs evaluate.external sets")
+        if self.evaluate.promote_metric == "site_melanoma_auc" and not self.site.name:
+            raise ValueError("evaluate.promote_metric=site_melanoma_auc needs a site (site.name)")
         return self
 
     @model_validator(mode="after")

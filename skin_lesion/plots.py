@@ -224,3 +224,30 @@ def worst_misclassified_grid(
             (x + 2, y + tile + 15), f"said: {classes[predicted[index]][:15]} {confidence:.2f}", fill="red"
         )
     return grid
+
+
+def write_learning_curve(runs: pd.DataFrame, target: Path, site: str) -> None:
+    """The site's learning curve as a PNG: melanoma AUC and the alert against the site images learned."""
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    panels = {
+        "Melanoma AUC": {"unseen_auc": "on the site images not learned", "crossfit_auc": "cross-fitted"},
+        "Alert on the site images not learned": {
+            "unseen_sensitivity": "sensitivity",
+            "unseen_false_alert_rate": "false-alert rate",
+        },
+    }
+    for axis, (title, series) in zip(figure.subplots(1, 2), panels.items(), strict=True):
+        for column, label in series.items():
+            if runs.empty:
+                continue
+            axis.scatter(runs["site_images"], runs[column], alpha=0.4, s=12)
+            means = runs.groupby("site_images")[column].mean()
+            axis.plot(means.index, means.to_numpy(), marker="o", label=f"{label} (mean)")
+        axis.set(title=title, xlabel=f"images of site {site} learned from")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize="small")
+        else:
+            axis.text(0.5, 0.5, "no learning curve", ha="center", va="center", transform=axis.transAxes)
+    with atomic_file(target, suffix=".png") as tmp:
+        figure.savefig(tmp, dpi=FIGURE_DPI)

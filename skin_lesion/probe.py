@@ -21,15 +21,12 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from skin_lesion.architectures import BACKBONE_NAME, OUTPUT_LAYER
 from skin_lesion.files import atomic_file
 from skin_lesion.ood import predict_with_embeddings, with_embeddings
 
 log = logging.getLogger("skin_lesion.probe")
-
-ABSENT_CLASS_LOGIT = -30.0  # the head's bias for a class with no training image: probability ~1e-13
 
 
 def backbone_key(model: keras.Model, mirror_average: bool) -> str:
@@ -70,35 +67,6 @@ def cached_embeddings(
         np.save(tmp, embeddings)
     log.info("embedded %d images in %.0f s into %s", len(images), time.perf_counter() - started, cache_file)
     return embeddings
-
-
-def fit_probe(
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    num_classes: int,
-    c: float,
-    class_weight: str,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """An L2-regularised multinomial logistic regression, as a (features, classes) kernel and a bias."""
-    regression = LogisticRegression(
-        C=c,
-        class_weight="balanced" if class_weight == "balanced" else None,
-        max_iter=5000,
-        random_state=seed,
-    )
-    regression.fit(np.asarray(embeddings, dtype=np.float64), labels)
-    kernel = np.zeros((embeddings.shape[1], num_classes), dtype=np.float32)
-    bias = np.full(num_classes, ABSENT_CLASS_LOGIT, dtype=np.float32)
-    present = regression.classes_
-    if len(present) == 2:
-        # scikit-learn fits two classes as one logistic unit z; a softmax over (-z/2, z/2) is sigmoid(z).
-        kernel[:, present] = np.stack([-regression.coef_[0], regression.coef_[0]], axis=1) / 2
-        bias[present] = np.array([-regression.intercept_[0], regression.intercept_[0]]) / 2
-    else:
-        kernel[:, present] = regression.coef_.T
-        bias[present] = regression.intercept_
-    return kernel, bias
 
 
 MIN_COLLECTION_IMAGES = 5  # a class's images from one collection needed to estimate its shift

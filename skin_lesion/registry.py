@@ -29,10 +29,16 @@ log = logging.getLogger("skin_lesion.registry")
 
 
 CHAMPION_ALIAS = "champion"  # the registry alias of the version people rely on
+SITE_TAG = "site"  # the site (site.name) a version learned from and set its threshold for
 NEW_VERSION_ALIAS = "challenger"  # every newly registered version
 TEST_SPLIT_TAG = "test_split"  # fingerprint of the test split a version was scored on
 EXAMPLE_SKIN_TONE = (224, 172, 150)
 FINGERPRINT_LENGTH = 16  # hex digits of the test split manifest's sha256 kept in that tag
+
+
+def champion_alias(site: str = "") -> str:
+    """The alias of the version people rely on: `champion`, or `champion-<site>` for a site's own."""
+    return f"{CHAMPION_ALIAS}-{site}" if site else CHAMPION_ALIAS
 
 
 def split_fingerprint(manifest: Path) -> str:
@@ -126,6 +132,7 @@ def version_tags(
         "melanoma_threshold": f"{threshold:.6f}",
         **{f"test_{key}": str(value) for key, value in headline(metrics).items()},
         **external_tags(metrics.get("external", {})),
+        **site_tags(metrics.get("site") or {}),
         **{f"{DVC_DATA_TAG}{path}": value for path, value in (data_hashes or {}).items()},
     }
 
@@ -141,6 +148,20 @@ def external_tags(external: dict[str, dict[str, Any]]) -> dict[str, str]:
         }
         tags |= {f"external_{name}_{key}": str(value) for key, value in figures.items() if value is not None}
     return tags
+
+
+def site_tags(site: dict[str, Any]) -> dict[str, str]:
+    """The site a version learned from and its cross-fitted figures, as tags ({} without a site)."""
+    if not site:
+        return {}
+    figures = {
+        "melanoma_auc": site["melanoma_auc"],
+        "alert_sensitivity": site["alert"]["sensitivity"],
+        "false_alert_rate": site["alert"]["false_alert_rate"],
+        "threshold_source": site["threshold_source"],
+        "images": site["images"],
+    }
+    return {SITE_TAG: site["site"]} | {f"site_{key}": str(v) for key, v in figures.items() if v is not None}
 
 
 def provenance_note(tags: dict[str, str], commit: str | None, experiment: str | None) -> str:
@@ -201,9 +222,10 @@ def register_and_promote(
     """Register a new version (@challenger), decide `champion` by evaluate.promote; version and why."""
     version = register_version(model_uri, name=name, tags=tags, description=card)
     client = MlflowClient()
-    promoted, reason = decide_promotion(client, name, version, metrics, tags[TEST_SPLIT_TAG], settings)
+    alias = champion_alias(tags.get(SITE_TAG, ""))
+    promoted, reason = decide_promotion(client, name, version, metrics, tags[TEST_SPLIT_TAG], settings, alias)
     if promoted:
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+        client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "promotion", reason)
     mlflow.set_tags({"registered_version": version, "promotion": reason})
     return version, reason
@@ -226,16 +248,17 @@ def decide_promotion(
     metrics: dict[str, Any],
     test_split: str,
     settings: EvaluateParams,
+    alias: str = CHAMPION_ALIAS,
 ) -> tuple[bool, str]:
-    """Whether `version` becomes champion under evaluate.promote, and why (recorded as a tag)."""
+    """Whether `version` becomes `alias` (the champion, or a site's) under evaluate.promote, and why."""
     if settings.promote == "manual":
         return False, "evaluate.promote=manual: a person sets the champion alias"
     metric = settings.promote_metric
     ours = headline(metrics)[metric]
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+        champion = client.get_model_version_by_alias(name, alias)
     except MlflowException:
-        return True, f"no champion yet; version {version} has {metric} {ours:.4f}"
+        return True, f"no {alias} yet; version {version} has {metric} {ours:.4f}"
     if champion.tags.get(TEST_SPLIT_TAG) != test_split:
         return False, f"champion version {champion.version} was tested on another test split; not compared"
     if f"test_{metric}" not in champion.tags:

@@ -25,15 +25,17 @@ from skin_lesion.callbacks import (
     ValidationMetrics,
 )
 from skin_lesion.errors import PipelineError
+from skin_lesion.files import atomic_file
+from skin_lesion.linear_head import probe_fitter
 from skin_lesion.metrics import capped_balanced_accuracy
 from skin_lesion.params import BaseParams, TrainParams
 from skin_lesion.probe import (
     cached_embeddings,
     collection_projection,
-    fit_probe,
     interpolate_weights,
     set_head,
 )
+from skin_lesion.sites import ProbeInputs
 
 
 def check_weights_file(weights: str, folder: Path) -> None:
@@ -95,11 +97,18 @@ def fit_recipe(
     cache_dir: Path,
     callbacks: list[keras.callbacks.Callback] | None = None,
     checkpoint_dir: Path | None = None,
+    site: SiteImages | None = None,
+    inputs_file: Path | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
-    """The model `train.recipe` makes, and its training summary."""
+    """The model `train.recipe` makes, and its training summary; `site` and `inputs_file` are the
+    linear probe's (train_linear_probe)."""
+    if site is not None and train.recipe != "linear_probe":
+        raise PipelineError(f"site: train.recipe={train.recipe} does not learn from a site; use linear_probe")
     probe, probe_summary = None, {}
     if train.recipe in ("linear_probe", "lp_ft"):
-        probe, probe_summary = train_linear_probe(train_set, val_set, base, train, cache_dir)
+        probe, probe_summary = train_linear_probe(
+            train_set, val_set, base, train, cache_dir, site, inputs_file
+        )
         if train.recipe == "linear_probe":
             return probe, probe_summary
     model, summary = train_model(
@@ -120,38 +129,64 @@ def fit_recipe(
     return model, {**summary, **probe_figures, "interpolation": train.interpolation}
 
 
+@dataclass(frozen=True)
+class SiteImages:
+    """A site's decoded images, their class indices (sites.NOT_LEARNED for `other`), the key of their
+    bytes, and the weight of each in the probe's fit (site.weight)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    key: str
+    weight: float
+
+
 def train_linear_probe(
-    train_set: ImageSet, val_set: ImageSet, base: BaseParams, train: TrainParams, cache_dir: Path
+    train_set: ImageSet,
+    val_set: ImageSet,
+    base: BaseParams,
+    train: TrainParams,
+    cache_dir: Path,
+    site: SiteImages | None = None,
+    inputs_file: Path | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
-    """The pretrained backbone with a softmax head fitted as a logistic regression on its embeddings."""
+    """The pretrained backbone with a softmax head fitted as a logistic regression on its embeddings.
+
+    With `site`, the head also learns from the site's images. With `inputs_file`, what the head was
+    fitted on (projected embeddings and class indices of train, val and the site) is saved there as
+    .npz, for the `site` stage's cross-fitting.
+    """
     configure_determinism(base.seed, train.deterministic)
     keras.mixed_precision.set_dtype_policy(train.precision)
     model = build_model(
         train.arch, base.image_size, len(base.classes), train.dropout, train.weights, train.shades_of_gray
     )
     started = time.perf_counter()
+    sets = [("train", train_set), ("val", val_set)] + ([("site", site)] if site is not None else [])
     embed = {
         name: cached_embeddings(
             model, image_set.images, image_set.key, cache_dir, train.batch_size, base.mirror_average
         )
-        for name, image_set in (("train", train_set), ("val", val_set))
+        for name, image_set in sets
     }
     fitting = time.perf_counter()
     projection = np.eye(embed["train"].shape[1], dtype=np.float32)
     if train.probe_remove_collections and train_set.collections is not None:
         projection = collection_projection(embed["train"], train_set.labels, train_set.collections)
-    kernel, bias = fit_probe(
+    # The projection is symmetric and idempotent, so (x P) W = x (P W) = (x P) (P W): a head fitted
+    # on projected embeddings takes raw embeddings as before.
+    inputs = ProbeInputs(
         embed["train"] @ projection,
         train_set.labels,
-        len(base.classes),
-        train.probe_c,
-        train.class_weight,
-        base.seed,
+        (embed["site"] @ projection) if site else np.zeros((0, len(projection)), np.float32),
+        site.labels if site else np.zeros(0, np.int64),
     )
-    # The projection is symmetric, so (x P) W = x (P W): the head takes raw embeddings as before.
+    fit_head = probe_fitter(len(base.classes), train.probe_c, train.class_weight, base.seed)
+    kernel, bias = inputs.fit(fit_head, np.arange(len(inputs.site_y)), site.weight if site else 1.0)
     kernel = projection @ kernel
     set_head(model, kernel, bias)
     seconds = time.perf_counter() - fitting
+    if inputs_file is not None:
+        save_probe_inputs(inputs_file, inputs, embed["val"] @ projection, val_set.labels)
     val_predicted = (embed["val"] @ kernel + bias).argmax(axis=1)
     val_score = capped_balanced_accuracy(val_set.labels, val_predicted, train.val_class_cap)
     return model, {
@@ -165,7 +200,22 @@ def train_linear_probe(
         "collection_directions_removed": round(len(projection) - float(np.trace(projection))),
         "train_images": len(train_set.images),
         "val_images": len(val_set.images),
+        **({"site_images": len(site.images), "site_weight": site.weight} if site else {}),
     }
+
+
+def save_probe_inputs(path: Path, inputs: ProbeInputs, val_x: np.ndarray, val_y: np.ndarray) -> None:
+    """Write what the probe was fitted on, and the val split's embeddings, as one .npz."""
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez(
+            tmp,
+            train_x=inputs.train_x.astype(np.float32),
+            train_y=inputs.train_y,
+            site_x=inputs.site_x.astype(np.float32),
+            site_y=inputs.site_y,
+            val_x=np.asarray(val_x, np.float32),
+            val_y=val_y,
+        )
 
 
 def train_model(

@@ -29,13 +29,20 @@ from typing import Any
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 
 from skin_lesion.architectures import load_model
 from skin_lesion.external import load_external_sets, score_external_set
-from skin_lesion.files import read_manifest, write_json_atomic, write_text_atomic
+from skin_lesion.files import read_manifest, read_table, write_json_atomic, write_text_atomic
 from skin_lesion.images import read_split
 from skin_lesion.manifests import SPLIT_COLUMNS
-from skin_lesion.metrics import experiment_row, reference_figures, score_test_split
+from skin_lesion.metrics import (
+    SITE_RULE,
+    alert_thresholds,
+    experiment_row,
+    reference_figures,
+    score_test_split,
+)
 from skin_lesion.model_card import describe_model, render_model_card
 from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings, with_embeddings
 from skin_lesion.packaging import pip_requirements
@@ -51,6 +58,7 @@ from skin_lesion.registry import (
     version_tags,
 )
 from skin_lesion.runner import run_cli
+from skin_lesion.sites import SCORE_COLUMNS, site_figures
 from skin_lesion.stress import source_shift_report
 from skin_lesion.tracking import GIT_COMMIT_TAG, loggable_metrics, stage_run, upstream_data_hashes
 
@@ -63,11 +71,13 @@ def main() -> None:
     params = load_params()
     base, settings = params.base, params.evaluate
     melanoma = base.classes.index(base.melanoma_class)
+    site_scores = read_table(args.site_scores / "scores.csv", SCORE_COLUMNS, what="site scores")
+    # An external image that is also a site image was learned from: left out like a training copy.
     seen = [
         path
         for name in ("train.csv", "val.csv")
         for path in read_manifest(args.split / name, SPLIT_COLUMNS)["path"]
-    ]
+    ] + site_scores["path"].tolist()
     external_sets = load_external_sets(
         args.external,
         settings.external,
@@ -96,9 +106,17 @@ def main() -> None:
 
     with stage_run("evaluate", base, settings) as run:
         scored = (y_val, p_val), (y_test, p_test)
-        metrics = score_test_split(
-            *scored, base.classes, melanoma, settings, base.seed, val_rows["collection"].to_numpy()
+        collections = val_rows["collection"].to_numpy()
+        site = site_report(
+            site_scores, args.site_scores, params, (y_val == melanoma, p_val[:, melanoma]), collections
         )
+        site_threshold = site["threshold"] if site.get("threshold_source") == SITE_RULE else None
+        metrics = score_test_split(
+            *scored, base.classes, melanoma, settings, base.seed, collections, site_threshold
+        )
+        metrics["site"] = site
+        write_json_atomic(args.site_report, site)
+        rule = SITE_RULE if site_threshold is not None else settings.threshold_rule
         rules = metrics["melanoma"]["threshold_rules"]
         metrics["external"] = {
             found.name: score_external_set(
@@ -106,8 +124,8 @@ def main() -> None:
                 predict(found.images),
                 base.classes,
                 base.melanoma_class,
-                {rule: point["threshold"] for rule, point in rules.items()},
-                settings.threshold_rule,
+                {name: point["threshold"] for name, point in rules.items()},
+                rule,
                 settings.bootstrap,
                 base.seed,
             )
@@ -131,12 +149,13 @@ def main() -> None:
             shift,
             data_report,
             metrics["external"],
-            settings.threshold_rule,
+            rule,
+            site,
         )
         write_text_atomic(args.model_card, card)
         mlflow.log_metrics(loggable_metrics({**metrics, **shift}))
         mlflow.log_artifacts(str(args.plots), "plots")
-        for artifact in (args.shift_report, args.external_report, args.model_card):
+        for artifact in (args.shift_report, args.external_report, args.model_card, args.site_report):
             mlflow.log_artifact(str(artifact))
 
         unlike_training = ood.score(e_test) > ood.threshold
@@ -156,6 +175,45 @@ def main() -> None:
         NEW_VERSION_ALIAS,
         reason,
     )
+
+
+def site_report(
+    scores: pd.DataFrame,
+    folder: Path,
+    params: Params,
+    val_melanoma: tuple[np.ndarray, np.ndarray],
+    val_collections: np.ndarray,
+) -> dict[str, Any]:
+    """The site's figures from its cross-fitted scores (the site stage's), {} without a site.
+
+    `val_melanoma` is (is melanoma, P(melanoma)) on the validation split: its threshold is the one the
+    site's figures are also given at, and the one kept when the site has too few melanomas.
+    """
+    if not params.site.name or scores.empty:
+        return {}
+    settings = params.evaluate
+    is_melanoma, p_melanoma = val_melanoma
+    thresholds = alert_thresholds(is_melanoma, p_melanoma, val_collections, settings.target_sensitivity)
+    figures = site_figures(
+        scores.astype({"fold": int, "p_melanoma": float}),
+        params.base.melanoma_class,
+        thresholds[settings.threshold_rule],
+        params.site,
+        settings.target_sensitivity,
+        settings.bootstrap,
+        params.base.seed,
+    )
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    if (report.get("verification") or {}).get("biased"):
+        log.warning(
+            "site %s: the alert rate among the diagnosed images differs from that of all logged ones "
+            "beyond chance: its figures describe what clinicians chose to record (metrics/site.json)",
+            params.site.name,
+        )
+    log.info(
+        "site %s: threshold %.4f (%s)", params.site.name, figures["threshold"], figures["threshold_reason"]
+    )
+    return figures | report
 
 
 def register(
@@ -208,6 +266,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--external", type=Path, required=True, help="folder of external validation sets")
     parser.add_argument("--external-report", type=Path, required=True, help="external validation JSON")
     parser.add_argument("--lock", type=Path, required=True, help="requirements lock the model pins from")
+    parser.add_argument("--site-scores", type=Path, required=True, help="the site stage's folder")
+    parser.add_argument("--site-report", type=Path, required=True, help="the site's figures JSON to write")
     return parser.parse_args()
 
 

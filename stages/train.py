@@ -15,6 +15,7 @@ from pathlib import Path
 
 import keras
 import mlflow
+import numpy as np
 import pandas as pd
 from dvclive import Live
 from mlflow.models import infer_signature
@@ -22,14 +23,16 @@ from mlflow.models import infer_signature
 from skin_lesion.architectures import save_model_atomic
 from skin_lesion.batching import load_cached_images
 from skin_lesion.callbacks import EpochLogger, checkpoint_folder, predict_in_batches
-from skin_lesion.files import in_main_repo, read_manifest, write_json_atomic
+from skin_lesion.dedup import inspect_images
+from skin_lesion.files import in_main_repo, read_manifest, write_csv_atomic, write_json_atomic
 from skin_lesion.manifests import REBALANCED_COLUMNS, SPLIT_COLUMNS, class_indices
 from skin_lesion.packaging import MLFLOW_MODEL_NAME, pip_requirements
-from skin_lesion.params import load_params
+from skin_lesion.params import Params, load_params
 from skin_lesion.plots import write_training_curves
 from skin_lesion.runner import run_cli
+from skin_lesion.sites import NO_SITE, load_site_rows, site_labels, site_root
 from skin_lesion.tracking import stage_run
-from skin_lesion.training import ImageSet, check_weights_file, fit_recipe
+from skin_lesion.training import ImageSet, SiteImages, check_weights_file, fit_recipe, save_probe_inputs
 
 log = logging.getLogger("stages.train")
 
@@ -51,6 +54,7 @@ def main() -> None:
     train_rows = pd.concat([frame[["path", "label", "collection"]] for frame in frames], ignore_index=True)
     val_rows = read_manifest(args.split / "val.csv", SPLIT_COLUMNS)
     cache = in_main_repo(args.cache)
+    site, site_rows = load_site(args, params, cache) if params.site.name else (None, None)
     x_train, train_key = load_cached_images(train_rows["path"].tolist(), base.image_size, cache)
     y_train = class_indices(train_rows["label"], base.classes, source=str(args.split))
     x_val, val_key = load_cached_images(val_rows["path"].tolist(), base.image_size, cache)
@@ -70,7 +74,12 @@ def main() -> None:
             cache,
             [EpochLogger(live)],
             checkpoint_dir,
+            site,
+            args.probe_inputs if site else None,
         )
+        if site is None:  # nothing to cross-fit: an empty file, so that the stage's outputs exist
+            save_probe_inputs(args.probe_inputs, NO_SITE, np.zeros((0, 0)), np.zeros(0, np.int64))
+        write_site_rows(args.site_images, site_rows)
         live.end()
         mlflow.log_metrics({key: v for key, v in summary.items() if isinstance(v, (int, float))})
         mlflow.set_tag("device", summary["device"])
@@ -96,6 +105,43 @@ def main() -> None:
     )
 
 
+def load_site(args: argparse.Namespace, params: Params, cache: Path) -> tuple[SiteImages, pd.DataFrame]:
+    """The site's images that are not copies of the split's, decoded, with their rows."""
+    split_paths = [
+        path
+        for name in ("train.csv", "val.csv", "test.csv")
+        for path in read_manifest(args.split / name, SPLIT_COLUMNS)["path"]
+    ]
+    seen = inspect_images(split_paths, params.split.max_pixels)
+    root = site_root(args.sites, params.site.name)
+    rows, left_out = load_site_rows(
+        root,
+        params.site,
+        seen,
+        params.base.classes,
+        params.base.melanoma_class,
+        params.split.near_duplicate_distance,
+        params.split.group_distance,
+    )
+    log.info(
+        "site %s: %d images (%d melanomas); left out %d copies of training images, %d unreadable",
+        params.site.name,
+        len(rows),
+        int((rows["target"] == params.base.melanoma_class).sum()),
+        left_out["copies_of_training"],
+        left_out["unreadable"],
+    )
+    images, key = load_cached_images(rows["path"].tolist(), params.base.image_size, cache)
+    labels = site_labels(rows["target"], params.base.classes)
+    return SiteImages(images, labels, key, params.site.weight), rows.assign(**left_out)
+
+
+def write_site_rows(path: Path, rows: pd.DataFrame | None) -> None:
+    """The site's images and what was left out (an empty table without a site)."""
+    columns = ["path", "label", "target", "group", "copies_of_training", "unreadable"]
+    write_csv_atomic(path, rows[columns] if rows is not None else pd.DataFrame(columns=columns))
+
+
 def parse_args() -> argparse.Namespace:
     """The stage's inputs and outputs, as dvc.yaml passes them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,6 +155,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--details", type=Path, required=True, help="all train metrics JSON")
     parser.add_argument("--live", type=Path, required=True, help="DVCLive folder")
     parser.add_argument("--lock", type=Path, required=True, help="requirements lock the model pins from")
+    parser.add_argument("--sites", type=Path, required=True, help="folder of site sets (site.name)")
+    parser.add_argument("--probe-inputs", type=Path, required=True, help="the probe's fit inputs (.npz)")
+    parser.add_argument("--site-images", type=Path, required=True, help="the site's images used (CSV)")
     return parser.parse_args()
 
 

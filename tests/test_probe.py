@@ -11,13 +11,13 @@ from pydantic import ValidationError
 from sklearn.linear_model import LogisticRegression
 
 from skin_lesion.architectures import OUTPUT_LAYER, build_model
+from skin_lesion.linear_head import fit_probe
 from skin_lesion.ood import predict_with_embeddings, with_embeddings
 from skin_lesion.params import TrainParams
 from skin_lesion.probe import (
     backbone_key,
     cached_embeddings,
     collection_projection,
-    fit_probe,
     interpolate_weights,
 )
 from skin_lesion.training import ImageSet, Phase, fit_recipe, train_linear_probe, training_phases

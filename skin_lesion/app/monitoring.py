@@ -42,8 +42,22 @@ def threshold_in_words(figures: dict[str, Any], threshold: float) -> str:
     ]
     external = f" On images from outside its training data ({'; '.join(elsewhere)})." if elsewhere else ""
     return (
-        f"Alert when P(melanoma) is at least {threshold:.3f}: at this threshold the model found"
-        f" {found} in its test set{ci}{alerts}.{external}"
+        f"Alert when P(melanoma) is at least {threshold:.3f}{site_in_words(figures.get('site'))}: at this"
+        f" threshold the model found {found} in its test set{ci}{alerts}.{external}"
+    )
+
+
+def site_in_words(site: dict[str, Any] | None) -> str:
+    """The site's cross-fitted figures, as a clause of the threshold's sentence ('' without a site)."""
+    if not site or site.get("sensitivity") is None:
+        return ""
+    interval = site.get("sensitivity_ci")
+    ci = f" (95 % CI {interval[0]:.0%} to {interval[1]:.0%})" if interval else ""
+    chosen = "chosen on" if site["threshold_source"] == "site" else "checked on"
+    return (
+        f", {chosen} {site['images']} of site {site['name']}'s own images: on those it did not learn it"
+        f" found {site['sensitivity']:.0%} of {site['melanomas']} melanomas{ci}, with"
+        f" {100 * site['false_alert_rate']:.0f} alerts per 100 other lesions"
     )
 
 
