@@ -255,14 +255,19 @@ def learning_curve(
     validation: tuple[np.ndarray, np.ndarray],
     melanoma: int,
     seed: int,
+    resamples: int = 200,
 ) -> pd.DataFrame:
     """For each size and repeat: learn from a subsample of the site, judge on the site images left.
 
-    Each row has the subsample's own cross-fitted melanoma AUC (what the site would be told), the AUC
-    on the site images the model did not see (what it gets), and the alert on those images at the
+    Each row has the subsample's own cross-fitted melanoma AUC and its bootstrap interval (what the
+    site would be told), the AUC on the site images the model did not see (what it gets) and that of
+    the probe without any site image on the same images (`baseline_auc`), and the alert on them at the
     threshold the subsample chose by `site.threshold` (validation: on `validation`, the val split's
     embeddings and labels, scored by the subsample's model).
     """
+    no_site = head_probabilities(inputs.site_x, *inputs.fit(fit_head, np.zeros(0, np.int64), 1.0))[
+        :, melanoma
+    ]
     rows = []
     for size in sizes:
         if size >= len(groups) - settings.folds:
@@ -285,6 +290,10 @@ def learning_curve(
                 is_melanoma[chosen], crossfit[:, melanoma], val_threshold, settings, target_sensitivity
             )
             unseen_p = head_probabilities(inputs.site_x[unseen], kernel, bias)[:, melanoma]
+            interval = bootstrap_auc(is_melanoma[chosen], crossfit[:, melanoma], resamples, seed) or [
+                None,
+                None,
+            ]
             alert = alert_figures(is_melanoma[unseen], unseen_p, threshold)
             rows.append(
                 {
@@ -292,8 +301,11 @@ def learning_curve(
                     "repeat": repeat,
                     "melanomas": int(is_melanoma[chosen].sum()),
                     "crossfit_auc": auc_or_none(is_melanoma[chosen], crossfit[:, melanoma]),
+                    "crossfit_auc_low": interval[0],
+                    "crossfit_auc_high": interval[1],
                     "unseen_images": len(unseen),
                     "unseen_auc": auc_or_none(is_melanoma[unseen], unseen_p),
+                    "baseline_auc": auc_or_none(is_melanoma[unseen], no_site[unseen]),
                     "threshold_source": source,
                     "unseen_sensitivity": alert["sensitivity"],
                     "unseen_false_alert_rate": alert["false_alert_rate"],

@@ -47,7 +47,7 @@ def _sets(n: int = 24) -> tuple[ImageSet, ImageSet]:
 
 
 def _regression(embeddings: np.ndarray, labels: np.ndarray, c: float) -> LogisticRegression:
-    return LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(
+    return LogisticRegression(C=c, class_weight="balanced", solver="newton-cg", max_iter=1000).fit(
         embeddings.astype(float), labels
     )
 

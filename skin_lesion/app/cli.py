@@ -1,16 +1,17 @@
 """The `skin-lesion` command: what users run by hand.
 
-    skin-lesion predict PATH... [--model URI] [--output preds.csv] [--explain DIR]
-    skin-lesion serve [--model URI] [--host 127.0.0.1] [--port 5001]
-    skin-lesion promote VERSION [--alias champion] [--force]
-    skin-lesion review [--model URI] [--host 127.0.0.1] [--port 5002] [--db feedback/review.db]
+    skin-lesion predict PATH... [--model URI | --site NAME] [--output preds.csv] [--explain DIR]
+    skin-lesion serve [--model URI | --site NAME] [--host 127.0.0.1] [--port 5001]
+    skin-lesion promote VERSION [--alias champion | --site NAME] [--force]
+    skin-lesion review [--model URI | --site NAME] [--host 127.0.0.1] [--port 5002] [--db feedback/review.db]
     skin-lesion export-feedback OUT [--db feedback/review.db] [--base DATASET]
     skin-lesion monitor [--model URI] [--db feedback/review.db] [--days 30] [--tolerance 0.1]
 
 `predict`: PATH is an image file or a folder (searched recursively). The default model is
 `models:/<base.model_name>@champion`, or the newest version when no champion is set yet. A file that
-cannot be read gets an error row; the others are still predicted. --explain writes a Grad-CAM overlay
-per alerted image, showing which regions drove P(melanoma).
+cannot be read gets an error row; the others are still predicted. `--site NAME` (predict, serve,
+review, monitor) uses that site's own champion, `champion-NAME`, which `promote --site NAME` sets.
+--explain writes a Grad-CAM overlay per alerted image, showing which regions drove P(melanoma).
 
 `serve`: the model over HTTP in MLflow's request format, with an answer row for every image of a
 batch (skin_lesion/app/server.py says how it differs from `mlflow models serve`).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,7 +49,7 @@ from skin_lesion.app.server import create_app
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import atomic_file, write_csv_atomic
 from skin_lesion.params import load_params
-from skin_lesion.registry import CHAMPION_ALIAS
+from skin_lesion.registry import CHAMPION_ALIAS, champion_alias
 from skin_lesion.runner import run_cli
 from skin_lesion.tracking import configure_mlflow, redact, tracking_uri
 
@@ -69,7 +71,7 @@ def main() -> int:
 def predict_command(args: argparse.Namespace) -> None:
     """Predict the given images and report probabilities and alerts."""
     configure_mlflow()
-    uri = args.model or resolve_default_model(load_params().base.model_name)
+    uri = args.model or resolve_default_model(load_params().base.model_name, args.site)
     log.info("model %s", uri)
     model = mlflow.pyfunc.load_model(uri)
     predictions = predict_files(model, collect_images(args.paths), args.batch_size)
@@ -83,7 +85,7 @@ def predict_command(args: argparse.Namespace) -> None:
 def serve_command(args: argparse.Namespace) -> None:
     """Serve the model over HTTP until interrupted."""
     configure_mlflow()
-    uri = args.model or resolve_default_model(load_params().base.model_name)
+    uri = args.model or resolve_default_model(load_params().base.model_name, args.site)
     log.info("serving %s on http://%s:%d (POST /invocations, GET /health)", uri, args.host, args.port)
     uvicorn.run(
         create_app(mlflow.pyfunc.load_model(uri), uri), host=args.host, port=args.port, log_level="warning"
@@ -98,7 +100,7 @@ def review_command(args: argparse.Namespace) -> None:
             f"--host {args.host} opens the page to other machines: set {TOKEN_VARIABLE} to an access token"
         )
     configure_mlflow()
-    uri = args.model or resolve_default_model(load_params().base.model_name)
+    uri = args.model or resolve_default_model(load_params().base.model_name, args.site)
     version = describe_version(MlflowClient(), uri)
     server = tracking_uri() if tracking_uri().startswith("http") else DEFAULT_MLFLOW_UI
     ui = args.mlflow_ui or redact(server)
@@ -125,7 +127,7 @@ def export_feedback_command(args: argparse.Namespace) -> None:
 def monitor_command(args: argparse.Namespace) -> None:
     """Compare the logged predictions of a model with its test split; print and plot it."""
     configure_mlflow()
-    uri = args.model or resolve_default_model(load_params().base.model_name)
+    uri = args.model or resolve_default_model(load_params().base.model_name, args.site)
     version = describe_version(MlflowClient(), uri)
     config = mlflow.pyfunc.load_model(uri).model_config
     log_table = FeedbackStore(args.db).predictions(since=datetime.now(UTC) - timedelta(days=args.days))
@@ -150,7 +152,8 @@ def promote_command(args: argparse.Namespace) -> None:
     """Point an alias at a registered version."""
     configure_mlflow()
     name = load_params().base.model_name
-    log.info("%s", promote(MlflowClient(), name, args.version, args.alias, args.force))
+    alias = champion_alias(args.site) if args.site else args.alias
+    log.info("%s", promote(MlflowClient(), name, args.version, alias, args.force, args.site))
 
 
 def _path(text: str) -> Path:
@@ -158,6 +161,13 @@ def _path(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
     return Path(text)
+
+
+def _site(text: str) -> str:
+    # The same names params.yaml's site.name takes: they name an alias, champion-<site>.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a site name (letters, digits, _ and -)")
+    return text
 
 
 def _positive(text: str) -> int:
@@ -173,22 +183,26 @@ def _parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="class probabilities and melanoma alerts for images")
     predict.add_argument("paths", nargs="+", type=_path, help="image files or folders")
     predict.add_argument("--model", help="MLflow model URI (default: the registered champion)")
+    predict.add_argument("--site", type=_site, default="", help="use this site's champion (site.name)")
     predict.add_argument("--output", type=_path, help="CSV file to write")
     predict.add_argument("--explain", type=_path, help="folder for Grad-CAM overlays of alerted images")
     predict.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="default: %(default)s")
     predict.set_defaults(command=predict_command)
     serve = commands.add_parser("serve", help="the model over HTTP, a row per image, errors per row")
     serve.add_argument("--model", help="MLflow model URI or folder (default: the registered champion)")
+    serve.add_argument("--site", type=_site, default="", help="serve this site's champion (site.name)")
     serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     serve.add_argument("--port", type=_positive, default=5001, help="default: %(default)s")
     serve.set_defaults(command=serve_command)
     promote_parser = commands.add_parser("promote", help="point an alias at a registered version")
     promote_parser.add_argument("version", help="the registered version, e.g. 3")
     promote_parser.add_argument("--alias", default=CHAMPION_ALIAS, help="default: %(default)s")
+    promote_parser.add_argument("--site", type=_site, default="", help="set this site's champion-NAME")
     promote_parser.add_argument("--force", action="store_true", help="even if tested on another test split")
     promote_parser.set_defaults(command=promote_command)
     review = commands.add_parser("review", help="the clinician's review page in a browser")
     review.add_argument("--model", help="MLflow model URI (default: the registered champion)")
+    review.add_argument("--site", type=_site, default="", help="serve this site's champion (site.name)")
     review.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     review.add_argument("--port", type=_positive, default=5002, help="default: %(default)s")
     review.add_argument("--db", type=_path, default=DEFAULT_DB, help="diagnoses and prediction log")
@@ -201,6 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     export.set_defaults(command=export_feedback_command)
     monitor = commands.add_parser("monitor", help="recent predictions against the model's test split")
     monitor.add_argument("--model", help="MLflow model URI (default: the registered champion)")
+    monitor.add_argument("--site", type=_site, default="", help="this site's champion (site.name)")
     monitor.add_argument("--db", type=_path, default=DEFAULT_DB, help="default: %(default)s")
     monitor.add_argument("--days", type=_positive, default=30, help="default: %(default)s")
     monitor.add_argument("--tolerance", type=float, default=0.1, help="largest change not flagged as drift")

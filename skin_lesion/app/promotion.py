@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.registry import CHAMPION_ALIAS, TEST_SPLIT_TAG
+from skin_lesion.registry import CHAMPION_ALIAS, SITE_TAG, TEST_SPLIT_TAG, champion_alias
 from skin_lesion.tracking import tracking_uri
 
 log = logging.getLogger("skin_lesion.app.promotion")
@@ -21,9 +21,23 @@ log = logging.getLogger("skin_lesion.app.promotion")
 REPLACED_TAG = "replaced_version"  # the version a forced promotion moved the alias away from
 
 
-def resolve_default_model(name: str) -> str:
-    """`models:/name@champion`, or the newest version with a warning when no champion is set."""
+def resolve_default_model(name: str, site: str = "") -> str:
+    """`models:/name@champion`, or the newest version with a warning when no champion is set.
+
+    With `site`, that site's own champion (`champion-<site>`), which must be set: another site's
+    model, or one that never learned from this site, would quote figures that are not the site's.
+    """
     client = MlflowClient()
+    if site:
+        alias = champion_alias(site)
+        try:
+            client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            raise PipelineError(
+                f"--site {site}: {name} has no version aliased {alias!r} in {tracking_uri()} "
+                f"(`skin-lesion promote VERSION --site {site}` sets it)"
+            ) from None
+        return f"models:/{name}@{alias}"
     try:
         client.get_model_version_by_alias(name, CHAMPION_ALIAS)
     except MlflowException:
@@ -44,16 +58,25 @@ def resolve_default_model(name: str) -> str:
     return f"models:/{name}@{CHAMPION_ALIAS}"
 
 
-def promote(client: MlflowClient, name: str, version: str, alias: str, force: bool = False) -> str:
+def promote(
+    client: MlflowClient, name: str, version: str, alias: str, force: bool = False, site: str = ""
+) -> str:
     """Point `alias` at `version` of `name`; refuse when their test splits differ or are unknown.
 
     `force` overrides that, and the version's `promotion` tag records the override and the version it
-    replaced. Moving the alias back to that version (a rollback) needs no `force`.
+    replaced. Moving the alias back to that version (a rollback) needs no `force`. With `site`, the
+    version must have learned from that site (its `site` tag), unless `force`.
     """
     try:
         candidate = client.get_model_version(name, version)
     except MlflowException:
         raise PipelineError(f"{name} has no version {version} in {tracking_uri()}") from None
+    learned_from = candidate.tags.get(SITE_TAG, "")
+    if site and learned_from != site and not force:
+        raise PipelineError(
+            f"version {version} did not learn from site {site} (site tag {learned_from!r}); "
+            "--force promotes it anyway"
+        )
     try:
         current = client.get_model_version_by_alias(name, alias)
     except MlflowException:
