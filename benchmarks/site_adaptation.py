@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 
-from skin_lesion.linear_head import probe_fitter
 from skin_lesion.params import load_params
-from skin_lesion.sites import learning_curve, load_probe_inputs
+from skin_lesion.sites import learning_curve, load_probe_inputs, site_fitter
 
 
 def main() -> None:
@@ -58,7 +57,7 @@ def main() -> None:
     runs = []
     for weight, folds, c in itertools.product(args.weights, args.folds, args.c or [params.train.probe_c]):
         settings = params.site.model_copy(update={"weight": weight, "folds": folds})
-        fit_head = probe_fitter(len(base.classes), c, params.train.class_weight, base.seed)
+        fit_head = site_fitter(inputs, len(base.classes), c, params.train.class_weight, base.seed)
         started = time.perf_counter()
         curve = learning_curve(
             inputs,

@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from skin_lesion.dedup import photo_groups
 from skin_lesion.errors import PipelineError
 from skin_lesion.external import alert_figures, bootstrap_auc, leave_out_copies, list_set
-from skin_lesion.linear_head import FitHead, head_probabilities
+from skin_lesion.linear_head import FitHead, head_probabilities, probe_fitter
 from skin_lesion.metrics import auc_or_none, choose_threshold, exact_interval
 from skin_lesion.params import SiteParams
 
@@ -113,6 +113,14 @@ class ProbeInputs:
         y = np.concatenate([self.train_y, self.site_y[learned]])
         w = np.concatenate([np.ones(len(self.train_y)), np.full(len(learned), weight)])
         return fit_head(x, y, w)
+
+
+def site_fitter(inputs: ProbeInputs, num_classes: int, c: float, class_weight: str, seed: int) -> FitHead:
+    """The probe's fit for the site's many refits, each starting from the probe without a site image."""
+    no_site = probe_fitter(num_classes, c, class_weight, seed)
+    return probe_fitter(
+        num_classes, c, class_weight, seed, start=inputs.fit(no_site, np.zeros(0, np.int64), 1.0)
+    )
 
 
 NO_SITE = ProbeInputs(np.zeros((0, 0)), np.zeros(0, np.int64), np.zeros((0, 0)), np.zeros(0, np.int64))

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 
 from skin_lesion.files import atomic_output_dir, read_table, write_csv_atomic, write_json_atomic
-from skin_lesion.linear_head import probe_fitter
 from skin_lesion.params import load_params
 from skin_lesion.plots import write_learning_curve
 from skin_lesion.runner import run_cli
@@ -30,6 +29,7 @@ from skin_lesion.sites import (
     cross_fit,
     learning_curve,
     load_probe_inputs,
+    site_fitter,
     site_folds,
     verification_bias,
 )
@@ -50,7 +50,7 @@ def main() -> None:
         write_outputs(args, pd.DataFrame(columns=SCORE_COLUMNS), pd.DataFrame(), {}, site.name)
         return
     inputs, validation = load_probe_inputs(args.probe_inputs)
-    fit_head = probe_fitter(len(base.classes), train.probe_c, train.class_weight, base.seed)
+    fit_head = site_fitter(inputs, len(base.classes), train.probe_c, train.class_weight, base.seed)
     melanoma = base.classes.index(base.melanoma_class)
     is_melanoma = (rows["target"] == base.melanoma_class).to_numpy()
     groups = rows["group"].to_numpy()

@@ -219,11 +219,16 @@ SERVER_START_S = 120
 
 @contextmanager
 def running_server(
-    command: list[str], ready_url: str, env: dict[str, str] | None = None, timeout_s: float = SERVER_START_S
+    command: list[str],
+    ready_url: str,
+    env: dict[str, str] | None = None,
+    timeout_s: float = SERVER_START_S,
+    cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen]:
     """A server process in its own session, once `ready_url` answers; stopped when the block ends."""
     server = subprocess.Popen(
         command,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
