@@ -218,6 +218,7 @@ def external_lines(
 RULES_IN_WORDS = {
     "overall": "over all validation melanomas",
     "worst_collection": "in every validation collection with 5 or more melanomas",
+    "site": "over the site's cross-fitted melanomas",
 }
 
 

@@ -33,6 +33,7 @@ from skin_lesion.params import SiteParams
 NOT_LEARNED = -1  # the class index of a site image labelled `other`: scored for the alert, never learned
 SCORE_COLUMNS = ["path", "label", "target", "group", "fold", "p_melanoma", "predicted_label"]  # site stage's
 REVIEW_LOG = "review_log.json"  # what export-feedback writes beside a site's images: the prediction log
+REVIEW_LOG_KEYS = ("logged_images", "logged_alerts", "diagnosed_images", "diagnosed_alerts")
 
 
 def site_root(folder: Path, name: str) -> Path:
@@ -305,7 +306,8 @@ def learning_curve(
             alert = alert_figures(is_melanoma[unseen], unseen_p, threshold)
             rows.append(
                 {
-                    "site_images": len(chosen),
+                    "site_images": size,  # asked for; whole lesions make it a few more
+                    "learned_images": len(chosen),
                     "repeat": repeat,
                     "melanomas": int(is_melanoma[chosen].sum()),
                     "crossfit_auc": auc_or_none(is_melanoma[chosen], crossfit[:, melanoma]),

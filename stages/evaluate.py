@@ -32,10 +32,10 @@ import numpy as np
 import pandas as pd
 
 from skin_lesion.architectures import load_model
+from skin_lesion.batching import load_cached_images
 from skin_lesion.external import load_external_sets, score_external_set
-from skin_lesion.files import read_manifest, read_table, write_json_atomic, write_text_atomic
-from skin_lesion.images import read_split
-from skin_lesion.manifests import SPLIT_COLUMNS
+from skin_lesion.files import in_main_repo, read_manifest, read_table, write_json_atomic, write_text_atomic
+from skin_lesion.manifests import SPLIT_COLUMNS, class_indices
 from skin_lesion.metrics import (
     SITE_RULE,
     alert_thresholds,
@@ -44,10 +44,11 @@ from skin_lesion.metrics import (
     score_test_split,
 )
 from skin_lesion.model_card import describe_model, render_model_card
-from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings, with_embeddings
+from skin_lesion.ood import OodModel, fit_ood
 from skin_lesion.packaging import pip_requirements
 from skin_lesion.params import Params, load_params
 from skin_lesion.plots import write_plots
+from skin_lesion.probe import EmbeddingCache
 from skin_lesion.registry import (
     NEW_VERSION_ALIAS,
     log_servable_model,
@@ -86,18 +87,19 @@ def main() -> None:
         base.melanoma_class,
         base.image_size,
     )
-    # One network for every prediction: a new one per call would be traced anew each time.
-    network = with_embeddings(load_model(args.model))
-
-    def predict_all(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return predict_with_embeddings(network, images, settings.batch_size, base.mirror_average)
+    # Every prediction goes through the backbone's cached embeddings: a refit of the head alone
+    # (the probe's C, a site, the threshold rule) then embeds nothing again.
+    cache = in_main_repo(args.cache)
+    embedder = EmbeddingCache(load_model(args.model), cache, settings.batch_size, base.mirror_average)
 
     def predict(images: np.ndarray) -> np.ndarray:
-        return predict_all(images)[0]
+        return embedder.predict(images)[0]
 
     def predict_split(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        rows, images, labels = read_split(args.split / name, base.classes, base.image_size)
-        return rows, images, labels, *predict_all(images)
+        rows = read_manifest(args.split / name, SPLIT_COLUMNS)
+        labels = class_indices(rows["label"], base.classes, source=str(args.split / name))
+        images, key = load_cached_images(rows["path"].tolist(), base.image_size, cache)
+        return rows, images, labels, *embedder.predict(images, key)
 
     *_, e_train = predict_split("train.csv")
     val_rows, _, y_val, p_val, e_val = predict_split("val.csv")
@@ -266,6 +268,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--external", type=Path, required=True, help="folder of external validation sets")
     parser.add_argument("--external-report", type=Path, required=True, help="external validation JSON")
     parser.add_argument("--lock", type=Path, required=True, help="requirements lock the model pins from")
+    parser.add_argument("--cache", type=Path, required=True, help="decoded-image and embedding cache")
     parser.add_argument("--site-scores", type=Path, required=True, help="the site stage's folder")
     parser.add_argument("--site-report", type=Path, required=True, help="the site's figures JSON to write")
     return parser.parse_args()

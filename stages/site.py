@@ -19,12 +19,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from skin_lesion.errors import PipelineError
 from skin_lesion.files import atomic_output_dir, read_table, write_csv_atomic, write_json_atomic
 from skin_lesion.params import load_params
 from skin_lesion.plots import write_learning_curve
 from skin_lesion.runner import run_cli
 from skin_lesion.sites import (
     REVIEW_LOG,
+    REVIEW_LOG_KEYS,
     SCORE_COLUMNS,
     cross_fit,
     learning_curve,
@@ -89,13 +91,13 @@ def read_review_log(path: Path) -> dict[str, object] | None:
     """The verification-bias figures from export-feedback's prediction-log summary; None without one."""
     if not path.is_file():
         return None
-    counts = json.loads(path.read_text(encoding="utf-8"))
-    return verification_bias(
-        counts["logged_alerts"],
-        counts["logged_images"],
-        counts["diagnosed_alerts"],
-        counts["diagnosed_images"],
-    )
+    try:
+        counts = json.loads(path.read_text(encoding="utf-8"))
+        return verification_bias({key: int(counts[key]) for key in REVIEW_LOG_KEYS})
+    except (ValueError, KeyError, TypeError) as err:
+        raise PipelineError(
+            f"{path}: not export-feedback's review log (needs {', '.join(REVIEW_LOG_KEYS)}: {err})"
+        ) from err
 
 
 def write_outputs(

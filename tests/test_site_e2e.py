@@ -55,7 +55,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         )
         tiny_backbone_weights(root / WEIGHTS, size=32)
         scratch = tmp_path_factory.mktemp("site")
-        for path, label in generate_synthetic(scratch, CLASSES, images_per_class=6, size=32, seed=21):
+        for path, label, *_ in generate_synthetic(scratch, CLASSES, images_per_class=6, size=32, seed=21):
             target = root / "data" / "sites" / "clinic" / "Train" / label / Path(path).name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(scratch / path, target)

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from skin_lesion.app.feedback import review_log_summary
 from skin_lesion.dedup import inspect_images
 from skin_lesion.errors import PipelineError
 from skin_lesion.linear_head import head_probabilities, probe_fitter
@@ -23,6 +24,7 @@ from skin_lesion.sites import (
     site_figures,
     site_folds,
     site_labels,
+    site_root,
     site_threshold,
     verification_bias,
 )
@@ -251,3 +253,21 @@ def test_a_site_label_mapped_outside_the_classes_is_refused() -> None:
     params["train"].update(recipe="linear_probe", arch="mobilenet", weights="weights/x.weights.h5")
     with pytest.raises(ValidationError, match=r"site\.label_map: 'mel' maps to 'melanomas'"):
         as_params(params)
+
+
+def test_the_review_log_summary_counts_distinct_images_and_their_diagnoses() -> None:
+    predictions = pd.DataFrame(
+        {"sha256": ["a", "a", "b", "c", "d"], "melanoma_alert": [0, 1, 1, 0, 0]}  # a: alerted once
+    )
+    diagnoses = pd.DataFrame({"sha256": ["a", "c", "zz"]})  # zz was never logged
+    assert review_log_summary(predictions, diagnoses) == {
+        "logged_images": 4,
+        "logged_alerts": 2,
+        "diagnosed_images": 2,
+        "diagnosed_alerts": 1,
+    }
+
+
+def test_a_missing_site_folder_names_the_parameter_and_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match=r"^site\.name=clinic: .*clinic/ does not exist \(skin-lesion"):
+        site_root(tmp_path, "clinic")

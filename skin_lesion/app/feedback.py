@@ -21,8 +21,9 @@ from typing import Any
 import pandas as pd
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.files import atomic_file, atomic_output_dir, write_csv_atomic
+from skin_lesion.files import atomic_file, atomic_output_dir, write_csv_atomic, write_json_atomic
 from skin_lesion.params import COLLECTION_FROM_ID, LocalParams
+from skin_lesion.sites import REVIEW_LOG
 
 OTHER_DIAGNOSIS = "other/unknown"  # recorded, but not a class to train on
 EXPORT_METADATA = "index.csv"
@@ -173,7 +174,25 @@ def export_feedback(
             rows.append(_metadata_row(record, stem, local))
         table = pd.DataFrame(rows).sort_values("isic_id", ignore_index=True)
         write_csv_atomic(tmp / metadata_name, pd.concat([base_rows, table], ignore_index=True).fillna(""))
+        write_json_atomic(tmp / REVIEW_LOG, review_log_summary(store.predictions(), store.diagnoses()))
     return table
+
+
+def review_log_summary(predictions: pd.DataFrame, diagnoses: pd.DataFrame) -> dict[str, int]:
+    """How many distinct images the page scored and alerted, and how many of each got a diagnosis.
+
+    A site set made of the diagnoses is only as representative as the choice of what to record: the
+    site stage compares the alert rate among the diagnosed images with that of all logged ones.
+    """
+    alerted = set(predictions.loc[predictions["melanoma_alert"] == 1, "sha256"])
+    logged = set(predictions["sha256"])
+    diagnosed = set(diagnoses["sha256"]) & logged
+    return {
+        "logged_images": len(logged),
+        "logged_alerts": len(alerted),
+        "diagnosed_images": len(diagnosed),
+        "diagnosed_alerts": len(diagnosed & alerted),
+    }
 
 
 def _metadata_row(record: Any, stem: str, local: LocalParams) -> dict[str, str]:
