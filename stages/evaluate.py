@@ -75,6 +75,7 @@ def main() -> None:
         params.split.near_duplicate_distance,
         base.melanoma_class,
         base.image_size,
+        params.split.max_pixels,
     )
     # One network for every prediction: a new one per call would be traced anew each time.
     network = with_embeddings(load_model(args.model))
