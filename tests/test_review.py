@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import threading
@@ -26,7 +27,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from skin_lesion.app.feedback import FeedbackStore, export_feedback
+from skin_lesion.app.feedback import Diagnosis, FeedbackStore, export_feedback
 from skin_lesion.app.promotion import describe_version
 from skin_lesion.app.review import DISCLAIMER, MAX_DIAGNOSIS_BYTES, MAX_REQUEST_BYTES, create_review_app
 from skin_lesion.app.server import read_limited
@@ -38,6 +39,7 @@ from tests.conftest import (
     CHROMIUM,
     CHROMIUM_ARGS,
     CLASSES,
+    REPO,
     as_params,
     draw_lesion,
     fetch_local_source,
@@ -343,6 +345,78 @@ def test_an_export_with_a_base_that_does_not_exist_says_so(review: dict, tmp_pat
     with pytest.raises(PipelineError, match=r"^--base: .*missing does not exist$"):
         export_feedback(review["store"], tmp_path / "export", CLASSES, local, base=tmp_path / "missing")
     assert not (tmp_path / "export").exists()
+
+
+def _store_with_a_diagnosis(folder: Path) -> FeedbackStore:
+    """A feedback database in `folder` holding one nevus diagnosis, recorded as the page records it."""
+    store = FeedbackStore(folder / "review.db")
+    image = _png(draw_lesion(7, SIZE))
+    sha256 = hashlib.sha256(image).hexdigest()
+    store.record_diagnosis(Diagnosis(sha256, "lesion.png", "nevus", "", "1", 0.2), image, ".png")
+    return store
+
+
+def test_an_export_refuses_a_folder_holding_files_it_did_not_write(tmp_path: Path) -> None:
+    store = _store_with_a_diagnosis(tmp_path / "feedback")
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "precious.txt").write_text("keep me", encoding="utf-8")
+    (victim / "sub" / "more.txt").write_text("me too", encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(
+        (REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    result = run_skin_lesion(tmp_path, "export-feedback", "victim", "--db", str(store.path))
+    assert result.returncode == 1, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "victim: holds files export-feedback did not write (precious.txt and 1 more), which writing the "
+            "export would delete; name a new or empty folder"
+        )
+    )
+    assert (victim / "precious.txt").read_text(encoding="utf-8") == "keep me"
+    assert (victim / "sub" / "more.txt").read_text(encoding="utf-8") == "me too"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["feedback", "params.yaml", "victim"]
+
+
+def test_an_export_replaces_an_earlier_export_but_not_a_file_added_to_it(tmp_path: Path) -> None:
+    store = _store_with_a_diagnosis(tmp_path / "feedback")
+    local = as_params(small_params()).download.local
+    export_feedback(store, tmp_path / "export", CLASSES, local)
+    assert len(export_feedback(store, tmp_path / "export", CLASSES, local)) == 1  # its own: replaced
+    (tmp_path / "export" / "Train" / "nevus" / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(
+        PipelineError, match=r"export: holds files export-feedback did not write \(Train/nevus/notes.txt\)"
+    ):
+        export_feedback(store, tmp_path / "export", CLASSES, local)
+    assert (tmp_path / "export" / "Train" / "nevus" / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+@pytest.mark.parametrize("command", [["export-feedback", "out"], ["monitor"]])
+@pytest.mark.parametrize("database", ["missing", "empty"])
+def test_commands_that_read_the_database_refuse_a_missing_or_empty_one(
+    tmp_path: Path, command: list[str], database: str
+) -> None:
+    db = tmp_path / "feedback" / "reveiw.db"  # a typo
+    if database == "empty":
+        db.parent.mkdir()
+        db.touch()
+    (tmp_path / "params.yaml").write_text(
+        (REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    result = run_skin_lesion(tmp_path, *command, "--db", str(db))
+    assert result.returncode == 1, result.stderr
+    expected = {
+        "missing": "reveiw.db: no feedback database there (`skin-lesion review` creates one)",
+        "empty": "reveiw.db: the file is empty (0 bytes), not a feedback database",
+    }[database]
+    assert result.stderr.strip().splitlines()[-1].endswith(expected)
+    assert "Traceback" not in result.stderr
+    assert db.exists() == (database == "empty")
+    assert not (tmp_path / "out").exists()
+    if database == "empty":
+        assert db.stat().st_size == 0  # left as it was: no tables created in it
 
 
 def test_a_token_guards_every_page_but_health(registered: dict) -> None:

@@ -110,8 +110,8 @@ def review_command(args: argparse.Namespace) -> None:
 
 def export_feedback_command(args: argparse.Namespace) -> None:
     """Write the recorded diagnoses as a dataset folder for download.source: local."""
+    store = FeedbackStore(args.db, create=False)
     params = load_params()
-    store = FeedbackStore(args.db)
     table = export_feedback(store, args.out, params.base.classes, params.download.local, args.base)
     counts = ", ".join(
         f"{label} {count}" for label, count in table["confirmed_diagnosis"].value_counts().items()
@@ -124,11 +124,12 @@ def export_feedback_command(args: argparse.Namespace) -> None:
 
 def monitor_command(args: argparse.Namespace) -> None:
     """Compare the logged predictions of a model with its test split; print and plot it."""
+    store = FeedbackStore(args.db, create=False)  # a mistyped --db stops before the model is loaded
     configure_mlflow()
     uri = args.model or resolve_default_model(load_params().base.model_name)
     version = describe_version(MlflowClient(), uri)
     config = mlflow.pyfunc.load_model(uri).model_config
-    log_table = FeedbackStore(args.db).predictions(since=datetime.now(UTC) - timedelta(days=args.days))
+    log_table = store.predictions(since=datetime.now(UTC) - timedelta(days=args.days))
     if version["version"]:
         log_table = log_table[log_table["model_version"] == version["version"]]
     else:
