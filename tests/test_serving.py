@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -10,7 +11,10 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import keras
 import mlflow
@@ -195,6 +199,59 @@ def test_a_file_over_the_size_limit_gets_an_error_row_and_the_rest_are_predicted
     assert table.iloc[0]["error"] == "larger than the 1 MiB limit for one image"
     assert table.iloc[1]["error"] == ""
     assert table.iloc[1]["p_melanoma"] >= 0
+
+
+def _within(seconds: float, work: Callable[[], Any], fifos: list[Path]) -> Any:
+    """work() in a thread; past `seconds` (blocked opening a FIFO) the FIFOs are unblocked, the test fails."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(work).result(timeout=seconds)
+    except TimeoutError:
+        for fifo in fifos:
+            with contextlib.suppress(OSError):  # a writer's open lets the blocked reader's open return
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"still running after {seconds} s: a FIFO was opened")
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_a_fifo_named_on_the_command_line_gets_an_error_row_without_being_opened(
+    tracking: str, store: Path, tmp_path: Path
+) -> None:
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    files = collect_images([pipe, store / "high.png"])
+    table = _within(60, lambda: predict_files(model, files), [pipe])
+    assert list(table["error"]) == ["not a regular file but a named pipe (FIFO): not read", ""]
+    assert table.iloc[1]["p_melanoma"] >= 0
+
+
+def test_a_fifo_in_a_folder_is_reported_not_skipped(tracking: str, tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    os.mkfifo(folder / "pipe.jpg")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    table = _within(60, lambda: predict_files(model, collect_images([folder])), [folder / "pipe.jpg"])
+    errors = dict(zip(table["path"].map(lambda path: Path(path).name), table["error"], strict=True))
+    assert errors["pipe.jpg"] == "not a regular file but a named pipe (FIFO): not read"
+    assert len(errors) == 5
+
+
+def test_predict_with_no_readable_image_says_so_in_one_line_after_its_csv(
+    tracking: str, tmp_path: Path
+) -> None:
+    (tmp_path / "empty.jpg").touch()
+    result = run_skin_lesion(
+        tmp_path, "predict", "empty.jpg", "--model", f"models:/{NAME}/1", "--output", "p.csv",
+        PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=tracking,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("no image could be read: 1 file, all unreadable")
+    assert "1 image, 0 melanoma alerts, 1 unreadable" in result.stdout
+    assert "ERROR empty.jpg: cannot decode image" in result.stdout
+    table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert list(table["path"]) == ["empty.jpg"]
 
 
 def test_default_model_is_the_champion_or_else_the_newest(tracking: str, store: Path) -> None:

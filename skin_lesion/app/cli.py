@@ -9,8 +9,10 @@
 
 `predict`: PATH is an image file or a folder (searched recursively). The default model is
 `models:/<base.model_name>@champion`, or the newest version when no champion is set yet. A file that
-cannot be read gets an error row; the others are still predicted. --explain writes a Grad-CAM overlay
-per alerted image, showing which regions drove P(melanoma).
+cannot be read, or is no regular file (a FIFO, a device: never opened), gets an error row; the others
+are still predicted. With no readable image at all the CSV and summary are still written, and the
+command fails (exit 1). --explain writes a Grad-CAM overlay per alerted image, showing which regions
+drove P(melanoma).
 
 `serve`: the model over HTTP in MLflow's request format, with an answer row for every image of a
 batch (skin_lesion/app/server.py says how it differs from `mlflow models serve`).
@@ -40,7 +42,13 @@ from mlflow import MlflowClient
 from skin_lesion.app.feedback import FeedbackStore, export_feedback
 from skin_lesion.app.gradcam import explain_alerts
 from skin_lesion.app.monitoring import MIN_PREDICTIONS, drift_figure, drift_report, render_drift
-from skin_lesion.app.predict import BATCH_SIZE, collect_images, predict_files, render_summary
+from skin_lesion.app.predict import (
+    BATCH_SIZE,
+    collect_images,
+    predict_files,
+    render_summary,
+    require_a_readable_image,
+)
 from skin_lesion.app.promotion import describe_version, promote, resolve_default_model
 from skin_lesion.app.review import create_review_app
 from skin_lesion.app.server import create_app
@@ -76,6 +84,7 @@ def predict_command(args: argparse.Namespace) -> None:
     if args.output:
         write_csv_atomic(args.output, predictions)
     sys.stdout.write(render_summary(predictions) + "\n")
+    require_a_readable_image(predictions)
     if args.explain:
         explain_alerts(model, predictions, args.explain)
 
