@@ -74,11 +74,11 @@ def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        tmp.chmod(0o666 & ~UMASK)  # mkstemp's file is private (0600); the output is not
+        os.replace(tmp, path)  # fails when `path` is a folder: the temp must not stay behind then either
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    tmp.chmod(0o666 & ~UMASK)  # mkstemp's file is private (0600); the output is not
-    os.replace(tmp, path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

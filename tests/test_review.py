@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -459,6 +460,34 @@ def test_monitor_compares_the_logged_predictions_with_the_test_split(
     assert f"predictions by {NAME} version 1, against its test split" in result.stdout
     assert "DRIFT in" in result.stdout  # alerts on every image but one, against 30 % on test
     assert Image.open(db.with_name("monitor.png")).width >= 800
+
+
+@pytest.mark.parametrize(("tolerance", "code"), [("1.0", 4), ("0.05", 5)])
+def test_monitor_prints_its_report_when_its_figure_cannot_be_written_and_says_so_in_its_exit_code(
+    registered: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tolerance: str, code: int
+) -> None:
+    store = FeedbackStore(tmp_path / "review.db")
+    row = {
+        "model": f"models:/{NAME}/1", "model_version": "1", "sha256": "0" * 64, "predicted_label": "melanoma",
+        "p_melanoma": 0.9, "melanoma_alert": True, "ood_score": 0.1, "unlike_training": False,
+        "problems": [], "probabilities": {},
+    }  # fmt: skip
+    store.log_predictions([row] * 3)
+    (tmp_path / "blocker").write_text("a file where the figure's folder should be", encoding="utf-8")
+    point_mlflow_at(registered["uri"], monkeypatch)
+    plot = str(tmp_path / "blocker" / "monitor.png")
+    result = run_skin_lesion(
+        tmp_path, "monitor", "--model", f"models:/{NAME}/1", "--db", str(store.path), "--plot", plot,
+        "--tolerance", tolerance, "--min-predictions", "3",
+    )  # fmt: skip
+    assert result.returncode == code, result.stderr  # 4: no drift, 5: drift; the figure failed either way
+    assert f"predictions by {NAME} version 1, against its test split" in result.stdout
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert re.search(
+        r"blocker/monitor.png: cannot write the figure \(.+\); the report above stands$", last_line
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["blocker", "review.db"]
 
 
 def test_in_a_browser_a_clinician_triages_records_and_finds_the_diagnosis_after_reload(

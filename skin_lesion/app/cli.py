@@ -23,7 +23,8 @@ tested on another test split than the one the alias holds now (their metrics do 
 `review`: the clinician's web page (skin_lesion/app/review.py). Beyond 127.0.0.1 it needs a token in
 SKIN_LESION_REVIEW_TOKEN. `export-feedback`: the diagnoses recorded there, as a dataset folder for
 `download.source: local`. `monitor`: the logged predictions' alert rate, OOD rate and class mix
-against the model's test split, and a figure of them.
+against the model's test split, and a figure of them; it exits 3 on drift, 4 when the figure could not
+be written (the report was printed) and 5 for both.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import uvicorn
@@ -60,7 +62,11 @@ from skin_lesion.runner import run_cli
 from skin_lesion.tracking import configure_mlflow, redact, tracking_uri
 
 DEFAULT_DB = Path("feedback/review.db")
-DRIFT_EXIT_CODE = 3  # `skin-lesion monitor` found drift
+# `skin-lesion monitor`'s exit codes beyond 0 (no drift) and 1 (the command failed): a cron job can act on
+# drift, and tell a figure that could not be written (the report was printed) from a failed command.
+DRIFT_EXIT_CODE = 3
+FIGURE_FAILED_EXIT_CODE = 4  # no drift, but the figure could not be written
+DRIFT_FIGURE_FAILED_EXIT_CODE = 5  # drift, and the figure could not be written
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_VARIABLE = "SKIN_LESION_REVIEW_TOKEN"
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves the default SQLite store
@@ -147,13 +153,24 @@ def monitor_command(args: argparse.Namespace) -> None:
     report = drift_report(log_table, figures, config["classes"], args.tolerance, args.min_predictions)
     model = f"{version['name']} version {version['version']}" if version["version"] else uri
     sys.stdout.write(render_drift(report, model) + "\n")
-    if report["images"]:
-        figure_path = args.plot or args.db.with_name("monitor.png")
-        with atomic_file(figure_path, suffix=".png") as tmp:
-            drift_figure(report, model).savefig(tmp, dpi=100)
-        log.info("figure: %s", figure_path)
+    figure = args.plot or args.db.with_name("monitor.png")
+    plotted = _write_figure(report, model, figure) if report["images"] else True
     if report["drifted"]:
-        sys.exit(DRIFT_EXIT_CODE)  # so that a cron job can act on it; 1 stays "the command failed"
+        sys.exit(DRIFT_EXIT_CODE if plotted else DRIFT_FIGURE_FAILED_EXIT_CODE)
+    if not plotted:
+        sys.exit(FIGURE_FAILED_EXIT_CODE)
+
+
+def _write_figure(report: dict[str, Any], model: str, path: Path) -> bool:
+    # A figure that cannot be written (a read-only folder, a full disk) costs the figure, not the report.
+    try:
+        with atomic_file(path, suffix=".png") as tmp:
+            drift_figure(report, model).savefig(tmp, dpi=100)
+    except OSError as err:
+        log.error("%s: cannot write the figure (%s); the report above stands", path, err.strerror or err)
+        return False
+    log.info("figure: %s", path)
+    return True
 
 
 def promote_command(args: argparse.Namespace) -> None:
