@@ -7,7 +7,9 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -247,13 +249,76 @@ def test_a_body_over_the_limit_is_read_to_its_end_but_not_kept() -> None:
 
 @pytest.mark.parametrize(
     ("body", "message"),
-    [(b"not json", "not JSON"), (b"[]", "JSON object"), (b'{"images": []}', '"images"')],
+    [
+        (b"not json", "not JSON"),
+        (b"[]", "JSON object"),
+        (b'{"images": []}', '"images"'),
+        (b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ],
 )
 def test_malformed_requests_are_400_without_a_traceback(review: dict, body: bytes, message: str) -> None:
     status, answer = _request(f"{review['url']}/api/score", body)
     assert status == 400
     assert message in answer["message"]
     assert "Traceback" not in json.dumps(answer)
+
+
+def _review_app(registered: dict, folder: Path, **options: Any) -> Any:
+    mlflow.set_tracking_uri(registered["uri"])
+    version = describe_version(MlflowClient(), f"models:/{NAME}/1")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    store = FeedbackStore(folder / "review.db")
+    return create_review_app(model, version, store, "http://127.0.0.1:5000", **options)
+
+
+def _send_short_body(url: str, sent: bytes, length: int) -> socket.socket:
+    """A connection that has sent a POST to /api/score announcing `length` bytes of body, and only `sent`."""
+    host, port = url.removeprefix("http://").split(":")
+    client = socket.create_connection((host, int(port)), timeout=10)
+    head = f"POST /api/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    client.sendall(f"{head}Content-Length: {length}\r\n\r\n".encode() + sent)
+    return client
+
+
+@contextmanager
+def _server_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    # uvicorn's loggers do not propagate to the root logger, where caplog listens: its tracebacks too.
+    uvicorn_log = logging.getLogger("uvicorn")
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            yield caplog
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+
+
+def test_a_body_shorter_than_its_content_length_is_answered_408_after_the_read_timeout(
+    registered: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _review_app(registered, tmp_path, body_timeout_s=0.5)
+    with _serving(app) as url, _server_log(caplog) as log:
+        client = _send_short_body(url, b'{"images": [', 1000)
+        with client:
+            answer = b"".join(iter(lambda: client.recv(65536), b""))  # to the end: the server closes
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.splitlines()[0] == b"HTTP/1.1 408 Request Timeout"
+    expected = "the request body stopped arriving (12 bytes in, none for 0.5 s)"
+    assert json.loads(body) == {"message": expected}
+    assert [record.getMessage() for record in log.records] == [f"POST /api/score: {expected}"]
+
+
+def test_a_client_that_goes_away_mid_body_costs_one_log_line_not_a_traceback(
+    registered: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _serving(_review_app(registered, tmp_path)) as url, _server_log(caplog) as log:
+        _send_short_body(url, b'{"images": [', 1000).close()
+        deadline = time.monotonic() + 10
+        while not log.records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # anything logged after the first line would show here
+    expected = "POST /api/score: the client went away before sending the whole request body (12 bytes in)"
+    assert [record.getMessage() for record in log.records] == [expected]
+    assert not any(record.exc_info for record in log.records)
 
 
 def test_predictions_are_logged_without_images_and_images_stored_only_with_a_diagnosis(review: dict) -> None:

@@ -14,6 +14,7 @@ import sysconfig
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import keras
@@ -29,6 +30,7 @@ from PIL import Image
 from skin_lesion.app.gradcam import explain_alerts, explanation_figure, grad_cam
 from skin_lesion.app.predict import collect_images, predict_files, render_summary
 from skin_lesion.app.promotion import resolve_default_model
+from skin_lesion.app.server import MISSING, images_of_request, score_images
 from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
 from skin_lesion.packaging import MODEL_CODE, pip_requirements
@@ -434,6 +436,42 @@ def test_bad_requests_are_named_without_echoing_their_data(
     assert "dtype" not in message  # a DataFrame's repr
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"dataframe_split": {"columns": ["image"], "data": 5}}',
+            r"^dataframe_split: data must be a list of rows$",
+        ),
+        (
+            b'{"dataframe_split": {"columns": {"image": 0}, "data": []}}',
+            r"^dataframe_split needs a column 'image'",
+        ),
+        (b'{"dataframe_records": [{"img": "x"}, {}]}', r"^dataframe_records needs a column 'image'"),
+        (b'{"dataframe_records": {"image": "x"}}', r"^dataframe_records must be a list of rows$"),
+        (
+            b'{"dataframe_split": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            r"^the request's JSON is nested too deeply$",
+        ),
+    ],
+)
+def test_requests_of_the_wrong_shape_are_named_as_bad_requests(body: bytes, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        images_of_request(body)
+
+
+def test_a_record_without_an_image_gets_a_row_naming_the_column() -> None:
+    body = json.dumps({"dataframe_records": [{"image": "aGk="}, {"img": "aGk="}, "not a row"]}).encode()
+    assert images_of_request(body) == ["aGk=", MISSING, MISSING]
+    classifier = SimpleNamespace(config={"image_size": SIZE})
+    table = score_images(SimpleNamespace(unwrap_python_model=lambda: classifier), images_of_request(body))
+    assert list(table["error"]) == [
+        "row 0: cannot decode image (not a format Pillow reads)",
+        "row 1: no 'image' column in this row",
+        "row 2: no 'image' column in this row",
+    ]
+
+
 def _post_body(port: int, body: bytes) -> tuple[int, str]:
     return http_request(f"http://127.0.0.1:{port}/invocations", body)
 
@@ -464,6 +502,9 @@ def test_skin_lesion_serve_answers_every_image_of_a_batch(tracking: str, store: 
             ),
             (b"not json", "the request is not JSON"),
             (b'{"dataframe_split": {"columns": ["img"], "data": [["x"]]}}', "needs a column 'image'"),
+            (b'{"dataframe_split": {"columns": ["image"], "data": 5}}', "data must be a list of rows"),
+            (b'{"dataframe_records": [{"img": "x"}]}', "dataframe_records needs a column 'image'"),
+            (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
         ]:
             status, body = _post_body(port, payload)
             assert status == 400, body
