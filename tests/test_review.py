@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -457,6 +458,25 @@ def test_an_export_replaces_an_earlier_export_but_not_a_file_added_to_it(tmp_pat
     ):
         export_feedback(store, tmp_path / "export", CLASSES, local)
     assert (tmp_path / "export" / "Train" / "nevus" / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_an_export_refuses_a_folder_it_cannot_list_all_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store_with_a_diagnosis(tmp_path / "feedback")
+    (tmp_path / "export" / "locked").mkdir(parents=True)
+    scandir = os.scandir
+
+    def unreadable_locked(path: Any) -> Any:  # what a folder of another user's looks like (tests run as root)
+        if isinstance(path, str | os.PathLike) and Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unreadable_locked)
+    local = as_params(small_params()).download.local
+    with pytest.raises(PipelineError, match=r"export/locked: cannot be listed \(Permission denied\)"):
+        export_feedback(store, tmp_path / "export", CLASSES, local)
+    assert (tmp_path / "export" / "locked").is_dir()
 
 
 @pytest.mark.parametrize("command", [["export-feedback", "out"], ["monitor"]])

@@ -209,11 +209,16 @@ def check_export_target(out: Path) -> None:
 def _entries(folder: Path) -> set[str]:
     # Everything but folders, relative to `folder`; links to folders count as files and are not followed.
     found = set()
-    for parent, folders, files in os.walk(folder):
+    for parent, folders, files in os.walk(folder, onerror=_unlistable):
         links = [name for name in folders if (Path(parent) / name).is_symlink()]
         for name in [*files, *links]:
             found.add((Path(parent) / name).relative_to(folder).as_posix())
     return found
+
+
+def _unlistable(err: OSError) -> None:
+    # os.walk skips a folder it cannot read: its files would be deleted unseen.
+    raise PipelineError(f"{err.filename}: cannot be listed ({err.strerror}); name a new or empty folder")
 
 
 def _exported_entries(out: Path) -> set[str]:
