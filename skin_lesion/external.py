@@ -52,21 +52,23 @@ def load_external_sets(
     max_distance: int,
     melanoma_class: str,
     image_size: int,
+    max_pixels: int,
 ) -> list[ExternalSet]:
     """Every configured set, copies of `seen_paths` images left out, decoded at `image_size`.
 
     Each set must exist, have every label in its map, and keep a melanoma image: the checks run
-    before any prediction, so that a wrong set stops the stage early, in one line.
+    before any prediction, so that a wrong set stops the stage early, in one line. Images over
+    `max_pixels` (split.max_pixels) are unreadable, as in the split stage: never decoded.
     """
     if not sets:
         return []
-    seen = inspect_images(seen_paths, max_pixels=None)
+    seen = inspect_images(seen_paths, max_pixels=None)  # training images: the split stage vetted them
     loaded = []
     with tempfile.TemporaryDirectory() as scratch:
         for name, settings in sets.items():
             root = locate_set(folder, name, Path(scratch))
             rows = list_set(root, f"evaluate.external.{name}", settings.labels_csv, settings.label_map)
-            rows, left_out = leave_out_copies(rows, seen, max_distance)
+            rows, left_out = leave_out_copies(rows, seen, max_distance, max_pixels)
             if not (rows["target"] == melanoma_class).any():
                 raise PipelineError(
                     f"evaluate.external.{name}: no {melanoma_class} image (after leaving out "
@@ -90,9 +92,7 @@ def locate_set(folder: Path, name: str, scratch: Path) -> Path:
     if root.is_dir():
         return root
     if archive.is_file():
-        extract_zip_safely(
-            archive, scratch / name, MAX_EXTRACT_BYTES, f"evaluate.external.{name}", "the limit of"
-        )
+        extract_zip_safely(archive, scratch / name, MAX_EXTRACT_BYTES, f"evaluate.external.{name}", None)
         inner = [child for child in (scratch / name).iterdir() if child.is_dir()]
         has_files = any(child.is_file() for child in (scratch / name).iterdir())
         # Zips often wrap their contents in one folder.
@@ -108,6 +108,7 @@ def list_set(root: Path, what: str, labels_csv: str, label_map: Mapping[str, str
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if labels_csv:
         table = read_table(root / labels_csv, ["isic_id", "label"], what=what)
+        refuse_conflicting_labels(table, f"{what}: {root / labels_csv}")
         labels = dict(zip(table["isic_id"].astype(str), table["label"].astype(str), strict=True))
         unlabelled = [path for path in files if path.stem not in labels]
         if unlabelled:
@@ -135,12 +136,22 @@ def list_set(root: Path, what: str, labels_csv: str, label_map: Mapping[str, str
     return images
 
 
+def refuse_conflicting_labels(table: pd.DataFrame, source: str) -> None:
+    """Stop when an isic_id has rows with different labels: which one is right is not ours to guess."""
+    labels_per_id = table.groupby("isic_id")["label"].nunique()
+    conflicting = sorted(labels_per_id[labels_per_id > 1].index)
+    if conflicting:
+        more = f" and {len(conflicting) - 5} more" if len(conflicting) > 5 else ""
+        shown = ", ".join(conflicting[:5]) + more
+        raise PipelineError(f"{source}: rows with different labels for the same isic_id: {shown}")
+
+
 def leave_out_copies(
-    images: pd.DataFrame, seen: pd.DataFrame, max_distance: int
+    images: pd.DataFrame, seen: pd.DataFrame, max_distance: int, max_pixels: int
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The images that are neither unreadable nor copies of `seen` images (with their pixel and
-    perceptual hashes), and how many were left out."""
-    hashes = inspect_images(images["path"], max_pixels=None)
+    """The images that are neither unreadable (over `max_pixels` too) nor copies of `seen` images
+    (with their pixel and perceptual hashes), and how many were left out."""
+    hashes = inspect_images(images["path"], max_pixels=max_pixels)
     readable = (hashes["rejected"] == "").to_numpy()
     exact = hashes["pixel_sha256"].isin(set(seen["pixel_sha256"])).to_numpy()
     near = near_duplicate_mask(hashes["phash"], seen["phash"], max_distance)

@@ -74,11 +74,11 @@ def atomic_file(path: Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        tmp.chmod(0o666 & ~UMASK)  # mkstemp's file is private (0600); the output is not
+        os.replace(tmp, path)  # fails when `path` is a folder: the temp must not stay behind then either
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    tmp.chmod(0o666 & ~UMASK)  # mkstemp's file is private (0600); the output is not
-    os.replace(tmp, path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -105,7 +105,10 @@ def read_table(path: Path, columns: Sequence[str], what: str, hint: str = "") ->
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{what}: {path} not found{hint}")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{what}: {path} is not UTF-8 text; save it as a UTF-8 CSV") from err
     missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise PipelineError(f"{what}: {path} has no column(s) {', '.join(missing)}")
@@ -161,11 +164,12 @@ def extract_zip_safely(
     dest: Path,
     max_bytes: int,
     param: str = "download.local.path",
-    limit_param: str = "download.local.max_extract_mb",
+    limit_param: str | None = "download.local.max_extract_mb",
 ) -> None:
     """Extract a zip after refusing absolute paths, '..', links and oversized contents.
 
-    Errors name the parameter that pointed at the zip (`param`) and the one that sets the limit.
+    Errors name the parameter that pointed at the zip (`param`) and the one that sets the limit
+    (`limit_param`; None for a fixed limit).
     """
     try:
         archive = zipfile.ZipFile(archive_path)
@@ -181,9 +185,9 @@ def extract_zip_safely(
                 raise PipelineError(f"{param}: {archive_path} has symbolic link {entry.filename!r}")
             total += entry.file_size
             if total > max_bytes:
-                raise PipelineError(
-                    f"{param}: {archive_path} unpacks to more than {limit_param}={max_bytes // 2**20} MiB"
-                )
+                mib = max_bytes // 2**20
+                limit = f"{limit_param}={mib}" if limit_param else f"the limit of {mib}"
+                raise PipelineError(f"{param}: {archive_path} unpacks to more than {limit} MiB")
         for entry in archive.infolist():
             try:
                 archive.extract(entry, dest)

@@ -55,15 +55,17 @@ def load_site_rows(
     melanoma_class: str,
     near_duplicate_distance: int,
     group_distance: int,
+    max_pixels: int,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The site's images (path, label, target, group), copies of `seen` images left out, and the counts.
 
     `seen` holds the pixel and perceptual hashes of the split's images: a site image that copies one
-    would be scored by a model that learned it. Photos within `group_distance` bits share a group.
+    would be scored by a model that learned it. Photos within `group_distance` bits share a group;
+    images over `max_pixels` (split.max_pixels) are unreadable, never decoded.
     """
     label_map = settings.label_map or {label: label for label in classes}
     rows = list_set(root, "site", settings.labels_csv, label_map)
-    kept, left_out = leave_out_copies(rows, seen, near_duplicate_distance)
+    kept, left_out = leave_out_copies(rows, seen, near_duplicate_distance, max_pixels)
     if not (kept["target"] == melanoma_class).any():
         raise PipelineError(
             f"site.name={settings.name}: no {melanoma_class} image in {root} (after leaving out "

@@ -86,6 +86,7 @@ def main() -> None:
         params.split.near_duplicate_distance,
         base.melanoma_class,
         base.image_size,
+        params.split.max_pixels,
     )
     # Every prediction goes through the backbone's cached embeddings: a refit of the head alone
     # (the probe's C, a site, the threshold rule) then embeds nothing again.

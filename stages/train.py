@@ -122,6 +122,7 @@ def load_site(args: argparse.Namespace, params: Params, cache: Path) -> tuple[Si
         params.base.melanoma_class,
         params.split.near_duplicate_distance,
         params.split.group_distance,
+        params.split.max_pixels,
     )
     log.info(
         "site %s: %d images (%d melanomas); left out %d copies of training images, %d unreadable",

@@ -15,6 +15,7 @@ from skin_lesion.external import binomial, load_external_sets, score_external_se
 from skin_lesion.params import ExternalSetParams
 from tests.conftest import CLASSES, as_params, draw_lesion, small_params
 
+MAX_PIXELS = 150 * 150
 MAP = {"mel": "melanoma", "atypical nevus": "nevus", "lentigo": "other"}
 
 
@@ -52,7 +53,9 @@ def _external_set(root: Path) -> Path:
 
 def test_a_set_is_read_mapped_and_its_copies_of_training_images_left_out(tmp_path: Path) -> None:
     seen = _training_images(tmp_path / "train")
-    (found,) = load_external_sets(_external_set(tmp_path / "external"), _settings(), seen, 2, "melanoma", 32)
+    (found,) = load_external_sets(
+        _external_set(tmp_path / "external"), _settings(), seen, 2, "melanoma", 32, MAX_PIXELS
+    )
     assert found.name == "clinic"
     assert found.left_out == {"unreadable": 0, "copies_of_training": 2}
     assert sorted(Path(path).name for path in found.rows["path"]) == [
@@ -82,7 +85,7 @@ def test_a_zip_of_a_set_reads_like_the_folder(tmp_path: Path) -> None:
     with zipfile.ZipFile(archive, "w") as handle:
         for path in sorted(folder.rglob("*")):
             handle.write(path, "wrapped/" + path.relative_to(folder).as_posix())
-    (found,) = load_external_sets(tmp_path / "external", _settings(), [], 2, "melanoma", 32)
+    (found,) = load_external_sets(tmp_path / "external", _settings(), [], 2, "melanoma", 32, MAX_PIXELS)
     assert len(found.rows) == 7
     assert set(found.rows["target"]) == {"melanoma", "nevus", "other"}
 
@@ -94,7 +97,9 @@ def test_reviewed_images_exported_by_export_feedback_are_a_set(tmp_path: Path) -
         draw_lesion(20 + index).save(path)
     (tmp_path / "external" / "clinic" / "metadata.csv").write_text("isic_id,label\n", encoding="utf-8")
     identity = {"melanoma": "melanoma", "nevus": "nevus"}
-    (found,) = load_external_sets(tmp_path / "external", _settings(identity), [], 2, "melanoma", 32)
+    (found,) = load_external_sets(
+        tmp_path / "external", _settings(identity), [], 2, "melanoma", 32, MAX_PIXELS
+    )
     assert sorted(found.rows["target"]) == ["melanoma", "nevus", "nevus"]
 
 
@@ -109,7 +114,7 @@ def test_labels_can_come_from_a_csv(tmp_path: Path) -> None:
         "isic_id,label\na,mel\nb,mel\nc,atypical nevus\nd,lentigo\n", encoding="utf-8"
     )
     (found,) = load_external_sets(
-        tmp_path / "external", _settings(labels_csv="labels.csv"), [], 2, "melanoma", 32
+        tmp_path / "external", _settings(labels_csv="labels.csv"), [], 2, "melanoma", 32, MAX_PIXELS
     )
     assert sorted(found.rows["target"]) == [
         "melanoma",
@@ -117,6 +122,70 @@ def test_labels_can_come_from_a_csv(tmp_path: Path) -> None:
         "nevus",
         "other",
     ]  # unlisted images left out
+
+
+def _set_with_labels_csv(root: Path, labels: bytes) -> Path:
+    """external/clinic/all/* (the _external_set images, flat) with `labels` as its labels.csv."""
+    clinic = _external_set(root / "external") / "clinic"
+    flat = clinic / "all"
+    flat.mkdir()
+    for path in list(clinic.rglob("*.*")):
+        if path.parent != flat:
+            shutil.move(path, flat / path.name)
+    (clinic / "labels.csv").write_bytes(labels)
+    return root / "external"
+
+
+def test_a_labels_csv_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path) -> None:
+    folder = _set_with_labels_csv(
+        tmp_path, "isic_id,label\na,mel\nb,naevus atypique\u00e9\n".encode("latin-1")
+    )
+    with pytest.raises(
+        PipelineError,
+        match=r"^evaluate.external.clinic: .*labels.csv is not UTF-8 text; save it as a UTF-8 CSV$",
+    ):
+        load_external_sets(folder, _settings(labels_csv="labels.csv"), [], 2, "melanoma", 32, MAX_PIXELS)
+
+
+def test_rows_giving_an_image_two_labels_are_refused_naming_the_ids(tmp_path: Path) -> None:
+    labels = b"isic_id,label\na,mel\nb,mel\nc,atypical nevus\nd,mel\na,atypical nevus\nd,lentigo\n"
+    folder = _set_with_labels_csv(tmp_path, labels)
+    with pytest.raises(
+        PipelineError,
+        match=r"^evaluate.external.clinic: .*labels.csv: rows with different labels for the same "
+        r"isic_id: a, d$",
+    ):
+        load_external_sets(folder, _settings(labels_csv="labels.csv"), [], 2, "melanoma", 32, MAX_PIXELS)
+
+
+def test_identical_duplicate_rows_are_read_once(tmp_path: Path) -> None:
+    folder = _set_with_labels_csv(tmp_path, b"isic_id,label\na,mel\na,mel\nc,atypical nevus\n")
+    (found,) = load_external_sets(
+        folder, _settings(labels_csv="labels.csv"), [], 2, "melanoma", 32, MAX_PIXELS
+    )
+    assert sorted(found.rows["target"]) == ["melanoma", "nevus"]
+
+
+def test_an_image_over_split_max_pixels_is_left_out_as_unreadable(tmp_path: Path) -> None:
+    folder = _external_set(tmp_path / "external")
+    draw_lesion(15, size=64).resize((400, 400)).save(folder / "clinic" / "mel" / "bomb.png")
+    (found,) = load_external_sets(folder, _settings(), [], 2, "melanoma", 32, MAX_PIXELS)
+    assert found.left_out["unreadable"] == 1
+    assert "bomb.png" not in {Path(path).name for path in found.rows["path"]}
+
+
+def test_a_zip_over_the_size_limit_names_the_limit_in_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("skin_lesion.external.MAX_EXTRACT_BYTES", 2**20)
+    archive = tmp_path / "clinic.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
+        handle.writestr("mel/a.png", b"\0" * (2 * 2**20))
+    with pytest.raises(
+        PipelineError,
+        match=r"^evaluate.external.clinic: .*clinic.zip unpacks to more than the limit of 1 MiB$",
+    ):
+        load_external_sets(tmp_path, _settings(), [], 2, "melanoma", 32, MAX_PIXELS)
 
 
 def test_figures_are_computed_as_by_hand() -> None:
@@ -170,7 +239,7 @@ def test_a_missing_set_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(
         PipelineError, match=r"^evaluate.external.clinic: neither .*clinic/ nor .*clinic.zip exists$"
     ):
-        load_external_sets(tmp_path, _settings(), [], 2, "melanoma", 32)
+        load_external_sets(tmp_path, _settings(), [], 2, "melanoma", 32, MAX_PIXELS)
 
 
 def test_a_label_missing_from_the_map_is_one_line(tmp_path: Path) -> None:
@@ -178,7 +247,7 @@ def test_a_label_missing_from_the_map_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(
         PipelineError, match=r"^evaluate.external.clinic.label_map: no entry for label 'lentigo' \(1 images"
     ):
-        load_external_sets(_external_set(tmp_path), _settings(partial), [], 2, "melanoma", 32)
+        load_external_sets(_external_set(tmp_path), _settings(partial), [], 2, "melanoma", 32, MAX_PIXELS)
 
 
 def test_a_set_without_melanoma_is_one_line(tmp_path: Path) -> None:
@@ -186,7 +255,7 @@ def test_a_set_without_melanoma_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(
         PipelineError, match=r"^evaluate.external.clinic: no melanoma image .* cannot be checked on it$"
     ):
-        load_external_sets(_external_set(tmp_path), _settings(no_melanoma), [], 2, "melanoma", 32)
+        load_external_sets(_external_set(tmp_path), _settings(no_melanoma), [], 2, "melanoma", 32, MAX_PIXELS)
 
 
 def test_a_map_onto_an_unknown_class_is_refused_by_the_params() -> None:

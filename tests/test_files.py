@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.files import atomic_output_dir, read_manifest, write_csv_atomic, write_text_atomic
+from skin_lesion.files import (
+    atomic_file,
+    atomic_output_dir,
+    read_manifest,
+    write_csv_atomic,
+    write_text_atomic,
+)
 from skin_lesion.images import decode_rgb, load_images, load_rgb
 from skin_lesion.manifests import class_indices
 from tests.conftest import write_image
@@ -67,6 +73,13 @@ def test_outputs_get_the_permissions_of_the_users_umask(
         (tmp / "a.png").write_bytes(b"")
     assert stat.S_IMODE((tmp_path / "preds.csv").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "cams").stat().st_mode) == 0o755
+
+
+def test_atomic_file_leaves_no_temp_when_its_target_is_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "figure.png").mkdir()
+    with pytest.raises(IsADirectoryError), atomic_file(tmp_path / "figure.png") as tmp:
+        tmp.write_bytes(b"a figure")
+    assert [path.name for path in tmp_path.iterdir()] == ["figure.png"]
 
 
 def test_manifest_missing_column_is_named(tmp_path: Path) -> None:

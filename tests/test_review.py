@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
+import logging
+import os
+import re
+import socket
 import threading
 import time
 import urllib.error
@@ -26,7 +31,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from skin_lesion.app.feedback import FeedbackStore, export_feedback
+from skin_lesion.app.feedback import Diagnosis, FeedbackStore, export_feedback
 from skin_lesion.app.promotion import describe_version
 from skin_lesion.app.review import DISCLAIMER, MAX_DIAGNOSIS_BYTES, MAX_REQUEST_BYTES, create_review_app
 from skin_lesion.app.server import read_limited
@@ -38,6 +43,7 @@ from tests.conftest import (
     CHROMIUM,
     CHROMIUM_ARGS,
     CLASSES,
+    REPO,
     as_params,
     draw_lesion,
     fetch_local_source,
@@ -244,13 +250,76 @@ def test_a_body_over_the_limit_is_read_to_its_end_but_not_kept() -> None:
 
 @pytest.mark.parametrize(
     ("body", "message"),
-    [(b"not json", "not JSON"), (b"[]", "JSON object"), (b'{"images": []}', '"images"')],
+    [
+        (b"not json", "not JSON"),
+        (b"[]", "JSON object"),
+        (b'{"images": []}', '"images"'),
+        (b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ],
 )
 def test_malformed_requests_are_400_without_a_traceback(review: dict, body: bytes, message: str) -> None:
     status, answer = _request(f"{review['url']}/api/score", body)
     assert status == 400
     assert message in answer["message"]
     assert "Traceback" not in json.dumps(answer)
+
+
+def _review_app(registered: dict, folder: Path, **options: Any) -> Any:
+    mlflow.set_tracking_uri(registered["uri"])
+    version = describe_version(MlflowClient(), f"models:/{NAME}/1")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    store = FeedbackStore(folder / "review.db")
+    return create_review_app(model, version, store, "http://127.0.0.1:5000", **options)
+
+
+def _send_short_body(url: str, sent: bytes, length: int) -> socket.socket:
+    """A connection that has sent a POST to /api/score announcing `length` bytes of body, and only `sent`."""
+    host, port = url.removeprefix("http://").split(":")
+    client = socket.create_connection((host, int(port)), timeout=10)
+    head = f"POST /api/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    client.sendall(f"{head}Content-Length: {length}\r\n\r\n".encode() + sent)
+    return client
+
+
+@contextmanager
+def _server_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    # uvicorn's loggers do not propagate to the root logger, where caplog listens: its tracebacks too.
+    uvicorn_log = logging.getLogger("uvicorn")
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            yield caplog
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+
+
+def test_a_body_shorter_than_its_content_length_is_answered_408_after_the_read_timeout(
+    registered: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _review_app(registered, tmp_path, body_timeout_s=0.5)
+    with _serving(app) as url, _server_log(caplog) as log:
+        client = _send_short_body(url, b'{"images": [', 1000)
+        with client:
+            answer = b"".join(iter(lambda: client.recv(65536), b""))  # to the end: the server closes
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.splitlines()[0] == b"HTTP/1.1 408 Request Timeout"
+    expected = "the request body stopped arriving (12 bytes in, none for 0.5 s)"
+    assert json.loads(body) == {"message": expected}
+    assert [record.getMessage() for record in log.records] == [f"POST /api/score: {expected}"]
+
+
+def test_a_client_that_goes_away_mid_body_costs_one_log_line_not_a_traceback(
+    registered: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _serving(_review_app(registered, tmp_path)) as url, _server_log(caplog) as log:
+        _send_short_body(url, b'{"images": [', 1000).close()
+        deadline = time.monotonic() + 10
+        while not log.records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # anything logged after the first line would show here
+    expected = "POST /api/score: the client went away before sending the whole request body (12 bytes in)"
+    assert [record.getMessage() for record in log.records] == [expected]
+    assert not any(record.exc_info for record in log.records)
 
 
 def test_predictions_are_logged_without_images_and_images_stored_only_with_a_diagnosis(review: dict) -> None:
@@ -345,6 +414,97 @@ def test_an_export_with_a_base_that_does_not_exist_says_so(review: dict, tmp_pat
     assert not (tmp_path / "export").exists()
 
 
+def _store_with_a_diagnosis(folder: Path) -> FeedbackStore:
+    """A feedback database in `folder` holding one nevus diagnosis, recorded as the page records it."""
+    store = FeedbackStore(folder / "review.db")
+    image = _png(draw_lesion(7, SIZE))
+    sha256 = hashlib.sha256(image).hexdigest()
+    store.record_diagnosis(Diagnosis(sha256, "lesion.png", "nevus", "", "1", 0.2), image, ".png")
+    return store
+
+
+def test_an_export_refuses_a_folder_holding_files_it_did_not_write(tmp_path: Path) -> None:
+    store = _store_with_a_diagnosis(tmp_path / "feedback")
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "precious.txt").write_text("keep me", encoding="utf-8")
+    (victim / "sub" / "more.txt").write_text("me too", encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(
+        (REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    result = run_skin_lesion(tmp_path, "export-feedback", "victim", "--db", str(store.path))
+    assert result.returncode == 1, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "victim: holds files export-feedback did not write (precious.txt and 1 more), which writing the "
+            "export would delete; name a new or empty folder"
+        )
+    )
+    assert (victim / "precious.txt").read_text(encoding="utf-8") == "keep me"
+    assert (victim / "sub" / "more.txt").read_text(encoding="utf-8") == "me too"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["feedback", "params.yaml", "victim"]
+
+
+def test_an_export_replaces_an_earlier_export_but_not_a_file_added_to_it(tmp_path: Path) -> None:
+    store = _store_with_a_diagnosis(tmp_path / "feedback")
+    local = as_params(small_params()).download.local
+    export_feedback(store, tmp_path / "export", CLASSES, local)
+    assert len(export_feedback(store, tmp_path / "export", CLASSES, local)) == 1  # its own: replaced
+    (tmp_path / "export" / "Train" / "nevus" / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(
+        PipelineError, match=r"export: holds files export-feedback did not write \(Train/nevus/notes.txt\)"
+    ):
+        export_feedback(store, tmp_path / "export", CLASSES, local)
+    assert (tmp_path / "export" / "Train" / "nevus" / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_an_export_refuses_a_folder_it_cannot_list_all_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store_with_a_diagnosis(tmp_path / "feedback")
+    (tmp_path / "export" / "locked").mkdir(parents=True)
+    scandir = os.scandir
+
+    def unreadable_locked(path: Any) -> Any:  # what a folder of another user's looks like (tests run as root)
+        if isinstance(path, str | os.PathLike) and Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unreadable_locked)
+    local = as_params(small_params()).download.local
+    with pytest.raises(PipelineError, match=r"export/locked: cannot be listed \(Permission denied\)"):
+        export_feedback(store, tmp_path / "export", CLASSES, local)
+    assert (tmp_path / "export" / "locked").is_dir()
+
+
+@pytest.mark.parametrize("command", [["export-feedback", "out"], ["monitor"]])
+@pytest.mark.parametrize("database", ["missing", "empty"])
+def test_commands_that_read_the_database_refuse_a_missing_or_empty_one(
+    tmp_path: Path, command: list[str], database: str
+) -> None:
+    db = tmp_path / "feedback" / "reveiw.db"  # a typo
+    if database == "empty":
+        db.parent.mkdir()
+        db.touch()
+    (tmp_path / "params.yaml").write_text(
+        (REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    result = run_skin_lesion(tmp_path, *command, "--db", str(db))
+    assert result.returncode == 1, result.stderr
+    expected = {
+        "missing": "reveiw.db: no feedback database there (`skin-lesion review` creates one)",
+        "empty": "reveiw.db: the file is empty (0 bytes), not a feedback database",
+    }[database]
+    assert result.stderr.strip().splitlines()[-1].endswith(expected)
+    assert "Traceback" not in result.stderr
+    assert db.exists() == (database == "empty")
+    assert not (tmp_path / "out").exists()
+    if database == "empty":
+        assert db.stat().st_size == 0  # left as it was: no tables created in it
+
+
 def test_a_token_guards_every_page_but_health(registered: dict) -> None:
     mlflow.set_tracking_uri(registered["uri"])
     version = describe_version(MlflowClient(), f"models:/{NAME}/1")
@@ -385,6 +545,34 @@ def test_monitor_compares_the_logged_predictions_with_the_test_split(
     assert f"predictions by {NAME} version 1, against its test split" in result.stdout
     assert "DRIFT in" in result.stdout  # alerts on every image but one, against 30 % on test
     assert Image.open(db.with_name("monitor.png")).width >= 800
+
+
+@pytest.mark.parametrize(("tolerance", "code"), [("1.0", 4), ("0.05", 5)])
+def test_monitor_prints_its_report_when_its_figure_cannot_be_written_and_says_so_in_its_exit_code(
+    registered: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tolerance: str, code: int
+) -> None:
+    store = FeedbackStore(tmp_path / "review.db")
+    row = {
+        "model": f"models:/{NAME}/1", "model_version": "1", "sha256": "0" * 64, "predicted_label": "melanoma",
+        "p_melanoma": 0.9, "melanoma_alert": True, "ood_score": 0.1, "unlike_training": False,
+        "problems": [], "probabilities": {},
+    }  # fmt: skip
+    store.log_predictions([row] * 3)
+    (tmp_path / "blocker").write_text("a file where the figure's folder should be", encoding="utf-8")
+    point_mlflow_at(registered["uri"], monkeypatch)
+    plot = str(tmp_path / "blocker" / "monitor.png")
+    result = run_skin_lesion(
+        tmp_path, "monitor", "--model", f"models:/{NAME}/1", "--db", str(store.path), "--plot", plot,
+        "--tolerance", tolerance, "--min-predictions", "3",
+    )  # fmt: skip
+    assert result.returncode == code, result.stderr  # 4: no drift, 5: drift; the figure failed either way
+    assert f"predictions by {NAME} version 1, against its test split" in result.stdout
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert re.search(
+        r"blocker/monitor.png: cannot write the figure \(.+\); the report above stands$", last_line
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["blocker", "review.db"]
 
 
 def test_in_a_browser_a_clinician_triages_records_and_finds_the_diagnosis_after_reload(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -10,7 +11,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import keras
 import mlflow
@@ -25,6 +30,7 @@ from PIL import Image
 from skin_lesion.app.gradcam import explain_alerts, explanation_figure, grad_cam
 from skin_lesion.app.predict import collect_images, predict_files, render_summary
 from skin_lesion.app.promotion import resolve_default_model
+from skin_lesion.app.server import MISSING, images_of_request, score_images
 from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
 from skin_lesion.packaging import MODEL_CODE, pip_requirements
@@ -195,6 +201,59 @@ def test_a_file_over_the_size_limit_gets_an_error_row_and_the_rest_are_predicted
     assert table.iloc[0]["error"] == "larger than the 1 MiB limit for one image"
     assert table.iloc[1]["error"] == ""
     assert table.iloc[1]["p_melanoma"] >= 0
+
+
+def _within(seconds: float, work: Callable[[], Any], fifos: list[Path]) -> Any:
+    """work() in a thread; past `seconds` (blocked opening a FIFO) the FIFOs are unblocked, the test fails."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(work).result(timeout=seconds)
+    except TimeoutError:
+        for fifo in fifos:
+            with contextlib.suppress(OSError):  # a writer's open lets the blocked reader's open return
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"still running after {seconds} s: a FIFO was opened")
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_a_fifo_named_on_the_command_line_gets_an_error_row_without_being_opened(
+    tracking: str, store: Path, tmp_path: Path
+) -> None:
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    files = collect_images([pipe, store / "high.png"])
+    table = _within(60, lambda: predict_files(model, files), [pipe])
+    assert list(table["error"]) == ["not a regular file but a named pipe (FIFO): not read", ""]
+    assert table.iloc[1]["p_melanoma"] >= 0
+
+
+def test_a_fifo_in_a_folder_is_reported_not_skipped(tracking: str, tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    os.mkfifo(folder / "pipe.jpg")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    table = _within(60, lambda: predict_files(model, collect_images([folder])), [folder / "pipe.jpg"])
+    errors = dict(zip(table["path"].map(lambda path: Path(path).name), table["error"], strict=True))
+    assert errors["pipe.jpg"] == "not a regular file but a named pipe (FIFO): not read"
+    assert len(errors) == 5
+
+
+def test_predict_with_no_readable_image_says_so_in_one_line_after_its_csv(
+    tracking: str, tmp_path: Path
+) -> None:
+    (tmp_path / "empty.jpg").touch()
+    result = run_skin_lesion(
+        tmp_path, "predict", "empty.jpg", "--model", f"models:/{NAME}/1", "--output", "p.csv",
+        PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=tracking,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("no image could be read: 1 file, all unreadable")
+    assert "1 image, 0 melanoma alerts, 1 unreadable" in result.stdout
+    assert "ERROR empty.jpg: cannot decode image" in result.stdout
+    table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert list(table["path"]) == ["empty.jpg"]
 
 
 def test_default_model_is_the_champion_or_else_the_newest(tracking: str, store: Path) -> None:
@@ -377,6 +436,42 @@ def test_bad_requests_are_named_without_echoing_their_data(
     assert "dtype" not in message  # a DataFrame's repr
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"dataframe_split": {"columns": ["image"], "data": 5}}',
+            r"^dataframe_split: data must be a list of rows$",
+        ),
+        (
+            b'{"dataframe_split": {"columns": {"image": 0}, "data": []}}',
+            r"^dataframe_split needs a column 'image'",
+        ),
+        (b'{"dataframe_records": [{"img": "x"}, {}]}', r"^dataframe_records needs a column 'image'"),
+        (b'{"dataframe_records": {"image": "x"}}', r"^dataframe_records must be a list of rows$"),
+        (
+            b'{"dataframe_split": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            r"^the request's JSON is nested too deeply$",
+        ),
+    ],
+)
+def test_requests_of_the_wrong_shape_are_named_as_bad_requests(body: bytes, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        images_of_request(body)
+
+
+def test_a_record_without_an_image_gets_a_row_naming_the_column() -> None:
+    body = json.dumps({"dataframe_records": [{"image": "aGk="}, {"img": "aGk="}, "not a row"]}).encode()
+    assert images_of_request(body) == ["aGk=", MISSING, MISSING]
+    classifier = SimpleNamespace(config={"image_size": SIZE})
+    table = score_images(SimpleNamespace(unwrap_python_model=lambda: classifier), images_of_request(body))
+    assert list(table["error"]) == [
+        "row 0: cannot decode image (not a format Pillow reads)",
+        "row 1: no 'image' column in this row",
+        "row 2: no 'image' column in this row",
+    ]
+
+
 def _post_body(port: int, body: bytes) -> tuple[int, str]:
     return http_request(f"http://127.0.0.1:{port}/invocations", body)
 
@@ -407,6 +502,9 @@ def test_skin_lesion_serve_answers_every_image_of_a_batch(tracking: str, store: 
             ),
             (b"not json", "the request is not JSON"),
             (b'{"dataframe_split": {"columns": ["img"], "data": [["x"]]}}', "needs a column 'image'"),
+            (b'{"dataframe_split": {"columns": ["image"], "data": 5}}', "data must be a list of rows"),
+            (b'{"dataframe_records": [{"img": "x"}]}', "dataframe_records needs a column 'image'"),
+            (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
         ]:
             status, body = _post_body(port, payload)
             assert status == 400, body

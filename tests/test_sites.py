@@ -217,7 +217,7 @@ def test_a_site_is_read_grouped_and_its_copies_of_training_images_left_out(tmp_p
     training = tmp_path / "train.png"
     draw_lesion(100, size=48).save(training)  # the pixels of the site's first melanoma
     seen = inspect_images([str(training)], max_pixels=None)
-    rows, left_out = load_site_rows(root, _settings(), seen, CLASSES, "melanoma", 2, 8)
+    rows, left_out = load_site_rows(root, _settings(), seen, CLASSES, "melanoma", 2, 8, 10**7)
     assert left_out == {"unreadable": 0, "copies_of_training": 1}
     assert len(rows) == 5
     assert list(rows.columns) == ["path", "label", "target", "group"]
@@ -227,20 +227,20 @@ def test_a_site_is_read_grouped_and_its_copies_of_training_images_left_out(tmp_p
 def test_a_site_without_melanoma_is_refused_in_one_line(tmp_path: Path) -> None:
     root = _write_site(tmp_path / "clinic", {"nevus": 4})
     with pytest.raises(PipelineError, match=r"^site.name=clinic: no melanoma image in .*clinic") as err:
-        load_site_rows(root, _settings(), _no_seen(), CLASSES, "melanoma", 2, 8)
+        load_site_rows(root, _settings(), _no_seen(), CLASSES, "melanoma", 2, 8, 10**7)
     assert "\n" not in str(err.value)
 
 
 def test_an_unmapped_site_label_names_the_parameter(tmp_path: Path) -> None:
     root = _write_site(tmp_path / "clinic", {"melanoma": 2, "lentigo": 2})
     with pytest.raises(PipelineError, match=r"^site.label_map: no entry for label 'lentigo'"):
-        load_site_rows(root, _settings(), _no_seen(), CLASSES, "melanoma", 2, 8)
+        load_site_rows(root, _settings(), _no_seen(), CLASSES, "melanoma", 2, 8, 10**7)
 
 
 def test_a_site_with_fewer_lesions_than_folds_is_refused(tmp_path: Path) -> None:
     root = _write_site(tmp_path / "clinic", {"melanoma": 1, "nevus": 1})
     with pytest.raises(PipelineError, match=r"^site.folds=3: .* only 2 distinct lesions"):
-        load_site_rows(root, _settings(), _no_seen(), CLASSES, "melanoma", 2, 8)
+        load_site_rows(root, _settings(), _no_seen(), CLASSES, "melanoma", 2, 8, 10**7)
 
 
 def test_a_site_needs_the_linear_probe() -> None:

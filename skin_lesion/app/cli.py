@@ -9,9 +9,11 @@
 
 `predict`: PATH is an image file or a folder (searched recursively). The default model is
 `models:/<base.model_name>@champion`, or the newest version when no champion is set yet. A file that
-cannot be read gets an error row; the others are still predicted. `--site NAME` (predict, serve,
-review, monitor) uses that site's own champion, `champion-NAME`, which `promote --site NAME` sets.
---explain writes a Grad-CAM overlay per alerted image, showing which regions drove P(melanoma).
+cannot be read, or is no regular file (a FIFO, a device: never opened), gets an error row; the others
+are still predicted. With no readable image at all the CSV and summary are still written, and the
+command fails (exit 1). --explain writes a Grad-CAM overlay per alerted image, showing which regions
+drove P(melanoma). `--site NAME` (predict, serve, review, monitor) uses that site's own champion,
+`champion-NAME`, which `promote --site NAME` sets.
 
 `serve`: the model over HTTP in MLflow's request format, with an answer row for every image of a
 batch (skin_lesion/app/server.py says how it differs from `mlflow models serve`).
@@ -22,7 +24,8 @@ tested on another test split than the one the alias holds now (their metrics do 
 `review`: the clinician's web page (skin_lesion/app/review.py). Beyond 127.0.0.1 it needs a token in
 SKIN_LESION_REVIEW_TOKEN. `export-feedback`: the diagnoses recorded there, as a dataset folder for
 `download.source: local`. `monitor`: the logged predictions' alert rate, OOD rate and class mix
-against the model's test split, and a figure of them.
+against the model's test split, and a figure of them; it exits 3 on drift, 4 when the figure could not
+be written (the report was printed) and 5 for both.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import uvicorn
@@ -42,7 +46,13 @@ from mlflow import MlflowClient
 from skin_lesion.app.feedback import FeedbackStore, export_feedback
 from skin_lesion.app.gradcam import explain_alerts
 from skin_lesion.app.monitoring import MIN_PREDICTIONS, drift_figure, drift_report, render_drift
-from skin_lesion.app.predict import BATCH_SIZE, collect_images, predict_files, render_summary
+from skin_lesion.app.predict import (
+    BATCH_SIZE,
+    collect_images,
+    predict_files,
+    render_summary,
+    require_a_readable_image,
+)
 from skin_lesion.app.promotion import describe_version, promote, resolve_default_model
 from skin_lesion.app.review import create_review_app
 from skin_lesion.app.server import create_app
@@ -54,7 +64,11 @@ from skin_lesion.runner import run_cli
 from skin_lesion.tracking import configure_mlflow, redact, tracking_uri
 
 DEFAULT_DB = Path("feedback/review.db")
-DRIFT_EXIT_CODE = 3  # `skin-lesion monitor` found drift
+# `skin-lesion monitor`'s exit codes beyond 0 (no drift) and 1 (the command failed): a cron job can act on
+# drift, and tell a figure that could not be written (the report was printed) from a failed command.
+DRIFT_EXIT_CODE = 3
+FIGURE_FAILED_EXIT_CODE = 4  # no drift, but the figure could not be written
+DRIFT_FIGURE_FAILED_EXIT_CODE = 5  # drift, and the figure could not be written
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_VARIABLE = "SKIN_LESION_REVIEW_TOKEN"
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves the default SQLite store
@@ -78,6 +92,7 @@ def predict_command(args: argparse.Namespace) -> None:
     if args.output:
         write_csv_atomic(args.output, predictions)
     sys.stdout.write(render_summary(predictions) + "\n")
+    require_a_readable_image(predictions)
     if args.explain:
         explain_alerts(model, predictions, args.explain)
 
@@ -112,8 +127,8 @@ def review_command(args: argparse.Namespace) -> None:
 
 def export_feedback_command(args: argparse.Namespace) -> None:
     """Write the recorded diagnoses as a dataset folder for download.source: local."""
+    store = FeedbackStore(args.db, create=False)
     params = load_params()
-    store = FeedbackStore(args.db)
     table = export_feedback(store, args.out, params.base.classes, params.download.local, args.base)
     counts = ", ".join(
         f"{label} {count}" for label, count in table["confirmed_diagnosis"].value_counts().items()
@@ -126,11 +141,12 @@ def export_feedback_command(args: argparse.Namespace) -> None:
 
 def monitor_command(args: argparse.Namespace) -> None:
     """Compare the logged predictions of a model with its test split; print and plot it."""
+    store = FeedbackStore(args.db, create=False)  # a mistyped --db stops before the model is loaded
     configure_mlflow()
     uri = args.model or resolve_default_model(load_params().base.model_name, args.site)
     version = describe_version(MlflowClient(), uri)
     config = mlflow.pyfunc.load_model(uri).model_config
-    log_table = FeedbackStore(args.db).predictions(since=datetime.now(UTC) - timedelta(days=args.days))
+    log_table = store.predictions(since=datetime.now(UTC) - timedelta(days=args.days))
     if version["version"]:
         log_table = log_table[log_table["model_version"] == version["version"]]
     else:
@@ -139,13 +155,24 @@ def monitor_command(args: argparse.Namespace) -> None:
     report = drift_report(log_table, figures, config["classes"], args.tolerance, args.min_predictions)
     model = f"{version['name']} version {version['version']}" if version["version"] else uri
     sys.stdout.write(render_drift(report, model) + "\n")
-    if report["images"]:
-        figure_path = args.plot or args.db.with_name("monitor.png")
-        with atomic_file(figure_path, suffix=".png") as tmp:
-            drift_figure(report, model).savefig(tmp, dpi=100)
-        log.info("figure: %s", figure_path)
+    figure = args.plot or args.db.with_name("monitor.png")
+    plotted = _write_figure(report, model, figure) if report["images"] else True
     if report["drifted"]:
-        sys.exit(DRIFT_EXIT_CODE)  # so that a cron job can act on it; 1 stays "the command failed"
+        sys.exit(DRIFT_EXIT_CODE if plotted else DRIFT_FIGURE_FAILED_EXIT_CODE)
+    if not plotted:
+        sys.exit(FIGURE_FAILED_EXIT_CODE)
+
+
+def _write_figure(report: dict[str, Any], model: str, path: Path) -> bool:
+    # A figure that cannot be written (a read-only folder, a full disk) costs the figure, not the report.
+    try:
+        with atomic_file(path, suffix=".png") as tmp:
+            drift_figure(report, model).savefig(tmp, dpi=100)
+    except OSError as err:
+        log.error("%s: cannot write the figure (%s); the report above stands", path, err.strerror or err)
+        return False
+    log.info("figure: %s", path)
+    return True
 
 
 def promote_command(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,8 @@ from skin_lesion.sites import REVIEW_LOG
 OTHER_DIAGNOSIS = "other/unknown"  # recorded, but not a class to train on
 EXPORT_METADATA = "index.csv"
 EXPORT_COLLECTION = "review feedback"
+# What an export wrote, listed in its folder: a later export may replace those files and only those.
+EXPORT_MARKER = ".export-feedback.json"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
@@ -57,9 +60,14 @@ class Diagnosis:
 class FeedbackStore:
     """The SQLite file of predictions and diagnoses, and the folder of diagnosed images beside it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, create: bool = True) -> None:
+        """Open the database at `path`, creating it when `create`; otherwise it must exist, read-only."""
         self.path = Path(path)
         self.images = self.path.parent / "images"
+        self.read_only = not create
+        if self.read_only:
+            _require_database(self.path)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(_SCHEMA)
@@ -68,7 +76,10 @@ class FeedbackStore:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # A connection per call: the web server writes from worker threads.
         try:
-            db = sqlite3.connect(self.path, timeout=30)
+            if self.read_only:  # mode=ro: a file that vanished since is an error, not a new database
+                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+            else:
+                db = sqlite3.connect(self.path, timeout=30)
         except sqlite3.Error as err:
             raise PipelineError(f"{self.path}: cannot open the feedback database ({err})") from err
         try:
@@ -160,6 +171,7 @@ def export_feedback(
     if records.empty:
         raise PipelineError(f"{store.path}: no diagnoses of the model's classes to export")
     metadata_name = local.metadata or EXPORT_METADATA
+    check_export_target(Path(out))
     with atomic_output_dir(out) as tmp:
         base_rows = _copy_base(base, tmp, metadata_name) if base is not None else pd.DataFrame()
         rows = []
@@ -175,6 +187,7 @@ def export_feedback(
         table = pd.DataFrame(rows).sort_values("isic_id", ignore_index=True)
         write_csv_atomic(tmp / metadata_name, pd.concat([base_rows, table], ignore_index=True).fillna(""))
         write_json_atomic(tmp / REVIEW_LOG, review_log_summary(store.predictions(), store.diagnoses()))
+        write_json_atomic(tmp / EXPORT_MARKER, {"files": sorted(_entries(tmp))})
     return table
 
 
@@ -193,6 +206,61 @@ def review_log_summary(predictions: pd.DataFrame, diagnoses: pd.DataFrame) -> di
         "diagnosed_images": len(diagnosed),
         "diagnosed_alerts": len(diagnosed & alerted),
     }
+
+
+def check_export_target(out: Path) -> None:
+    """Refuse an `out` whose replacement would lose files: one holding anything an export did not write."""
+    if out.is_symlink():
+        raise PipelineError(f"{out}: is a link; name the folder to write itself")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PipelineError(f"{out}: is a file, not a folder; name a new or empty folder")
+    foreign = sorted(_entries(out) - _exported_entries(out) - {EXPORT_MARKER})
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise PipelineError(
+            f"{out}: holds files export-feedback did not write ({foreign[0]}{more}), which writing "
+            "the export would delete; name a new or empty folder"
+        )
+
+
+def _entries(folder: Path) -> set[str]:
+    # Everything but folders, relative to `folder`; links to folders count as files and are not followed.
+    found = set()
+    for parent, folders, files in os.walk(folder, onerror=_unlistable):
+        links = [name for name in folders if (Path(parent) / name).is_symlink()]
+        for name in [*files, *links]:
+            found.add((Path(parent) / name).relative_to(folder).as_posix())
+    return found
+
+
+def _unlistable(err: OSError) -> None:
+    # os.walk skips a folder it cannot read: its files would be deleted unseen.
+    raise PipelineError(f"{err.filename}: cannot be listed ({err.strerror}); name a new or empty folder")
+
+
+def _exported_entries(out: Path) -> set[str]:
+    marker = out / EXPORT_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return set()
+    try:
+        listing = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not a marker this command wrote: nothing there counts as exported
+        return set()
+    files = listing.get("files") if isinstance(listing, dict) else None
+    return {name for name in files if isinstance(name, str)} if isinstance(files, list) else set()
+
+
+def _require_database(path: Path) -> None:
+    # sqlite3 would create a missing file, and reads an empty one as an empty database: a mistyped
+    # --db would report "no predictions" instead of the mistake.
+    if not path.exists():
+        raise PipelineError(f"{path}: no feedback database there (`skin-lesion review` creates one)")
+    if not path.is_file():
+        raise PipelineError(f"{path}: not a file, so not a feedback database")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{path}: the file is empty (0 bytes), not a feedback database")
 
 
 def _metadata_row(record: Any, stem: str, local: LocalParams) -> dict[str, str]:

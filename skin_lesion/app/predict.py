@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ BATCH_SIZE = 32  # images encoded and scored at once: bounds memory, not speed
 
 
 TABLE_ROWS = 20  # rows of the terminal table; the CSV has them all
+SUMMARY_COLUMNS = ["path", "predicted_label", "p_melanoma", "melanoma_alert"]
 
 
 def collect_images(paths: Iterable[Path]) -> list[Path]:
@@ -24,7 +26,10 @@ def collect_images(paths: Iterable[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # Not only regular files: a FIFO or a dangling link named like an image gets an error row.
+            files += sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+            )
         elif path.exists():
             files.append(path)
         else:
@@ -41,8 +46,9 @@ def predict_files(
     encoded, errors = {}, {}
     for path in files:
         try:
-            if path.stat().st_size > MAX_IMAGE_BYTES:
-                errors[path] = oversized(MAX_IMAGE_BYTES)
+            problem = file_problem(path)
+            if problem:
+                errors[path] = problem
                 continue
             decode_rgb(path, max_pixels=MAX_PIXELS)  # from the path, so errors name the file
             data = path.read_bytes()
@@ -63,19 +69,38 @@ def predict_files(
     return table[["path", *[c for c in table.columns if c not in ("path", "error")], "error"]]
 
 
+def file_problem(path: Path) -> str:
+    """Why `path` is not to be opened (not a regular file, over the size limit), or "" to read it."""
+    # From stat alone: opening a FIFO blocks until something writes to it, and a device never ends.
+    info = path.stat()
+    mode = info.st_mode
+    if stat.S_ISREG(mode):
+        return oversized(MAX_IMAGE_BYTES) if info.st_size > MAX_IMAGE_BYTES else ""
+    kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"not a regular file but {kind}: not read"
+
+
+def require_a_readable_image(predictions: pd.DataFrame) -> None:
+    """Stop, in one line, when not one of the files could be read: there is nothing to act on."""
+    if (predictions["error"] != "").all():
+        raise PipelineError(f"no image could be read: {_count(len(predictions), 'file')}, all unreadable")
+
+
 def render_summary(predictions: pd.DataFrame) -> str:
     """A short table for the terminal, then a line per alert (highest P(melanoma) first) and per
     unreadable file, each list cut at TABLE_ROWS.
 
     A model trained on synthetic shapes says so first and last, where nobody can miss it.
     """
-    shown = predictions.head(TABLE_ROWS)[["path", "predicted_label", "p_melanoma", "melanoma_alert"]]
+    # With no readable image there are no prediction columns: blank ones, not a KeyError.
+    predictions = predictions.reindex(columns=list(dict.fromkeys([*predictions.columns, *SUMMARY_COLUMNS])))
+    shown = predictions.head(TABLE_ROWS)[SUMMARY_COLUMNS]
     # An unreadable file's row has no prediction: blank cells, not NaN.
     shown = shown.astype(object).where(shown.notna(), "")
     lines = [shown.to_string(index=False, formatters={"p_melanoma": _probability})]
     if len(predictions) > TABLE_ROWS:
         lines.append(f"... {len(predictions) - TABLE_ROWS} more rows (use --output for all)")
-    alerts = predictions[predictions["melanoma_alert"].fillna(False).astype(bool)]
+    alerts = predictions[predictions["melanoma_alert"].eq(True)]
     highest_first = alerts.sort_values("p_melanoma", ascending=False, kind="stable")
     lines += [
         f"MELANOMA ALERT p={row.p_melanoma:.3f}  {row.path}"

@@ -35,7 +35,13 @@ from skin_lesion.app.feedback import OTHER_DIAGNOSIS, Diagnosis, FeedbackStore
 from skin_lesion.app.gradcam import EXPLANATION_DPI, FIGURE_IMAGE_PX, explanation_figure, grad_cam
 from skin_lesion.app.monitoring import threshold_in_words
 from skin_lesion.app.quality import quality_problems
-from skin_lesion.app.server import json_object, read_limited
+from skin_lesion.app.server import (
+    BODY_TIMEOUT_S,
+    IncompleteBodyError,
+    incomplete_body_response,
+    json_object,
+    read_limited,
+)
 from skin_lesion.errors import PipelineError
 from skin_lesion.images import FORMAT_NAMES, IMAGE_FORMATS, decode_image, decode_rgb, resize_rgb
 from skin_lesion.serving import (
@@ -103,10 +109,11 @@ def create_review_app(
     store: FeedbackStore,
     mlflow_ui: str,
     token: str | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The review page and its JSON API, for one loaded model (`version` from promotion.describe_version)."""
     app = FastAPI(title="skin-lesion review", docs_url=None, redoc_url=None, openapi_url=None)
-    routes = ReviewRoutes(model.unwrap_python_model(), version, store, mlflow_ui, token)
+    routes = ReviewRoutes(model.unwrap_python_model(), version, store, mlflow_ui, token, body_timeout_s)
     app.middleware("http")(routes.require_token)
     app.add_api_route("/health", routes.health, methods=["GET"])
     app.add_api_route("/", routes.index, methods=["GET"], response_class=HTMLResponse)
@@ -128,10 +135,12 @@ class ReviewRoutes:
         store: FeedbackStore,
         mlflow_ui: str,
         token: str | None,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
         self.classifier, self.version, self.store, self.token = classifier, version, store, token
         self.session = Session()
         self.page = page_context(classifier.config, version, mlflow_ui)
+        self.body_timeout_s = body_timeout_s
 
     async def require_token(self, request: Request, call_next: Any) -> Response:
         """Every route but /health needs the token when one is set (header, cookie or ?token=)."""
@@ -160,7 +169,10 @@ class ReviewRoutes:
 
     async def score(self, request: Request) -> JSONResponse:
         """A card per uploaded image; each prediction logged, without the image."""
-        body = await read_limited(request, MAX_REQUEST_BYTES)
+        try:
+            body = await read_limited(request, MAX_REQUEST_BYTES, self.body_timeout_s)
+        except IncompleteBodyError as err:
+            return incomplete_body_response(_message(408, str(err)))
         if body is None:
             limit = MAX_IMAGE_BYTES // 2**20
             return _message(413, f"upload larger than the {limit} MiB limit: send fewer or smaller images")
@@ -193,7 +205,10 @@ class ReviewRoutes:
 
     async def record(self, request: Request) -> JSONResponse:
         """Record a diagnosis of an upload still held, storing its image with it."""
-        body = await read_limited(request, MAX_DIAGNOSIS_BYTES)
+        try:
+            body = await read_limited(request, MAX_DIAGNOSIS_BYTES, self.body_timeout_s)
+        except IncompleteBodyError as err:
+            return incomplete_body_response(_message(408, str(err)))
         if body is None:
             return _message(413, f"a diagnosis is at most {MAX_DIAGNOSIS_BYTES // 2**10} KiB")
         try:
