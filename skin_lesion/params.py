@@ -261,8 +261,11 @@ class SiteParams(_Section):
     # site: the alert threshold chosen on the site's cross-fitted scores | validation: on the val split
     threshold: Literal["site", "validation"]
     min_melanomas: Int = Field(ge=1)  # fewer site melanomas: the validation threshold stays
-    curve_sizes: list[Annotated[Int, Field(ge=2)]]  # site images per point of the learning curve
-    curve_repeats: Int = Field(ge=0)  # random subsamples per size; 0: no learning curve
+
+
+class SiteCurveParams(_Section):
+    sizes: list[Annotated[Int, Field(ge=2)]]  # site images learned per point of the learning curve
+    repeats: Int = Field(ge=0)  # random subsamples per size; 0: no learning curve
 
 
 class Params(_Section):
@@ -273,6 +276,7 @@ class Params(_Section):
     train: TrainParams
     evaluate: EvaluateParams
     site: SiteParams
+    site_curve: SiteCurveParams
 
     @model_validator(mode="after")
     def _check_site(self) -> Params:

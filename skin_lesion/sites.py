@@ -32,6 +32,22 @@ from skin_lesion.params import SiteParams
 
 NOT_LEARNED = -1  # the class index of a site image labelled `other`: scored for the alert, never learned
 SCORE_COLUMNS = ["path", "label", "target", "group", "fold", "p_melanoma", "predicted_label"]  # site stage's
+SITE_IMAGE_COLUMNS = ["path", "label", "target", "group", "copies_of_training", "unreadable"]  # train's
+CURVE_COLUMNS = [
+    "site_images",
+    "learned_images",
+    "repeat",
+    "melanomas",
+    "crossfit_auc",
+    "crossfit_auc_low",
+    "crossfit_auc_high",
+    "unseen_images",
+    "unseen_auc",
+    "baseline_auc",
+    "threshold_source",
+    "unseen_sensitivity",
+    "unseen_false_alert_rate",
+]
 REVIEW_LOG = "review_log.json"  # what export-feedback writes beside a site's images: the prediction log
 REVIEW_LOG_KEYS = ("logged_images", "logged_alerts", "diagnosed_images", "diagnosed_alerts")
 
@@ -323,7 +339,7 @@ def learning_curve(
                     "unseen_false_alert_rate": alert["false_alert_rate"],
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
 def verification_bias(counts: Mapping[str, int]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from skin_lesion.packaging import MLFLOW_MODEL_NAME, pip_requirements
 from skin_lesion.params import Params, load_params
 from skin_lesion.plots import write_training_curves
 from skin_lesion.runner import run_cli
-from skin_lesion.sites import NO_SITE, load_site_rows, site_labels, site_root
+from skin_lesion.sites import NO_SITE, SITE_IMAGE_COLUMNS, load_site_rows, site_labels, site_root
 from skin_lesion.tracking import stage_run
 from skin_lesion.training import ImageSet, SiteImages, check_weights_file, fit_recipe, save_probe_inputs
 
@@ -139,7 +139,7 @@ def load_site(args: argparse.Namespace, params: Params, cache: Path) -> tuple[Si
 
 def write_site_rows(path: Path, rows: pd.DataFrame | None) -> None:
     """The site's images and what was left out (an empty table without a site)."""
-    columns = ["path", "label", "target", "group", "copies_of_training", "unreadable"]
+    columns = SITE_IMAGE_COLUMNS
     write_csv_atomic(path, rows[columns] if rows is not None else pd.DataFrame(columns=columns))
 
 

@@ -19,7 +19,7 @@ from skin_lesion.sources.synthetic import generate_synthetic
 from tests.conftest import OFFLINE_TRAIN, REPO, repo_params
 from tests.isic_standin import StandinArchive
 
-STAGES = ["download", "split", "rebalance", "train", "site", "evaluate"]
+STAGES = ["download", "split", "rebalance", "train", "site", "site_curve", "evaluate"]
 QUEUE_TIMEOUT_S = 600
 
 

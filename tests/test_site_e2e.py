@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 CLASSES = repo_params()["base"]["classes"]
 WEIGHTS = "weights/tiny_mobilenet.weights.h5"
-SITE = {"name": "clinic", "folds": 3, "min_melanomas": 3, "curve_sizes": [20], "curve_repeats": 1}
+SITE = {"name": "clinic", "folds": 3, "min_melanomas": 3}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             train={"recipe": "linear_probe", "arch": "mobilenet", "weights": WEIGHTS},
             evaluate={"stress": {}},
             site=SITE,
+            site_curve={"sizes": [20], "repeats": 1},
         )
         tiny_backbone_weights(root / WEIGHTS, size=32)
         scratch = tmp_path_factory.mktemp("site")
@@ -108,9 +109,9 @@ def test_the_sites_figures_are_written_with_intervals_and_counts(project: Path) 
     card = (project / "metrics" / "model_card.md").read_text()
     assert "## At site clinic (cross-fitted)" in card
     assert "differs beyond chance" in card
-    curve = pd.read_csv(project / "metrics" / "site" / "curve.csv")
+    curve = pd.read_csv(project / "metrics" / "site_curve" / "curve.csv")
     assert curve["site_images"].tolist() == [20]
-    assert (project / "metrics" / "site" / "curve.png").stat().st_size > 0
+    assert (project / "metrics" / "site_curve" / "curve.png").stat().st_size > 0
 
 
 def test_the_version_carries_the_site_and_its_threshold(project: Path) -> None:

@@ -42,8 +42,6 @@ def _settings(**changes: object) -> SiteParams:
         "folds": 3,
         "threshold": "site",
         "min_melanomas": 4,
-        "curve_sizes": [12],
-        "curve_repeats": 2,
     }
     return SiteParams(**(values | changes))
 

@@ -85,7 +85,7 @@ def main() -> int:
 def predict_command(args: argparse.Namespace) -> None:
     """Predict the given images and report probabilities and alerts."""
     configure_mlflow()
-    uri = args.model or resolve_default_model(load_params().base.model_name, args.site)
+    uri = args.model or resolve_default_model(load_params().base.model_name, args.site or "")
     log.info("model %s", uri)
     model = mlflow.pyfunc.load_model(uri)
     predictions = predict_files(model, collect_images(args.paths), args.batch_size)
@@ -100,7 +100,7 @@ def predict_command(args: argparse.Namespace) -> None:
 def serve_command(args: argparse.Namespace) -> None:
     """Serve the model over HTTP until interrupted."""
     configure_mlflow()
-    uri = args.model or resolve_default_model(load_params().base.model_name, args.site)
+    uri = args.model or resolve_default_model(load_params().base.model_name, args.site or "")
     log.info("serving %s on http://%s:%d (POST /invocations, GET /health)", uri, args.host, args.port)
     uvicorn.run(
         create_app(mlflow.pyfunc.load_model(uri), uri), host=args.host, port=args.port, log_level="warning"
@@ -115,7 +115,7 @@ def review_command(args: argparse.Namespace) -> None:
             f"--host {args.host} opens the page to other machines: set {TOKEN_VARIABLE} to an access token"
         )
     configure_mlflow()
-    uri = args.model or resolve_default_model(load_params().base.model_name, args.site)
+    uri = args.model or resolve_default_model(load_params().base.model_name, args.site or "")
     version = describe_version(MlflowClient(), uri)
     server = tracking_uri() if tracking_uri().startswith("http") else DEFAULT_MLFLOW_UI
     ui = args.mlflow_ui or redact(server)
@@ -143,7 +143,7 @@ def monitor_command(args: argparse.Namespace) -> None:
     """Compare the logged predictions of a model with its test split; print and plot it."""
     store = FeedbackStore(args.db, create=False)  # a mistyped --db stops before the model is loaded
     configure_mlflow()
-    uri = args.model or resolve_default_model(load_params().base.model_name, args.site)
+    uri = args.model or resolve_default_model(load_params().base.model_name, args.site or "")
     version = describe_version(MlflowClient(), uri)
     config = mlflow.pyfunc.load_model(uri).model_config
     log_table = store.predictions(since=datetime.now(UTC) - timedelta(days=args.days))
@@ -180,7 +180,7 @@ def promote_command(args: argparse.Namespace) -> None:
     configure_mlflow()
     name = load_params().base.model_name
     alias = champion_alias(args.site) if args.site else args.alias
-    log.info("%s", promote(MlflowClient(), name, args.version, alias, args.force, args.site))
+    log.info("%s", promote(MlflowClient(), name, args.version, alias, args.force, args.site or ""))
 
 
 def _path(text: str) -> Path:
@@ -210,26 +210,26 @@ def _parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="class probabilities and melanoma alerts for images")
     predict.add_argument("paths", nargs="+", type=_path, help="image files or folders")
     predict.add_argument("--model", help="MLflow model URI (default: the registered champion)")
-    predict.add_argument("--site", type=_site, default="", help="use this site's champion (site.name)")
+    predict.add_argument("--site", type=_site, help="use this site's champion (site.name)")
     predict.add_argument("--output", type=_path, help="CSV file to write")
     predict.add_argument("--explain", type=_path, help="folder for Grad-CAM overlays of alerted images")
     predict.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="default: %(default)s")
     predict.set_defaults(command=predict_command)
     serve = commands.add_parser("serve", help="the model over HTTP, a row per image, errors per row")
     serve.add_argument("--model", help="MLflow model URI or folder (default: the registered champion)")
-    serve.add_argument("--site", type=_site, default="", help="serve this site's champion (site.name)")
+    serve.add_argument("--site", type=_site, help="serve this site's champion (site.name)")
     serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     serve.add_argument("--port", type=_positive, default=5001, help="default: %(default)s")
     serve.set_defaults(command=serve_command)
     promote_parser = commands.add_parser("promote", help="point an alias at a registered version")
     promote_parser.add_argument("version", help="the registered version, e.g. 3")
     promote_parser.add_argument("--alias", default=CHAMPION_ALIAS, help="default: %(default)s")
-    promote_parser.add_argument("--site", type=_site, default="", help="set this site's champion-NAME")
+    promote_parser.add_argument("--site", type=_site, help="set this site's champion-NAME")
     promote_parser.add_argument("--force", action="store_true", help="even if tested on another test split")
     promote_parser.set_defaults(command=promote_command)
     review = commands.add_parser("review", help="the clinician's review page in a browser")
     review.add_argument("--model", help="MLflow model URI (default: the registered champion)")
-    review.add_argument("--site", type=_site, default="", help="serve this site's champion (site.name)")
+    review.add_argument("--site", type=_site, help="serve this site's champion (site.name)")
     review.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     review.add_argument("--port", type=_positive, default=5002, help="default: %(default)s")
     review.add_argument("--db", type=_path, default=DEFAULT_DB, help="diagnoses and prediction log")
@@ -242,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     export.set_defaults(command=export_feedback_command)
     monitor = commands.add_parser("monitor", help="recent predictions against the model's test split")
     monitor.add_argument("--model", help="MLflow model URI (default: the registered champion)")
-    monitor.add_argument("--site", type=_site, default="", help="this site's champion (site.name)")
+    monitor.add_argument("--site", type=_site, help="this site's champion (site.name)")
     monitor.add_argument("--db", type=_path, default=DEFAULT_DB, help="default: %(default)s")
     monitor.add_argument("--days", type=_positive, default=30, help="default: %(default)s")
     monitor.add_argument("--tolerance", type=float, default=0.1, help="largest change not flagged as drift")
