@@ -48,13 +48,14 @@ class ExternalSet:
 def load_external_sets(
     folder: Path,
     sets: Mapping[str, ExternalSetParams],
-    seen_paths: Sequence[str],
+    seen: pd.DataFrame,
     max_distance: int,
     melanoma_class: str,
     image_size: int,
     max_pixels: int,
 ) -> list[ExternalSet]:
-    """Every configured set, copies of `seen_paths` images left out, decoded at `image_size`.
+    """Every configured set, copies of `seen` images (their pixel_sha256 and phash, as the split's
+    manifests hold them) left out, decoded at `image_size`.
 
     Each set must exist, have every label in its map, and keep a melanoma image: the checks run
     before any prediction, so that a wrong set stops the stage early, in one line. Images over
@@ -62,7 +63,6 @@ def load_external_sets(
     """
     if not sets:
         return []
-    seen = inspect_images(seen_paths, max_pixels=None)  # training images: the split stage vetted them
     loaded = []
     with tempfile.TemporaryDirectory() as scratch:
         for name, settings in sets.items():

@@ -43,8 +43,20 @@ RAW_COLUMNS = [
 ]
 
 
-# split: <split>.csv per split; `group` ties the photos of one lesion together.
-SPLIT_COLUMNS = ["path", "label", "split", "sha256", "lesion_id", "group", "collection"]
+# split: <split>.csv per split; `group` ties the photos of one lesion together; the decoded pixels'
+# hash and the perceptual hash find copies of these images elsewhere (external sets, a site).
+SPLIT_COLUMNS = [
+    "path",
+    "label",
+    "split",
+    "sha256",
+    "lesion_id",
+    "group",
+    "collection",
+    "pixel_sha256",
+    "phash",
+]
+HASH_COLUMNS = ["pixel_sha256", "phash"]
 
 
 # rebalance: the augmented images and the train image each was made from.

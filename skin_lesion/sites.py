@@ -31,8 +31,14 @@ from skin_lesion.metrics import auc_or_none, choose_threshold, exact_interval
 from skin_lesion.params import SiteParams
 
 NOT_LEARNED = -1  # the class index of a site image labelled `other`: scored for the alert, never learned
-SCORE_COLUMNS = ["path", "label", "target", "group", "fold", "p_melanoma", "predicted_label"]  # site stage's
-SITE_IMAGE_COLUMNS = ["path", "label", "target", "group", "copies_of_training", "unreadable"]  # train's
+SCORE_COLUMNS = [  # the site stage's cross-fitted scores
+    *["path", "label", "target", "group", "pixel_sha256", "phash"],
+    *["fold", "p_melanoma", "predicted_label"],
+]
+SITE_IMAGE_COLUMNS = [  # the site's images that train learned from, and what it left out
+    *["path", "label", "target", "group", "pixel_sha256", "phash"],
+    *["copies_of_training", "unreadable"],
+]
 CURVE_COLUMNS = [
     "site_images",
     "learned_images",
@@ -73,11 +79,11 @@ def load_site_rows(
     group_distance: int,
     max_pixels: int,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The site's images (path, label, target, group), copies of `seen` images left out, and the counts.
+    """The site's images (path, label, target, hashes, group), copies of `seen` left out, and the counts.
 
-    `seen` holds the pixel and perceptual hashes of the split's images: a site image that copies one
-    would be scored by a model that learned it. Photos within `group_distance` bits share a group;
-    images over `max_pixels` (split.max_pixels) are unreadable, never decoded.
+    `seen` holds the pixel and perceptual hashes of the split's images (pixel_sha256, phash): a site
+    image that copies one would be scored by a model that learned it. Photos within `group_distance`
+    bits share a group; images over `max_pixels` (split.max_pixels) are unreadable, never decoded.
     """
     label_map = settings.label_map or {label: label for label in classes}
     rows = list_set(root, "site", settings.labels_csv, label_map)
@@ -92,7 +98,7 @@ def load_site_rows(
         raise PipelineError(
             f"site.folds={settings.folds}: {root} has only {len(set(groups))} distinct lesions to cross-fit"
         )
-    columns = ["path", "label", "target"]
+    columns = ["path", "label", "target", "pixel_sha256", "phash"]
     return kept[columns].assign(group=[f"s{group:05d}" for group in groups]), left_out
 
 

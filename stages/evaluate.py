@@ -35,7 +35,7 @@ from skin_lesion.architectures import load_model
 from skin_lesion.batching import load_cached_images
 from skin_lesion.external import load_external_sets, score_external_set
 from skin_lesion.files import in_main_repo, read_manifest, read_table, write_json_atomic, write_text_atomic
-from skin_lesion.manifests import SPLIT_COLUMNS, class_indices
+from skin_lesion.manifests import HASH_COLUMNS, SPLIT_COLUMNS, class_indices
 from skin_lesion.metrics import (
     SITE_RULE,
     alert_thresholds,
@@ -74,11 +74,10 @@ def main() -> None:
     melanoma = base.classes.index(base.melanoma_class)
     site_scores = read_table(args.site_scores / "scores.csv", SCORE_COLUMNS, what="site scores")
     # An external image that is also a site image was learned from: left out like a training copy.
-    seen = [
-        path
-        for name in ("train.csv", "val.csv")
-        for path in read_manifest(args.split / name, SPLIT_COLUMNS)["path"]
-    ] + site_scores["path"].tolist()
+    seen = pd.concat(
+        [read_manifest(args.split / name, SPLIT_COLUMNS)[HASH_COLUMNS] for name in ("train.csv", "val.csv")]
+        + [site_scores[HASH_COLUMNS]]
+    )
     external_sets = load_external_sets(
         args.external,
         settings.external,

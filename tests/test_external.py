@@ -7,15 +7,18 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from skin_lesion.dedup import inspect_images
 from skin_lesion.errors import PipelineError
 from skin_lesion.external import binomial, load_external_sets, score_external_set
 from skin_lesion.params import ExternalSetParams
 from tests.conftest import CLASSES, as_params, draw_lesion, small_params
 
 MAX_PIXELS = 150 * 150
+NOTHING_SEEN = pd.DataFrame(columns=["pixel_sha256", "phash"])
 MAP = {"mel": "melanoma", "atypical nevus": "nevus", "lentigo": "other"}
 
 
@@ -54,7 +57,13 @@ def _external_set(root: Path) -> Path:
 def test_a_set_is_read_mapped_and_its_copies_of_training_images_left_out(tmp_path: Path) -> None:
     seen = _training_images(tmp_path / "train")
     (found,) = load_external_sets(
-        _external_set(tmp_path / "external"), _settings(), seen, 2, "melanoma", 32, MAX_PIXELS
+        _external_set(tmp_path / "external"),
+        _settings(),
+        inspect_images(seen, max_pixels=None),
+        2,
+        "melanoma",
+        32,
+        MAX_PIXELS,
     )
     assert found.name == "clinic"
     assert found.left_out == {"unreadable": 0, "copies_of_training": 2}
@@ -85,7 +94,9 @@ def test_a_zip_of_a_set_reads_like_the_folder(tmp_path: Path) -> None:
     with zipfile.ZipFile(archive, "w") as handle:
         for path in sorted(folder.rglob("*")):
             handle.write(path, "wrapped/" + path.relative_to(folder).as_posix())
-    (found,) = load_external_sets(tmp_path / "external", _settings(), [], 2, "melanoma", 32, MAX_PIXELS)
+    (found,) = load_external_sets(
+        tmp_path / "external", _settings(), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
+    )
     assert len(found.rows) == 7
     assert set(found.rows["target"]) == {"melanoma", "nevus", "other"}
 
@@ -98,7 +109,7 @@ def test_reviewed_images_exported_by_export_feedback_are_a_set(tmp_path: Path) -
     (tmp_path / "external" / "clinic" / "metadata.csv").write_text("isic_id,label\n", encoding="utf-8")
     identity = {"melanoma": "melanoma", "nevus": "nevus"}
     (found,) = load_external_sets(
-        tmp_path / "external", _settings(identity), [], 2, "melanoma", 32, MAX_PIXELS
+        tmp_path / "external", _settings(identity), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
     )
     assert sorted(found.rows["target"]) == ["melanoma", "nevus", "nevus"]
 
@@ -114,7 +125,7 @@ def test_labels_can_come_from_a_csv(tmp_path: Path) -> None:
         "isic_id,label\na,mel\nb,mel\nc,atypical nevus\nd,lentigo\n", encoding="utf-8"
     )
     (found,) = load_external_sets(
-        tmp_path / "external", _settings(labels_csv="labels.csv"), [], 2, "melanoma", 32, MAX_PIXELS
+        tmp_path / "external", _settings(labels_csv="labels.csv"), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
     )
     assert sorted(found.rows["target"]) == [
         "melanoma",
@@ -144,7 +155,9 @@ def test_a_labels_csv_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path) -> 
         PipelineError,
         match=r"^evaluate.external.clinic: .*labels.csv is not UTF-8 text; save it as a UTF-8 CSV$",
     ):
-        load_external_sets(folder, _settings(labels_csv="labels.csv"), [], 2, "melanoma", 32, MAX_PIXELS)
+        load_external_sets(
+            folder, _settings(labels_csv="labels.csv"), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
+        )
 
 
 def test_rows_giving_an_image_two_labels_are_refused_naming_the_ids(tmp_path: Path) -> None:
@@ -155,13 +168,15 @@ def test_rows_giving_an_image_two_labels_are_refused_naming_the_ids(tmp_path: Pa
         match=r"^evaluate.external.clinic: .*labels.csv: rows with different labels for the same "
         r"isic_id: a, d$",
     ):
-        load_external_sets(folder, _settings(labels_csv="labels.csv"), [], 2, "melanoma", 32, MAX_PIXELS)
+        load_external_sets(
+            folder, _settings(labels_csv="labels.csv"), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
+        )
 
 
 def test_identical_duplicate_rows_are_read_once(tmp_path: Path) -> None:
     folder = _set_with_labels_csv(tmp_path, b"isic_id,label\na,mel\na,mel\nc,atypical nevus\n")
     (found,) = load_external_sets(
-        folder, _settings(labels_csv="labels.csv"), [], 2, "melanoma", 32, MAX_PIXELS
+        folder, _settings(labels_csv="labels.csv"), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
     )
     assert sorted(found.rows["target"]) == ["melanoma", "nevus"]
 
@@ -169,7 +184,7 @@ def test_identical_duplicate_rows_are_read_once(tmp_path: Path) -> None:
 def test_an_image_over_split_max_pixels_is_left_out_as_unreadable(tmp_path: Path) -> None:
     folder = _external_set(tmp_path / "external")
     draw_lesion(15, size=64).resize((400, 400)).save(folder / "clinic" / "mel" / "bomb.png")
-    (found,) = load_external_sets(folder, _settings(), [], 2, "melanoma", 32, MAX_PIXELS)
+    (found,) = load_external_sets(folder, _settings(), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS)
     assert found.left_out["unreadable"] == 1
     assert "bomb.png" not in {Path(path).name for path in found.rows["path"]}
 
@@ -185,7 +200,7 @@ def test_a_zip_over_the_size_limit_names_the_limit_in_words(
         PipelineError,
         match=r"^evaluate.external.clinic: .*clinic.zip unpacks to more than the limit of 1 MiB$",
     ):
-        load_external_sets(tmp_path, _settings(), [], 2, "melanoma", 32, MAX_PIXELS)
+        load_external_sets(tmp_path, _settings(), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS)
 
 
 def test_figures_are_computed_as_by_hand() -> None:
@@ -239,7 +254,7 @@ def test_a_missing_set_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(
         PipelineError, match=r"^evaluate.external.clinic: neither .*clinic/ nor .*clinic.zip exists$"
     ):
-        load_external_sets(tmp_path, _settings(), [], 2, "melanoma", 32, MAX_PIXELS)
+        load_external_sets(tmp_path, _settings(), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS)
 
 
 def test_a_label_missing_from_the_map_is_one_line(tmp_path: Path) -> None:
@@ -247,7 +262,9 @@ def test_a_label_missing_from_the_map_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(
         PipelineError, match=r"^evaluate.external.clinic.label_map: no entry for label 'lentigo' \(1 images"
     ):
-        load_external_sets(_external_set(tmp_path), _settings(partial), [], 2, "melanoma", 32, MAX_PIXELS)
+        load_external_sets(
+            _external_set(tmp_path), _settings(partial), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
+        )
 
 
 def test_a_set_without_melanoma_is_one_line(tmp_path: Path) -> None:
@@ -255,7 +272,9 @@ def test_a_set_without_melanoma_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(
         PipelineError, match=r"^evaluate.external.clinic: no melanoma image .* cannot be checked on it$"
     ):
-        load_external_sets(_external_set(tmp_path), _settings(no_melanoma), [], 2, "melanoma", 32, MAX_PIXELS)
+        load_external_sets(
+            _external_set(tmp_path), _settings(no_melanoma), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
+        )
 
 
 def test_a_map_onto_an_unknown_class_is_refused_by_the_params() -> None:

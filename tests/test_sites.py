@@ -218,7 +218,7 @@ def test_a_site_is_read_grouped_and_its_copies_of_training_images_left_out(tmp_p
     rows, left_out = load_site_rows(root, _settings(), seen, CLASSES, "melanoma", 2, 8, 10**7)
     assert left_out == {"unreadable": 0, "copies_of_training": 1}
     assert len(rows) == 5
-    assert list(rows.columns) == ["path", "label", "target", "group"]
+    assert list(rows.columns) == ["path", "label", "target", "pixel_sha256", "phash", "group"]
     assert rows["group"].nunique() >= 3
 
 
