@@ -286,6 +286,7 @@ def test_predict_command_writes_csv_and_alert_lines(tracking: str, store: Path, 
     ]
     assert "ERROR " in result.stdout
     assert "3 images, 1 melanoma alert, 1 unreadable" in result.stdout
+    assert "Alert when P(melanoma) is at least" in result.stdout  # what an alert means, once
 
 
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path: Path) -> None:

@@ -40,12 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import uvicorn
 from mlflow import MlflowClient
 
 from skin_lesion.app.feedback import FeedbackStore, export_feedback
 from skin_lesion.app.gradcam import explain_alerts
-from skin_lesion.app.monitoring import MIN_PREDICTIONS, drift_figure, drift_report, render_drift
+from skin_lesion.app.monitoring import (
+    MIN_PREDICTIONS,
+    drift_figure,
+    drift_report,
+    render_drift,
+    threshold_in_words,
+)
 from skin_lesion.app.predict import (
     BATCH_SIZE,
     collect_images,
@@ -92,6 +99,11 @@ def predict_command(args: argparse.Namespace) -> None:
     if args.output:
         write_csv_atomic(args.output, predictions)
     sys.stdout.write(render_summary(predictions) + "\n")
+    if predictions.get("melanoma_alert", pd.Series(dtype=bool)).fillna(False).astype(bool).any():
+        config = model.model_config or {}
+        if "melanoma_threshold" in config:  # what an alert means, from the version's own figures
+            figures = config.get("test_figures") or {}
+            sys.stdout.write(threshold_in_words(figures, config["melanoma_threshold"]) + "\n")
     require_a_readable_image(predictions)
     if args.explain:
         explain_alerts(model, predictions, args.explain)
