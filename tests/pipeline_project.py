@@ -43,6 +43,7 @@ def make_project(root: Path, api_url: str, manifest: pd.DataFrame, **sections: d
     shutil.copytree(REPO / "weights", root / "weights", ignore=shutil.ignore_patterns("*.h5"))
     shutil.copytree(REPO / "data" / "local", root / "data" / "local")
     shutil.copytree(REPO / "data" / "external", root / "data" / "external")
+    shutil.copytree(REPO / "data" / "sites", root / "data" / "sites")
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     params = repo_params()
     params["base"]["image_size"] = 32
