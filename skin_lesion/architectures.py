@@ -204,13 +204,22 @@ def _application(
     def backbone(x: keras.KerasTensor, dropout: float, weights: str) -> keras.KerasTensor:
         if preprocessing is not None:
             x = preprocessing(x)  # the input scaling the backbone was pretrained with, in the saved model
-        net = factory(
-            include_top=False,
-            weights="imagenet" if weights == "imagenet" else None,
-            input_shape=tuple(x.shape[1:]),
-            pooling="avg",
-            name=BACKBONE_NAME,
-        )
+        try:
+            net = factory(
+                include_top=False,
+                weights="imagenet" if weights == "imagenet" else None,
+                input_shape=tuple(x.shape[1:]),
+                pooling="avg",
+                name=BACKBONE_NAME,
+            )
+        except Exception as err:  # Keras raises a bare Exception for a failed download, nothing narrower
+            if "URL fetch failure" not in str(err):
+                raise
+            raise PipelineError(
+                "train.weights=imagenet: Keras could not download the ImageNet weights (offline?); put a "
+                "weights file under weights/ and pass -S train.weights=weights/<file>.weights.h5"
+            ) from None
+
         if weights not in ("none", "imagenet"):
             load_backbone_weights(net, Path(weights), factory.__name__)
         # A pretrained backbone's batch norm keeps its ImageNet statistics, also once it is unfrozen

@@ -77,6 +77,18 @@ def test_imagenet_weights_would_download_and_tests_block_it() -> None:
         build_model("mobilenet", SIZE, 3, 0.0, weights="imagenet")
 
 
+def test_imagenet_weights_offline_are_one_line_naming_the_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(fname: str, origin: str, *args: object, **kwargs: object) -> str:
+        # What Keras's get_file raises when the download fails.
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure")
+
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    with pytest.raises(PipelineError, match=r"^train\.weights=imagenet: Keras could not download") as err:
+        build_model("mobilenet", SIZE, 3, 0.0, weights="imagenet")
+    assert "\n" not in str(err.value)
+    assert "-S train.weights=weights/<file>.weights.h5" in str(err.value)
+
+
 def test_weights_must_be_a_keras_weights_file() -> None:
     values = {**small_params()["train"], "arch": "mobilenet", "weights": "weights/backbone.npz"}
     with pytest.raises(ValidationError, match=r"not none, imagenet or a Keras weights file"):
