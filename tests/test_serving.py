@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -512,3 +513,16 @@ def test_skin_lesion_serve_answers_every_image_of_a_batch(tracking: str, store: 
             assert expected in json.loads(body)["message"]
             assert "Traceback" not in body
             assert str(REPO) not in body
+
+
+def test_serve_names_the_version_an_alias_pointed_at(tracking: str, store: Path, tmp_path: Path) -> None:
+    mlflow.MlflowClient().set_registered_model_alias(NAME, "served", "1")  # not champion: other tests
+    port = free_port()
+    command = [
+        sys.executable, "-m", "skin_lesion.app.cli", "serve", "--model", f"models:/{NAME}@served",
+        "--port", str(port),
+    ]  # fmt: skip
+    env = {"MLFLOW_TRACKING_URI": tracking}
+    with running_server(command, f"http://127.0.0.1:{port}/health", env=env, timeout_s=SERVER_START_S):
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
+    assert health["model"] == f"models:/{NAME}@served (version 1)"

@@ -113,9 +113,12 @@ def serve_command(args: argparse.Namespace) -> None:
     """Serve the model over HTTP until interrupted."""
     configure_mlflow()
     uri = args.model or resolve_default_model(load_params().base.model_name, args.site or "")
-    log.info("serving %s on http://%s:%d (POST /invocations, GET /health)", uri, args.host, args.port)
+    version = describe_version(MlflowClient(), uri)["version"]
+    # An alias moves; what is served is the version it pointed at when the server started.
+    served = f"{uri} (version {version})" if version else uri
+    log.info("serving %s on http://%s:%d (POST /invocations, GET /health)", served, args.host, args.port)
     uvicorn.run(
-        create_app(mlflow.pyfunc.load_model(uri), uri), host=args.host, port=args.port, log_level="warning"
+        create_app(mlflow.pyfunc.load_model(uri), served), host=args.host, port=args.port, log_level="warning"
     )
 
 
