@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
+import sqlite3
 import threading
 import time
 import urllib.error
@@ -545,6 +547,29 @@ def test_monitor_compares_the_logged_predictions_with_the_test_split(
     assert f"predictions by {NAME} version 1, against its test split" in result.stdout
     assert "DRIFT in" in result.stdout  # alerts on every image but one, against 30 % on test
     assert Image.open(db.with_name("monitor.png")).width >= 800
+
+
+def test_monitor_names_the_versions_that_have_predictions_when_its_own_has_none(
+    review: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    db = tmp_path / "review.db"
+    shutil.copy(review["store"].path, db)
+    with sqlite3.connect(db) as connection:
+        connection.execute("DELETE FROM predictions")
+    row = {
+        "model": "m",
+        "sha256": "a",
+        "predicted_label": "nevus",
+        "p_melanoma": 0.1,
+        "melanoma_alert": False,
+    }
+    row |= {"ood_score": 1.0, "unlike_training": False, "problems": [], "probabilities": {}}
+    FeedbackStore(db).log_predictions([row | {"model_version": "3"}] * 2)
+    point_mlflow_at(review["uri"], monkeypatch)
+    result = run_skin_lesion(review["root"], "monitor", "--model", f"models:/{NAME}/1", "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    assert f"no predictions logged for {NAME} version 1" in result.stdout
+    assert "by other versions (version 3: 2); --model picks one" in result.stdout
 
 
 @pytest.mark.parametrize(("tolerance", "code"), [("1.0", 4), ("0.05", 5)])

@@ -161,15 +161,21 @@ def monitor_command(args: argparse.Namespace) -> None:
     uri = args.model or resolve_default_model(load_params().base.model_name, args.site or "")
     version = describe_version(MlflowClient(), uri)
     config = mlflow.pyfunc.load_model(uri).model_config
-    log_table = store.predictions(since=datetime.now(UTC) - timedelta(days=args.days))
+    logged = store.predictions(since=datetime.now(UTC) - timedelta(days=args.days))
     if version["version"]:
-        log_table = log_table[log_table["model_version"] == version["version"]]
+        log_table = logged[logged["model_version"] == version["version"]]
     else:
-        log_table = log_table[log_table["model"] == uri]
+        log_table = logged[logged["model"] == uri]
     figures = config.get("test_figures") or {}
     report = drift_report(log_table, figures, config["classes"], args.tolerance, args.min_predictions)
     model = f"{version['name']} version {version['version']}" if version["version"] else uri
     sys.stdout.write(render_drift(report, model) + "\n")
+    if log_table.empty and not logged.empty:  # the page served another version meanwhile
+        counts = logged["model_version"].fillna("").replace("", "unregistered").value_counts()
+        others = ", ".join(f"version {name}: {count}" for name, count in counts.sort_index().items())
+        sys.stdout.write(
+            f"predictions logged in this period by other versions ({others}); --model picks one\n"
+        )
     figure = args.plot or args.db.with_name("monitor.png")
     plotted = _write_figure(report, model, figure) if report["images"] else True
     if report["drifted"]:
