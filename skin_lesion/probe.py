@@ -30,11 +30,14 @@ log = logging.getLogger("skin_lesion.probe")
 
 
 def backbone_key(model: keras.Model, mirror_average: bool) -> str:
-    """A digest of what makes an embedding: the backbone's weights, the input layers and dtypes, mirroring."""
+    """A digest of what makes an embedding: the layers below the head (configs, dtypes, weights), mirroring.
+
+    A pretrained model's weights below the head are its backbone's; a net trained from scratch
+    (resnet_small) has its own layers there, which every training changes.
+    """
     digest = hashlib.sha256(f"{mirror_average}\n".encode())
-    for layer in model.layers:
-        if layer.name == OUTPUT_LAYER:
-            break
+    below_head = model.layers[: [layer.name for layer in model.layers].index(OUTPUT_LAYER)]
+    for layer in below_head:
         if layer.name == BACKBONE_NAME:  # its layers and weights, below: its config names them per process
             inner = [f"{part.__class__.__name__}:{part.dtype_policy.name}" for part in layer.layers]
             digest.update(json.dumps(inner).encode())
@@ -42,7 +45,7 @@ def backbone_key(model: keras.Model, mirror_average: bool) -> str:
         # Keras numbers unnamed layers per process (dropout_3): the rest of the config is what counts.
         config = {key: value for key, value in layer.get_config().items() if key != "name"}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for weight in model.get_layer(BACKBONE_NAME).weights:
+    for weight in (weight for layer in below_head for weight in layer.weights):
         digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
     return digest.hexdigest()[:24]
 

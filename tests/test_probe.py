@@ -109,12 +109,24 @@ def test_embedding_cache_key_follows_the_backbone_weights_and_mirroring(tmp_path
     second = build_model(
         "mobilenet", SIZE, 3, 0.0, weights=str(tiny_backbone_weights(tmp_path / "b.weights.h5", seed=2))
     )
-    assert backbone_key(first, False) != backbone_key(second, False)
-    assert backbone_key(first, False) != backbone_key(first, True)
+    before = backbone_key(first, False)
+    assert before != backbone_key(second, False)
+    assert before != backbone_key(first, True)
     first.get_layer(OUTPUT_LAYER).set_weights(
         [np.ones((first.get_layer(OUTPUT_LAYER).input.shape[-1], 3)), np.ones(3)]
     )
-    assert backbone_key(first, False) == backbone_key(first, False)  # the head is not part of it
+    assert backbone_key(first, False) == before  # the head is not part of it
+
+
+def test_a_net_trained_from_scratch_is_keyed_by_its_own_layers_below_the_head() -> None:
+    keras.utils.set_random_seed(0)
+    model = build_model("resnet_small", SIZE, 3, 0.0, weights="none")
+    before = backbone_key(model, False)
+    model.get_layer(OUTPUT_LAYER).set_weights([w * 0 for w in model.get_layer(OUTPUT_LAYER).get_weights()])
+    assert backbone_key(model, False) == before
+    conv = next(layer for layer in model.layers if layer.weights and layer.name != OUTPUT_LAYER)
+    conv.set_weights([w + 1 for w in conv.get_weights()])
+    assert backbone_key(model, False) != before
 
 
 def test_cached_embeddings_are_the_networks_embeddings(weights_file: Path, tmp_path: Path) -> None:
