@@ -97,6 +97,8 @@ def summary(curve: pd.DataFrame, target: float) -> pd.DataFrame:
             "unseen_sensitivity",
             "sensitivity_within_0_10",
             "unseen_false_alert_rate",
+            "unseen_sensitivity_at_validation",
+            "unseen_false_alert_rate_at_validation",
         ]
     ].mean()
     table["unseen_sensitivity_sd"] = grouped["unseen_sensitivity"].std()

@@ -53,6 +53,8 @@ CURVE_COLUMNS = [
     "threshold_source",
     "unseen_sensitivity",
     "unseen_false_alert_rate",
+    "unseen_sensitivity_at_validation",
+    "unseen_false_alert_rate_at_validation",
 ]
 REVIEW_LOG = "review_log.json"  # what export-feedback writes beside a site's images: the prediction log
 REVIEW_LOG_KEYS = ("logged_images", "logged_alerts", "diagnosed_images", "diagnosed_alerts")
@@ -288,64 +290,71 @@ def learning_curve(
     validation: tuple[np.ndarray, np.ndarray],
     melanoma: int,
     seed: int,
-    resamples: int = 200,
 ) -> pd.DataFrame:
     """For each size and repeat: learn from a subsample of the site, judge on the site images left.
 
     Each row has the subsample's own cross-fitted melanoma AUC and its bootstrap interval (what the
     site would be told), the AUC on the site images the model did not see (what it gets) and that of
     the probe without any site image on the same images (`baseline_auc`), and the alert on them at the
-    threshold the subsample chose by `site.threshold` (validation: on `validation`, the val split's
-    embeddings and labels, scored by the subsample's model).
+    threshold the subsample chose by `site.threshold`, and at the validation threshold (chosen on
+    `validation`, the val split's embeddings and labels, scored by the subsample's model).
     """
-    no_site = head_probabilities(inputs.site_x, *inputs.fit(fit_head, np.zeros(0, np.int64), 1.0))[
-        :, melanoma
-    ]
+    no_site = head_probabilities(inputs.site_x, *inputs.fit(fit_head, np.zeros(0, np.int64), 1.0))
     rows = []
-    for size in sizes:
+    for size, repeat in ((size, repeat) for size in sizes for repeat in range(repeats)):
         if size >= len(groups) - settings.folds:
             continue  # too few images left to judge on
-        for repeat in range(repeats):
-            rng = np.random.default_rng([seed, size, repeat])
-            chosen = grouped_subsample(groups, size, rng)
-            unseen = np.setdiff1d(np.arange(len(groups)), chosen)
-            if not is_melanoma[chosen].any() or not is_melanoma[unseen].any():
-                continue
-            fold = np.full(len(groups), -1, dtype=np.int64)
-            fold[chosen] = site_folds(is_melanoma[chosen], groups[chosen], settings.folds, seed + repeat)
-            crossfit, _ = cross_fit(inputs, fit_head, fold, settings.weight, chosen)
-            kernel, bias = inputs.fit(fit_head, chosen, settings.weight)
-            val_x, val_y = validation
-            val_threshold = choose_threshold(
-                val_y == melanoma, head_probabilities(val_x, kernel, bias)[:, melanoma], target_sensitivity
-            )
-            threshold, source, _ = site_threshold(
-                is_melanoma[chosen], crossfit[:, melanoma], val_threshold, settings, target_sensitivity
-            )
-            unseen_p = head_probabilities(inputs.site_x[unseen], kernel, bias)[:, melanoma]
-            interval = bootstrap_auc(is_melanoma[chosen], crossfit[:, melanoma], resamples, seed) or [
-                None,
-                None,
-            ]
-            alert = alert_figures(is_melanoma[unseen], unseen_p, threshold)
-            rows.append(
-                {
-                    "site_images": size,  # asked for; whole lesions make it a few more
-                    "learned_images": len(chosen),
-                    "repeat": repeat,
-                    "melanomas": int(is_melanoma[chosen].sum()),
-                    "crossfit_auc": auc_or_none(is_melanoma[chosen], crossfit[:, melanoma]),
-                    "crossfit_auc_low": interval[0],
-                    "crossfit_auc_high": interval[1],
-                    "unseen_images": len(unseen),
-                    "unseen_auc": auc_or_none(is_melanoma[unseen], unseen_p),
-                    "baseline_auc": auc_or_none(is_melanoma[unseen], no_site[unseen]),
-                    "threshold_source": source,
-                    "unseen_sensitivity": alert["sensitivity"],
-                    "unseen_false_alert_rate": alert["false_alert_rate"],
-                }
-            )
+        chosen = grouped_subsample(groups, size, np.random.default_rng([seed, size, repeat]))
+        unseen = np.setdiff1d(np.arange(len(groups)), chosen)
+        if not is_melanoma[chosen].any() or not is_melanoma[unseen].any():
+            continue
+        fold = np.full(len(groups), -1, dtype=np.int64)
+        fold[chosen] = site_folds(is_melanoma[chosen], groups[chosen], settings.folds, seed + repeat)
+        crossfit, _ = cross_fit(inputs, fit_head, fold, settings.weight, chosen)
+        kernel, bias = inputs.fit(fit_head, chosen, settings.weight)
+        val_x, val_y = validation
+        val_p = head_probabilities(val_x, kernel, bias)[:, melanoma]
+        val_threshold = choose_threshold(val_y == melanoma, val_p, target_sensitivity)
+        threshold, source, _ = site_threshold(
+            is_melanoma[chosen], crossfit[:, melanoma], val_threshold, settings, target_sensitivity
+        )
+        unseen_p = head_probabilities(inputs.site_x[unseen], kernel, bias)[:, melanoma]
+        rows.append(
+            {
+                "site_images": size,  # asked for; whole lesions make it a few more
+                "learned_images": len(chosen),
+                "repeat": repeat,
+                **_crossfit_figures(is_melanoma[chosen], crossfit[:, melanoma], seed),
+                "unseen_images": len(unseen),
+                "unseen_auc": auc_or_none(is_melanoma[unseen], unseen_p),
+                "baseline_auc": auc_or_none(is_melanoma[unseen], no_site[unseen, melanoma]),
+                "threshold_source": source,
+                **_alert_columns(is_melanoma[unseen], unseen_p, threshold, ""),
+                **_alert_columns(is_melanoma[unseen], unseen_p, val_threshold, "_at_validation"),
+            }
+        )
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+
+
+CURVE_BOOTSTRAP = 200  # resamples of a subsample's cross-fitted AUC interval: enough to see it hold
+
+
+def _crossfit_figures(is_melanoma: np.ndarray, scores: np.ndarray, seed: int) -> dict[str, Any]:
+    interval = bootstrap_auc(is_melanoma, scores, CURVE_BOOTSTRAP, seed) or [None, None]
+    return {
+        "melanomas": int(is_melanoma.sum()),
+        "crossfit_auc": auc_or_none(is_melanoma, scores),
+        "crossfit_auc_low": interval[0],
+        "crossfit_auc_high": interval[1],
+    }
+
+
+def _alert_columns(is_melanoma: np.ndarray, scores: np.ndarray, threshold: float, suffix: str) -> dict:
+    alert = alert_figures(is_melanoma, scores, threshold)
+    return {
+        f"unseen_sensitivity{suffix}": alert["sensitivity"],
+        f"unseen_false_alert_rate{suffix}": alert["false_alert_rate"],
+    }
 
 
 def verification_bias(counts: Mapping[str, int]) -> dict[str, Any]:
