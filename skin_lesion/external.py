@@ -150,11 +150,20 @@ def leave_out_copies(
     images: pd.DataFrame, seen: pd.DataFrame, max_distance: int, max_pixels: int
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """The images that are neither unreadable (over `max_pixels` too) nor copies of `seen` images
-    (with their pixel and perceptual hashes), and how many were left out."""
+    (with their pixel and perceptual hashes), and how many were left out.
+
+    A copy has the same decoded pixels or a perceptual hash within `max_distance` bits of a seen
+    image's, or within that image's own `max_distance` where `seen` has that column (a site's images
+    are kept apart as the split keeps a lesion's photos apart: within split.group_distance).
+    """
     hashes = inspect_images(images["path"], max_pixels=max_pixels)
     readable = (hashes["rejected"] == "").to_numpy()
     exact = hashes["pixel_sha256"].isin(set(seen["pixel_sha256"])).to_numpy()
-    near = near_duplicate_mask(hashes["phash"], seen["phash"], max_distance)
+    distances = seen["max_distance"].fillna(max_distance) if "max_distance" in seen else max_distance
+    distances = pd.Series(distances, index=seen.index)
+    near = np.zeros(len(hashes), dtype=bool)
+    for distance, part in seen.groupby(distances.to_numpy()):
+        near |= near_duplicate_mask(hashes["phash"], part["phash"], int(distance))
     copies = readable & (exact | near)
     hashed = images.assign(pixel_sha256=hashes["pixel_sha256"].to_numpy(), phash=hashes["phash"].to_numpy())
     kept = hashed[readable & ~copies].reset_index(drop=True)

@@ -148,10 +148,15 @@ def site_lines(site: dict[str, Any]) -> list[str]:
         "in one fold); the shipped model learned from all of them.",
         "",
         f"- Melanoma AUC: {_with_bounds(site['melanoma_auc'], site['melanoma_auc_ci'])}",
-        f"- Threshold {site['threshold']:.4f} ({site['threshold_source']}: {site['threshold_reason']}): "
+        f"- Threshold {site['threshold']:.4f} ({site['threshold_source']}: {site['threshold_reason']})",
+        (
+            "- The alert, each fold at a threshold chosen on the other folds: "
+            if site["threshold_source"] == "site"
+            else "- The alert: "
+        )
         + alert(site["alert"]),
-        "- The site rule judged on folds that did not choose their threshold: "
-        + alert(site["alert_threshold_cross_validated"]),
+        f"- On the images that chose the threshold (the target, by construction): "
+        f"{alert(site['alert_on_the_images_that_chose_it'])}",
         f"- At the validation threshold: {alert(site['alert_at_validation_threshold'])}",
     ]
     verification = site.get("verification")

@@ -89,17 +89,18 @@ def load_site_rows(
     """
     label_map = settings.label_map or {label: label for label in classes}
     rows = list_set(root, "site", settings.labels_csv, label_map)
-    kept, left_out = leave_out_copies(rows, seen, near_duplicate_distance, max_pixels)
-    if not (kept["target"] == melanoma_class).any():
+    # What the split keeps in one split (look-alikes within group_distance, mostly other photos of one
+    # lesion) is left out too: a site photo of a test lesion, learned, would flatter the test figures.
+    distance = max(near_duplicate_distance, group_distance)
+    kept, left_out = leave_out_copies(rows, seen, distance, max_pixels)
+    is_melanoma = kept["target"] == melanoma_class
+    if not is_melanoma.any() or is_melanoma.all():
+        missing = melanoma_class if not is_melanoma.any() else "non-melanoma"
         raise PipelineError(
-            f"site.name={settings.name}: no {melanoma_class} image in {root} (after leaving out "
+            f"site.name={settings.name}: no {missing} image in {root} (after leaving out "
             f"{left_out['copies_of_training']} copies of training images): the alert cannot be set or checked"
         )
-    groups = photo_groups(kept, group_distance)
-    if len(set(groups)) < settings.folds:
-        raise PipelineError(
-            f"site.folds={settings.folds}: {root} has only {len(set(groups))} distinct lesions to cross-fit"
-        )
+    groups = photo_groups(kept, distance)
     columns = ["path", "label", "target", "pixel_sha256", "phash"]
     return kept[columns].assign(group=[f"s{group:05d}" for group in groups]), left_out
 
@@ -112,6 +113,9 @@ def site_labels(targets: Sequence[str], classes: Sequence[str]) -> np.ndarray:
 
 def site_folds(is_melanoma: np.ndarray, groups: Sequence[str], folds: int, seed: int) -> np.ndarray:
     """The fold of each site image: grouped by lesion, stratified by melanoma, seeded."""
+    lesions = len(set(groups))
+    if lesions < folds:
+        raise PipelineError(f"site.folds={folds}: the site has only {lesions} distinct lesions to cross-fit")
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold = np.full(len(is_melanoma), -1, dtype=np.int64)
     with warnings.catch_warnings():
@@ -248,6 +252,13 @@ def site_figures(
     threshold, source, reason = site_threshold(
         is_melanoma, p, validation_threshold, settings, target_sensitivity
     )
+    # The alert the site is told: a threshold chosen on its own scores is judged fold by fold, each
+    # fold at a threshold its own images did not choose; a validation threshold on every image.
+    if source == "site":
+        folds = scores["fold"].to_numpy()
+        alert = {"threshold": threshold, **cross_validated_alert(is_melanoma, p, folds, target_sensitivity)}
+    else:
+        alert = alert_figures(is_melanoma, p, threshold)
     return {
         "site": settings.name,
         "images": len(scores),
@@ -260,11 +271,10 @@ def site_figures(
         "threshold": threshold,
         "threshold_source": source,
         "threshold_reason": reason,
-        "alert": alert_figures(is_melanoma, p, threshold),
+        "alert": alert,
+        # The figures at a threshold on the scores that chose it reach the target by construction.
+        "alert_on_the_images_that_chose_it": alert_figures(is_melanoma, p, threshold),
         "alert_at_validation_threshold": alert_figures(is_melanoma, p, validation_threshold),
-        "alert_threshold_cross_validated": cross_validated_alert(
-            is_melanoma, p, scores["fold"].to_numpy(), target_sensitivity
-        ),
     }
 
 
@@ -306,7 +316,8 @@ def learning_curve(
             continue  # too few images left to judge on
         chosen = grouped_subsample(groups, size, np.random.default_rng([seed, size, repeat]))
         unseen = np.setdiff1d(np.arange(len(groups)), chosen)
-        if not is_melanoma[chosen].any() or not is_melanoma[unseen].any():
+        too_few = len(np.unique(groups[chosen])) < settings.folds
+        if too_few or not is_melanoma[chosen].any() or not is_melanoma[unseen].any():
             continue
         fold = np.full(len(groups), -1, dtype=np.int64)
         fold[chosen] = site_folds(is_melanoma[chosen], groups[chosen], settings.folds, seed + repeat)

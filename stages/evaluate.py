@@ -73,10 +73,15 @@ def main() -> None:
     base, settings = params.base, params.evaluate
     melanoma = base.classes.index(base.melanoma_class)
     site_scores = read_table(args.site_scores / "scores.csv", SCORE_COLUMNS, what="site scores")
-    # An external image that is also a site image was learned from: left out like a training copy.
+    # An external image that is also a site image, or another photo of its lesion, was learned from.
+    split = params.split
     seen = pd.concat(
         [read_manifest(args.split / name, SPLIT_COLUMNS)[HASH_COLUMNS] for name in ("train.csv", "val.csv")]
-        + [site_scores[HASH_COLUMNS]]
+        + [
+            site_scores[HASH_COLUMNS].assign(
+                max_distance=max(split.near_duplicate_distance, split.group_distance)
+            )
+        ]
     )
     external_sets = load_external_sets(
         args.external,

@@ -20,13 +20,14 @@ import pandas as pd
 
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import atomic_output_dir, read_table, write_csv_atomic, write_json_atomic
-from skin_lesion.params import load_params
+from skin_lesion.params import Params, load_params
 from skin_lesion.runner import run_cli
 from skin_lesion.sites import (
     REVIEW_LOG,
     REVIEW_LOG_KEYS,
     SCORE_COLUMNS,
     SITE_IMAGE_COLUMNS,
+    ProbeInputs,
     cross_fit,
     load_probe_inputs,
     site_fitter,
@@ -42,29 +43,39 @@ def main() -> None:
     """Cross-fit the site's images, and say whether what was recorded is what the clinic sees."""
     args = parse_args()
     params = load_params()
-    base, site, train = params.base, params.site, params.train
+    base, site = params.base, params.site
     rows = read_table(args.site_images, SITE_IMAGE_COLUMNS, what="site images (run the train stage)")
-    if not site.name or rows.empty:
-        write_outputs(args.out, pd.DataFrame(columns=SCORE_COLUMNS), {})
-        return
-    inputs, _ = load_probe_inputs(args.probe_inputs)
-    fit_head = site_fitter(inputs, len(base.classes), train.probe_c, train.class_weight, base.seed)
-    melanoma = base.classes.index(base.melanoma_class)
-    is_melanoma = (rows["target"] == base.melanoma_class).to_numpy()
     with stage_run("site", base, site):
-        fold = site_folds(is_melanoma, rows["group"].to_numpy(), site.folds, base.seed)
-        probabilities, _ = cross_fit(inputs, fit_head, fold, site.weight)
-        scores = rows.assign(
-            fold=fold,
-            p_melanoma=probabilities[:, melanoma],
-            predicted_label=np.asarray(base.classes)[probabilities.argmax(axis=1)],
-        )[SCORE_COLUMNS]
+        if not site.name or rows.empty:
+            write_outputs(args.out, pd.DataFrame(columns=SCORE_COLUMNS), {})
+            return
+        inputs, _ = load_probe_inputs(args.probe_inputs)
+        if len(inputs.site_y) != len(rows):
+            raise PipelineError(
+                f"{args.probe_inputs} holds {len(inputs.site_y)} site images, {args.site_images} "
+                f"{len(rows)}: rerun the train stage (dvc repro train)"
+            )
+        scores = cross_fitted_scores(rows, inputs, params)
         report = {
             "left_out": {key: int(rows[key].iloc[0]) for key in ("copies_of_training", "unreadable")},
             "verification": read_review_log(args.sites / site.name / REVIEW_LOG),
         }
         write_outputs(args.out, scores, report)
     log.info("site %s: %d images cross-fitted in %d folds", site.name, len(scores), site.folds)
+
+
+def cross_fitted_scores(rows: pd.DataFrame, inputs: ProbeInputs, params: Params) -> pd.DataFrame:
+    """Each site image with its fold and the scores of the probe fitted without that fold."""
+    base, site, train = params.base, params.site, params.train
+    fit_head = site_fitter(inputs, len(base.classes), train.probe_c, train.class_weight, base.seed)
+    is_melanoma = (rows["target"] == base.melanoma_class).to_numpy()
+    fold = site_folds(is_melanoma, rows["group"].to_numpy(), site.folds, base.seed)
+    probabilities, _ = cross_fit(inputs, fit_head, fold, site.weight)
+    return rows.assign(
+        fold=fold,
+        p_melanoma=probabilities[:, base.classes.index(base.melanoma_class)],
+        predicted_label=np.asarray(base.classes)[probabilities.argmax(axis=1)],
+    )[SCORE_COLUMNS]
 
 
 def read_review_log(path: Path) -> dict[str, object] | None:

@@ -37,12 +37,12 @@ def main() -> None:
     params = load_params()
     base, site, settings = params.base, params.site, params.site_curve
     rows = read_table(args.site_images, SITE_IMAGE_COLUMNS, what="site images (run the train stage)")
-    if not site.name or rows.empty or not settings.repeats:
-        write_outputs(args.out, pd.DataFrame(columns=CURVE_COLUMNS), site.name)
-        return
-    inputs, validation = load_probe_inputs(args.probe_inputs)
-    train = params.train
     with stage_run("site_curve", base, settings):
+        if not site.name or rows.empty or not settings.repeats:
+            write_outputs(args.out, pd.DataFrame(columns=CURVE_COLUMNS), site.name)
+            return
+        inputs, validation = load_probe_inputs(args.probe_inputs)
+        train = params.train
         curve = learning_curve(
             inputs,
             site_fitter(inputs, len(base.classes), train.probe_c, train.class_weight, base.seed),

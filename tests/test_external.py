@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from skin_lesion.dedup import inspect_images
 from skin_lesion.errors import PipelineError
-from skin_lesion.external import binomial, load_external_sets, score_external_set
+from skin_lesion.external import binomial, leave_out_copies, load_external_sets, score_external_set
 from skin_lesion.params import ExternalSetParams
 from tests.conftest import CLASSES, as_params, draw_lesion, small_params
 
@@ -288,3 +288,22 @@ def test_promoting_on_external_figures_needs_external_sets() -> None:
         ValidationError, match=r"promote_metric=external_melanoma_auc needs evaluate.external"
     ):
         as_params(small_params(evaluate={"promote_metric": "external_melanoma_auc"}))
+
+
+def test_a_seen_image_may_carry_its_own_distance(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A site's images are left out of an external set within split.group_distance, the split's within
+    # near_duplicate_distance.
+    seen = pd.DataFrame(
+        {"pixel_sha256": ["x", "y"], "phash": ["0" * 16, "f" * 16], "max_distance": [None, 8]}
+    )
+    hashes = pd.DataFrame(
+        {
+            "rejected": ["", "", ""],
+            "pixel_sha256": ["a", "b", "c"],
+            "phash": ["0" * 13 + "007", "f" * 14 + "00", "0" * 12 + "ffff"],
+        }
+    )
+    monkeypatch.setattr("skin_lesion.external.inspect_images", lambda paths, max_pixels: hashes)
+    kept, left_out = leave_out_copies(pd.DataFrame({"path": ["a", "b", "c"]}), seen, 2, 10**6)
+    assert left_out["copies_of_training"] == 1  # 3 bits from x is not within 2; 8 from y is within 8
+    assert kept["path"].tolist() == ["a", "c"]

@@ -158,8 +158,8 @@ def test_site_figures_hold_the_auc_interval_and_the_alert_with_counts() -> None:
     assert figures["melanomas"] == 12
     assert figures["melanoma_auc_ci"][0] <= figures["melanoma_auc"] <= figures["melanoma_auc_ci"][1]
     assert figures["threshold_source"] == "site"
-    assert figures["alert"]["sensitivity"] >= 0.9
-    assert figures["alert"]["sensitivity_n"] == 12
+    assert figures["alert_on_the_images_that_chose_it"]["sensitivity"] >= 0.9  # by construction
+    assert figures["alert"]["sensitivity_n"] == 12  # judged on folds that did not choose it
     assert figures["alert"]["false_alert_rate_n"] == 24
     assert figures["alert_at_validation_threshold"]["threshold"] == 0.5
 
@@ -235,9 +235,14 @@ def test_an_unmapped_site_label_names_the_parameter(tmp_path: Path) -> None:
         load_site_rows(root, _settings(), _no_seen(), CLASSES, "melanoma", 2, 8, 10**7)
 
 
-def test_a_site_with_fewer_lesions_than_folds_is_refused(tmp_path: Path) -> None:
-    root = _write_site(tmp_path / "clinic", {"melanoma": 1, "nevus": 1})
-    with pytest.raises(PipelineError, match=r"^site.folds=3: .* only 2 distinct lesions"):
+def test_a_site_with_fewer_lesions_than_folds_is_refused() -> None:
+    with pytest.raises(PipelineError, match=r"^site\.folds=3: the site has only 2 distinct lesions"):
+        site_folds(np.array([True, False, False]), ["a", "b", "b"], 3, seed=0)
+
+
+def test_a_site_of_melanomas_only_is_refused(tmp_path: Path) -> None:
+    root = _write_site(tmp_path / "clinic", {"melanoma": 4})
+    with pytest.raises(PipelineError, match=r"^site\.name=clinic: no non-melanoma image in "):
         load_site_rows(root, _settings(), _no_seen(), CLASSES, "melanoma", 2, 8, 10**7)
 
 
