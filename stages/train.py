@@ -64,6 +64,8 @@ def main() -> None:
     checkpoint_dir = checkpoint_folder(cache, settings) if train.resume else None
 
     with stage_run("train", base, train) as run:
+        if site is not None:  # what the model learned from beyond the training split
+            mlflow.log_params({f"site.{key}": value for key, value in params.site.model_dump().items()})
         live = Live(dir=str(args.live), save_dvc_exp=False, dvcyaml=None)
         model, summary = fit_recipe(
             ImageSet(x_train, y_train, train_key, train_rows["collection"].to_numpy()),

@@ -9,7 +9,14 @@ from mlflow import MlflowClient
 
 from skin_lesion.app.promotion import promote
 from skin_lesion.errors import PipelineError
-from skin_lesion.registry import CHAMPION_ALIAS, TEST_SPLIT_TAG, split_fingerprint, version_description
+from skin_lesion.registry import (
+    CHAMPION_ALIAS,
+    SITE_TAG,
+    TEST_SPLIT_TAG,
+    champion_alias,
+    split_fingerprint,
+    version_description,
+)
 from tests.conftest import REPO, point_mlflow_at, run_skin_lesion
 
 NAME = "skin-lesion-classifier"  # base.model_name in the committed params.yaml
@@ -119,3 +126,15 @@ def test_a_long_model_card_fits_a_sql_stores_description_by_dropping_whole_secti
     )
     assert described.endswith(note)
     assert version_description("# short card\n", note) == "# short card\n" + note
+
+
+def test_a_sites_version_becomes_that_sites_champion_only(client: MlflowClient) -> None:
+    client.set_model_version_tag(NAME, "2", SITE_TAG, "clinic")
+    with pytest.raises(PipelineError, match=r"^version 2 learned from site clinic: promote it with --site"):
+        promote(client, NAME, "2", CHAMPION_ALIAS)
+    assert _champion(client) == "1"
+    with pytest.raises(PipelineError, match=r"^version 1 did not learn from site clinic"):
+        promote(client, NAME, "1", champion_alias("clinic"), site="clinic")
+    promote(client, NAME, "2", champion_alias("clinic"), site="clinic")
+    assert str(client.get_model_version_by_alias(NAME, "champion-clinic").version) == "2"
+    assert _champion(client) == "1"

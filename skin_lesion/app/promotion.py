@@ -77,6 +77,12 @@ def promote(
             f"version {version} did not learn from site {site} (site tag {learned_from!r}); "
             "--force promotes it anyway"
         )
+    if learned_from and not site and not force:
+        # Its threshold and figures are one clinic's: elsewhere they would mislead.
+        raise PipelineError(
+            f"version {version} learned from site {learned_from}: promote it with --site {learned_from} "
+            "(--force makes it @" + alias + " anyway)"
+        )
     try:
         current = client.get_model_version_by_alias(name, alias)
     except MlflowException:
