@@ -25,7 +25,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from skin_lesion.dedup import photo_groups
 from skin_lesion.errors import PipelineError
-from skin_lesion.external import alert_figures, bootstrap_auc, leave_out_copies, list_set
+from skin_lesion.external import alert_figures, binomial, bootstrap_auc, leave_out_copies, list_set
 from skin_lesion.linear_head import FitHead, head_probabilities, probe_fitter
 from skin_lesion.metrics import auc_or_none, choose_threshold, exact_interval
 from skin_lesion.params import SiteParams
@@ -201,15 +201,9 @@ def cross_validated_alert(
         if is_melanoma[others].any():
             threshold = choose_threshold(is_melanoma[others], scores[others], target_sensitivity)
             alert[fold == k] = scores[fold == k] >= threshold
-    found, melanomas = int((alert & is_melanoma).sum()), int(is_melanoma.sum())
-    false, benign = int((alert & ~is_melanoma).sum()), int((~is_melanoma).sum())
     return {
-        "sensitivity": found / melanomas if melanomas else None,
-        "sensitivity_ci": exact_interval(found, melanomas),
-        "sensitivity_n": melanomas,
-        "false_alert_rate": false / benign if benign else None,
-        "false_alert_rate_ci": exact_interval(false, benign),
-        "false_alert_rate_n": benign,
+        **binomial("sensitivity", int((alert & is_melanoma).sum()), int(is_melanoma.sum())),
+        **binomial("false_alert_rate", int((alert & ~is_melanoma).sum()), int((~is_melanoma).sum())),
     }
 
 
