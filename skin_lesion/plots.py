@@ -102,10 +102,6 @@ def write_training_curves(series_folder: Path, target: Path) -> None:
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize="small")
-        else:  # a linear probe is fitted in closed form: it has no epochs to draw
-            axis.text(
-                0.5, 0.5, "no epochs (linear probe)", ha="center", va="center", transform=axis.transAxes
-            )
     with atomic_file(target, suffix=".png") as tmp:
         figure.savefig(tmp, dpi=FIGURE_DPI)
 

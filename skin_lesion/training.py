@@ -13,6 +13,8 @@ from typing import Any
 
 import keras
 import numpy as np
+from scipy.special import softmax
+from sklearn.metrics import accuracy_score, log_loss
 from sklearn.utils.class_weight import compute_sample_weight
 
 from skin_lesion.architectures import build_model, has_backbone, set_backbone_trainable, with_augmentation
@@ -110,6 +112,9 @@ def fit_recipe(
             train_set, val_set, base, train, cache_dir, site, inputs_file
         )
         if train.recipe == "linear_probe":
+            # Fitted once, not per epoch: its loss and accuracies are the one step of its curves.
+            for callback in callbacks or []:
+                callback.on_epoch_end(0, probe_summary["fit"])
             return probe, probe_summary
     model, summary = train_model(
         train_set.images,
@@ -187,8 +192,13 @@ def train_linear_probe(
     seconds = time.perf_counter() - fitting
     if inputs_file is not None:
         save_probe_inputs(inputs_file, inputs, embed["val"] @ projection, val_set.labels)
-    val_predicted = (embed["val"] @ kernel + bias).argmax(axis=1)
-    val_score = capped_balanced_accuracy(val_set.labels, val_predicted, train.val_class_cap)
+    val_logits = embed["val"] @ kernel + bias
+    val_score = capped_balanced_accuracy(val_set.labels, val_logits.argmax(axis=1), train.val_class_cap)
+    fit = {
+        **head_figures(embed["train"] @ kernel + bias, train_set.labels, ""),
+        **head_figures(val_logits, val_set.labels, "val_"),
+        "val_balanced_accuracy": val_score,
+    }
     return model, {
         **training_setup(train),
         "epochs": 0,
@@ -201,6 +211,16 @@ def train_linear_probe(
         "train_images": len(train_set.images),
         "val_images": len(val_set.images),
         **({"site_images": len(site.images), "site_weight": site.weight} if site else {}),
+        "fit": fit,
+    }
+
+
+def head_figures(logits: np.ndarray, labels: np.ndarray, prefix: str) -> dict[str, float]:
+    """Cross-entropy loss and accuracy of a head's logits, named as Keras names an epoch's logs."""
+    classes = np.arange(logits.shape[1])
+    return {
+        f"{prefix}loss": float(log_loss(labels, softmax(logits, axis=1), labels=classes)),
+        f"{prefix}accuracy": float(accuracy_score(labels, logits.argmax(axis=1))),
     }
 
 

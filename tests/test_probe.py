@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 
 from skin_lesion.architectures import OUTPUT_LAYER, build_model
 from skin_lesion.linear_head import fit_probe
@@ -74,6 +75,32 @@ def test_probe_model_answers_what_the_regression_answers(
     assert summary["recipe"] == "linear_probe"
     assert summary["epochs"] == 0
     assert 0 <= summary["val_balanced_accuracy"] <= 1
+
+
+def test_the_probe_logs_its_one_fit_as_the_first_step_of_its_curves(
+    weights_file: Path, tmp_path: Path
+) -> None:
+    params = _probe_params(weights_file)
+    train_set, val_set = _sets()
+    logged: list[tuple[int, dict]] = []
+
+    class Recorder(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logged.append((epoch, dict(logs or {})))
+
+    model, _ = fit_recipe(train_set, val_set, params.base, params.train, tmp_path / "cache", [Recorder()])
+    # One step, with the names a fine-tuning epoch logs, so that dvc.yaml's training charts draw it.
+    assert [epoch for epoch, _ in logged] == [0]
+    logs = logged[0][1]
+    assert set(logs) == {"loss", "accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy"}
+    mirror = params.base.mirror_average
+    network = with_embeddings(model)
+    for prefix, image_set in (("", train_set), ("val_", val_set)):
+        probabilities, _ = predict_with_embeddings(network, image_set.images, 8, mirror_average=mirror)
+        loss = log_loss(image_set.labels, probabilities, labels=[0, 1, 2])
+        assert logs[f"{prefix}loss"] == pytest.approx(loss, rel=1e-3)
+        accuracy = (probabilities.argmax(axis=1) == image_set.labels).mean()
+        assert logs[f"{prefix}accuracy"] == pytest.approx(accuracy)
 
 
 def test_two_class_probe_is_the_logistic_unit_as_a_softmax() -> None:

@@ -114,6 +114,16 @@ def test_the_sites_figures_are_written_with_intervals_and_counts(project: Path) 
     assert (project / "metrics" / "site_curve" / "curve.png").stat().st_size > 0
 
 
+def test_the_default_recipes_charts_all_load(project: Path) -> None:
+    output = run(project, "dvc", "plots", "show", "--json")
+    assert "failed to load" not in output, output[-3000:]  # DVC's warning for a missing series
+    shown = json.loads(output)
+    assert not shown.get("errors"), shown["errors"]
+    # The probe is fitted once: its training charts hold that one step.
+    loss = shown["data"]["Training loss"][0]["content"]["data"]["values"]
+    assert {"loss", "val_loss"} <= {key for row in loss for key in row}
+
+
 def test_the_version_carries_the_site_and_its_threshold(project: Path) -> None:
     client = mlflow_client(sqlite_uri(project))
     version = client.get_model_version_by_alias(model_name(), "challenger")
