@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from dvc.utils.serialize import modify_yaml
 
 from skin_lesion.errors import PipelineError
 from skin_lesion.params import load_params
@@ -22,6 +28,38 @@ def test_committed_params_are_valid() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.base.melanoma_class in params.base.classes
     assert len(params.base.classes) == 9
+
+
+def _lists(section: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The key path of every list in a params mapping."""
+    for key, value in section.items():
+        if isinstance(value, dict):
+            yield from _lists(value, (*prefix, key))
+        elif isinstance(value, list):
+            yield (*prefix, key)
+
+
+def _key_then_comment(text: str) -> set[tuple[str, str]]:
+    """Each line that ends a key with no value on it, paired with a whole-line comment right below."""
+    lines = [line.strip() for line in text.splitlines()]
+    return {
+        (line, after)
+        for line, after in itertools.pairwise(lines)
+        if re.fullmatch(r"[^#\s][^#]*:\s*(#.*)?", line) and after.startswith("#")
+    }
+
+
+def test_a_list_set_with_dvc_exp_run_leaves_every_comment_where_it_was(tmp_path: Path) -> None:
+    committed = (REPO / "params.yaml").read_text(encoding="utf-8")
+    for path in _lists(yaml.safe_load(committed)):
+        rewritten = shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+        with modify_yaml(rewritten) as params:  # what `dvc exp run -S key=value` does to the file
+            section = params
+            for key in path[:-1]:
+                section = section[key]
+            section[path[-1]] = ["a", "b"]
+        moved = _key_then_comment(Path(rewritten).read_text(encoding="utf-8")) - _key_then_comment(committed)
+        assert not moved, f"-S {'.'.join(path)}=[a,b] puts a comment between the key and its values: {moved}"
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:
