@@ -6,6 +6,7 @@ with a test image is removed. Otherwise test and val are carved with sklearn's S
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +100,7 @@ def split_dataset(frame: pd.DataFrame, classes: Sequence[str], params: SplitPara
         "provenance": {
             **class_collection_association(pd.concat(splits.values())),
             "collections": {name: mix_shares(part) for name, part in splits.items()},
-            "warnings": provenance_warnings(splits, classes),
+            "warnings": provenance_warnings(splits, classes) + classes_missing_from_splits(splits, classes),
         },
     }
     return SplitResult(splits=splits, removed=removed_frame, report=report)
@@ -157,8 +158,27 @@ def _carve(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> tuple[
             f"{what}={fraction}: too few images per class ({len(frame)} in all) to hold out 1/{n_splits}"
         )
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    rest_index, held_index = next(splitter.split(frame, frame["label"], groups=frame["group"]))
+    with warnings.catch_warnings():
+        # sklearn's "least populated class has only N members" names no class; a class that then
+        # misses a split is named in the data report's warnings (classes_missing_from_splits).
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        rest_index, held_index = next(splitter.split(frame, frame["label"], groups=frame["group"]))
     return frame.iloc[rest_index], frame.iloc[held_index]
+
+
+def classes_missing_from_splits(splits: dict[str, pd.DataFrame], classes: Sequence[str]) -> list[str]:
+    """A warning for each class that has images but none in some split, where it goes unmeasured."""
+    counts = {name: part["label"].value_counts() for name, part in splits.items()}
+    found = []
+    for label in classes:
+        total = sum(int(count.get(label, 0)) for count in counts.values())
+        missing = [name for name, count in counts.items() if total and not count.get(label, 0)]
+        if missing:
+            found.append(
+                f"class '{label}' has {total} images but none in the {' and '.join(missing)} split: "
+                "too few to stratify, so its figures there are not measured"
+            )
+    return found
 
 
 def class_counts_figure(class_counts: dict[str, dict[str, int]]) -> Figure:

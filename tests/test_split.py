@@ -56,6 +56,20 @@ def test_same_seed_same_split_other_seed_other_split() -> None:
     assert set(first.splits["val"]["path"]) != set(other.splits["val"]["path"])
 
 
+def test_a_class_too_small_for_every_split_is_named_not_warned_by_sklearn(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    rows = _distinct_rows(20)
+    rare = CLASSES[0]
+    rows = [row for row in rows if row[1] != rare] + [row for row in rows if row[1] == rare][:2]
+    result = _split(rows)
+    missing = [name for name, frame in result.splits.items() if not (frame["label"] == rare).any()]
+    assert missing  # 2 images cannot reach train, val and test
+    warning = f"class '{rare}' has 2 images but none in the {' and '.join(missing)} split"
+    assert any(line.startswith(warning) for line in result.report["provenance"]["warnings"])
+    assert not [w for w in recwarn if "least populated class" in str(w.message)]
+
+
 def test_too_few_images_to_hold_out_is_named() -> None:
     with pytest.raises(PipelineError, match=r"split.test_fraction=0.2: too few images per class"):
         _split(_distinct_rows(3))
