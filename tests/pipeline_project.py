@@ -16,11 +16,15 @@ import pytest
 import yaml
 
 from skin_lesion.sources.synthetic import generate_synthetic
-from tests.conftest import OFFLINE_TRAIN, REPO, repo_params
+from tests.conftest import OFFLINE_TRAIN, REPO, repo_params, tiny_backbone_weights
 from tests.isic_standin import StandinArchive
 
 STAGES = ["download", "split", "rebalance", "train", "site", "site_curve", "evaluate"]
 QUEUE_TIMEOUT_S = 600
+# Where the README's offline setup puts the dataset and the backbone's weights, both DVC-tracked.
+LOCAL_DATASET = "data/local/dataset"
+TINY_WEIGHTS = "weights/tiny_mobilenet.weights.h5"
+DEFAULT_RECIPE = {"recipe": "linear_probe", "arch": "mobilenet", "weights": TINY_WEIGHTS}
 
 
 def synthetic_archive(folder: Path, images_per_class: int = 20) -> tuple[StandinArchive, pd.DataFrame]:
@@ -63,6 +67,42 @@ def make_project(root: Path, api_url: str, manifest: pd.DataFrame, **sections: d
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-q", "-m", "pipeline")
     return root
+
+
+def make_offline_project(root: Path, images_per_class: int, **sections: dict[str, Any]) -> Path:
+    """A project set up as the README's offline block says: a local dataset and the default recipe's
+    weights file, both `dvc add`ed and committed, so that queued experiments and clones get them."""
+    params = repo_params()
+    local = {**params["download"]["local"], "path": LOCAL_DATASET, "metadata": ""}
+    no_manifest = pd.DataFrame(columns=["isic_id", "label", "split"])
+    never_fetched = params["download"]["isic"]["api_url"]
+    root = make_project(
+        root, never_fetched, no_manifest, download={"source": "local", "local": local}, train=DEFAULT_RECIPE,
+        **sections,
+    )  # fmt: skip
+    scratch = root.parent / f"{root.name}-images"
+    for path, label, *_ in generate_synthetic(
+        scratch, params["base"]["classes"], images_per_class=images_per_class, size=32, seed=3
+    ):
+        target = root / LOCAL_DATASET / "Train" / label / Path(path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(scratch / path, target)
+    tiny_backbone_weights(root / TINY_WEIGHTS, size=32)
+    run(root, "dvc", "add", "-q", LOCAL_DATASET, TINY_WEIGHTS)
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-q", "-m", "a local dataset and weights, tracked by DVC")
+    return root
+
+
+def readme_comparison(project: Path) -> str:
+    """The README's `dvc exp show` command, run in `project` in a 120-column terminal."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = next(line.removeprefix("$ ") for line in readme.splitlines() if line.startswith("$ dvc exp show"))
+    command = shown.replace("dvc exp show", "dvc exp show --no-pager", 1)
+    output = run(project, "bash", "-c", command, env={**command_env(), "COLUMNS": "120"})
+    assert "…" not in output  # rich's mark for a cell cut short
+    assert max(len(line.rstrip()) for line in output.splitlines()) <= 120, output
+    return output
 
 
 def command_env(**extra: str) -> dict[str, str]:

@@ -35,16 +35,15 @@ from scripts.team_stack import (
     stop_server,
 )
 from tests.conftest import free_port, http_request, repo_params, run_skin_lesion, running_server
-from tests.isic_standin import serve
 from tests.pipeline_project import (
     command_env,
-    make_project,
+    make_offline_project,
     mlflow_client,
     mlflow_runs,
     model_name,
+    readme_comparison,
     run,
     sqlite_uri,
-    synthetic_archive,
     wait_for_queue,
 )
 
@@ -54,15 +53,14 @@ EXPERIMENTS = 4
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A project after one full `dvc repro`, committed, with the stand-in archive still serving."""
-    archive, manifest = synthetic_archive(tmp_path_factory.mktemp("synthetic"), images_per_class=12)
-    with serve(archive) as api_url:
-        root = make_project(tmp_path_factory.mktemp("project"), api_url, manifest, train={"epochs": 2})
-        run(root, "dvc", "repro")
-        run(root, "git", "add", "-A")
-        run(root, "git", "commit", "-q", "-m", "first run")
-        yield root
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default recipe set up offline as the README says (a DVC-tracked local dataset and weights
+    file), after one full `dvc repro`, committed: queued experiments must find both in their copy."""
+    root = make_offline_project(tmp_path_factory.mktemp("project"), images_per_class=12)
+    run(root, "dvc", "repro")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-q", "-m", "first run")
+    return root
 
 
 def _outcomes(status: str) -> dict[str, str]:
@@ -82,27 +80,35 @@ def _start_queue(project: Path, env: dict[str, str]) -> None:
     )
 
 
-def _queue_and_run(project: Path, rates: list[float], env: dict[str, str]) -> pd.DataFrame:
-    """Queue one experiment per learning rate, run them two at a time; return their queue status rows."""
-    for rate in rates:
-        run(project, "dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={rate}", env=env)
+def _queue_and_run(project: Path, strengths: list[float], env: dict[str, str]) -> pd.DataFrame:
+    """Queue one experiment per probe strength, run them two at a time; return their queue status rows."""
+    for strength in strengths:
+        run(project, "dvc", "exp", "run", "--queue", "-S", f"train.probe_c={strength}", env=env)
     _start_queue(project, env)
     outcomes = _outcomes(wait_for_queue(project, env=env))
     finished = pd.DataFrame({"name": list(outcomes), "status": list(outcomes.values())})
     for name in finished["name"]:
         log = run(project, "dvc", "queue", "logs", name, env=env)
         assert "database is locked" not in log, log[-3000:]
+    # Each is in the comparison table, with its metrics (the README's `dvc exp show`).
+    table = json.loads(run(project, "dvc", "exp", "show", "--json", env=env))
+    assert set(finished["name"]) <= _experiment_names(table), table
     return finished
 
 
-def _check_store(uri: str, rates: list[float], versions_before: int) -> None:
+def _experiment_names(table: list[dict]) -> set[str]:
+    """The names of the experiments in `dvc exp show --json` output."""
+    return {exp["name"] for commit in table for exp in commit.get("experiments") or [] if exp.get("name")}
+
+
+def _check_store(uri: str, strengths: list[float], versions_before: int) -> None:
     client = mlflow_client(uri)
     versions = client.search_model_versions(f"name='{model_name()}'")
     assert len(versions) == versions_before + EXPERIMENTS
     for version in versions:
         mlflow.pyfunc.load_model(f"models:/{model_name()}/{version.version}")
     runs = mlflow_runs(uri)
-    ours = runs[runs["params.train.learning_rate"].isin([str(rate) for rate in rates])]
+    ours = runs[runs["params.train.probe_c"].isin([str(strength) for strength in strengths])]
     names = set(ours["tags.DVC_EXP_NAME"])
     assert len(names) == EXPERIMENTS
     for stage in ("train", "evaluate"):
@@ -112,13 +118,17 @@ def _check_store(uri: str, rates: list[float], versions_before: int) -> None:
 
 
 def test_four_queued_experiments_on_sqlite(project: Path) -> None:
-    default = repo_params()["train"]["learning_rate"]
-    rates = [default * factor for factor in (2, 0.5, 3, 0.25)]
+    default = repo_params()["train"]["probe_c"]
+    strengths = [default * factor for factor in (2, 0.5, 3, 0.25)]
     uri = sqlite_uri(project)
     before = len(mlflow_client(uri).search_model_versions(f"name='{model_name()}'"))
-    finished = _queue_and_run(project, rates, command_env())
+    finished = _queue_and_run(project, strengths, command_env())
     assert (finished["status"] == "Success").sum() >= EXPERIMENTS, finished
-    _check_store(uri, rates, before)
+    _check_store(uri, strengths, before)
+    # The README's comparison fits 120 columns here too, with a DVC-tracked dataset and weights file.
+    compared = readme_comparison(project)
+    assert set(finished["name"]) <= set(compared.split()), compared
+    assert "train.probe_c" in compared
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +144,11 @@ def _bucket_keys(stack: Stack, bucket: str) -> list[str]:
 
 
 def test_four_queued_experiments_on_postgresql_and_s3(project: Path, team: Stack) -> None:
-    default = repo_params()["train"]["learning_rate"]
-    rates = [default * factor for factor in (4, 0.125, 5, 0.2)]  # new values, so DVC cannot reuse runs
-    finished = _queue_and_run(project, rates, command_env(MLFLOW_TRACKING_URI=team.tracking_uri))
+    default = repo_params()["train"]["probe_c"]
+    strengths = [default * factor for factor in (4, 0.125, 5, 0.2)]  # new values: DVC cannot reuse runs
+    finished = _queue_and_run(project, strengths, command_env(MLFLOW_TRACKING_URI=team.tracking_uri))
     assert (finished["status"] == "Success").sum() >= EXPERIMENTS, finished
-    _check_store(team.tracking_uri, rates, versions_before=0)
+    _check_store(team.tracking_uri, strengths, versions_before=0)
     # The artifacts are in the bucket, through the server: the runs point at it, not at a local folder.
     runs = mlflow_runs(team.tracking_uri)
     assert runs["artifact_uri"].str.startswith("mlflow-artifacts:/").all()
@@ -223,10 +233,10 @@ def test_a_teammate_pulls_the_data_model_and_experiments_that_were_pushed(
     shared = set(run(clone, "dvc", "exp", "list", "--name-only", env=env).split())
     assert shared == set(run(project, "dvc", "exp", "list", "--name-only", env=env).split())
     assert len(shared) >= EXPERIMENTS
-    assert "train.learning_rate" in run(clone, "dvc", "exp", "diff", "HEAD", sorted(shared)[0], env=env)
+    assert "train.probe_c" in run(clone, "dvc", "exp", "diff", "HEAD", sorted(shared)[0], env=env)
     # The teammate takes one experiment into their workspace and compares it with main.
     run(clone, "dvc", "exp", "apply", sorted(shared)[0], env=env)
-    assert "train.learning_rate" in run(clone, "dvc", "params", "diff", "HEAD", env=env)
+    assert "train.probe_c" in run(clone, "dvc", "params", "diff", "HEAD", env=env)
     assert "bal_acc" in run(clone, "dvc", "metrics", "diff", "--all", "HEAD", env=env)
 
 
@@ -301,10 +311,10 @@ def test_a_server_killed_in_a_queue_fails_its_stages_with_one_line_and_reruns_co
         MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
         MLFLOW_HTTP_REQUEST_TIMEOUT="10",
     )
-    default = repo_params()["train"]["learning_rate"]
+    default = repo_params()["train"]["probe_c"]
     rates = {f"killed-{n}": str(default * factor) for n, factor in ((1, 7), (2, 9))}  # new: stages must run
     for name, rate in rates.items():
-        run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rate}", env=env)
+        run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.probe_c={rate}", env=env)
     _start_queue(project, env)
     try:
         deadline = time.monotonic() + 300
@@ -333,7 +343,7 @@ def test_a_server_killed_in_a_queue_fails_its_stages_with_one_line_and_reruns_co
     assert logged <= set(mlflow_runs(team.tracking_uri)["run_id"])
     reruns = {name.replace("killed", "rerun"): rates[name] for name in failed}
     for name, rate in reruns.items():
-        run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rate}", env=env)
+        run(project, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.probe_c={rate}", env=env)
     _start_queue(project, env)
     outcomes = _outcomes(wait_for_queue(project, env=env))
     runs = mlflow_runs(team.tracking_uri)
