@@ -164,9 +164,12 @@ def site_tags(site: dict[str, Any]) -> dict[str, str]:
     return {SITE_TAG: site["site"]} | {f"site_{key}": str(v) for key, v in figures.items() if v is not None}
 
 
+PROVENANCE_HEADING = "## Provenance"  # the section of a version's description that the card lacks
+
+
 def provenance_note(tags: dict[str, str], commit: str | None, experiment: str | None) -> str:
     """Markdown that ends a version's description: the git commit, DVC experiment, data and runs."""
-    lines = ["", "## Provenance", ""]
+    lines = ["", PROVENANCE_HEADING, ""]
     lines.append(f"- git commit: `{commit or 'none (not a git repository)'}`")
     if experiment:
         lines.append(f"- DVC experiment: `{experiment}` (`dvc exp apply {experiment}` restores it)")
