@@ -257,9 +257,13 @@ def test_predict_with_no_readable_image_says_so_in_one_line_after_its_csv(
     assert list(table["path"]) == ["empty.jpg"]
 
 
-def test_default_model_is_the_champion_or_else_the_newest(tracking: str, store: Path) -> None:
+def test_default_model_is_the_champion_and_none_is_refused(tracking: str, store: Path) -> None:
     client = mlflow.MlflowClient()
-    assert resolve_default_model(NAME) == f"models:/{NAME}/1"
+    # The newest version could be any experiment: predict, serve and review name one or refuse.
+    with pytest.raises(
+        PipelineError, match=r"promote 1` for the newest\), or name the version to use with --model"
+    ):
+        resolve_default_model(NAME)
     client.set_registered_model_alias(NAME, "champion", "1")
     try:
         assert resolve_default_model(NAME) == f"models:/{NAME}@champion"
