@@ -164,6 +164,20 @@ def test_the_terminal_summary_caps_the_alert_lines_highest_first() -> None:
     assert lines[-1] == "25 images, 25 melanoma alerts, 0 unreadable"
 
 
+def test_the_terminal_summary_says_which_images_are_unlike_the_training_ones_and_what_that_catches() -> None:
+    table = pd.DataFrame({
+        "path": ["a.jpg", "b.jpg"], "predicted_label": "nevus", "p_melanoma": 0.1, "melanoma_alert": False,
+        "ood_score": [12.0, 95.24], "unlike_training": [False, True], "error": "",
+    })  # fmt: skip
+    lines = render_summary(table).splitlines()
+    checks = [line for line in lines if line.startswith("CHECK")]
+    assert checks == [
+        "CHECK b.jpg: unlike the training images (OOD score 95.2)",
+        "CHECK: a flag that catches photos that are not dermoscopic or are badly degraded; it does not"
+        " predict the model's errors",
+    ]
+
+
 def test_pyfunc_rejects_an_empty_batch_without_a_stack_trace(tracking: str) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     with pytest.raises(MlflowException, match=r"^no images: the request has no rows$"):
