@@ -1,8 +1,9 @@
 """`skin-lesion review`: a web page where a clinician triages images with the registered model.
 
-Each uploaded image gets a card: the class probabilities, P(melanoma) and the alert (worded with the
-version's own test figures), a Grad-CAM overlay on demand, and a flag when the image is unlike the
-training data or unfit to judge. A clinician records the confirmed diagnosis per image; those records
+Each uploaded image gets a card: the class probabilities, P(melanoma) and the alert (that P(melanoma)
+against the threshold; the version's own figures once, above the worklist), a Grad-CAM overlay on
+demand, and a flag when the image is unlike the training data or unfit to judge. A clinician records
+the confirmed diagnosis per image; those records
 (skin_lesion/app/feedback.py) become training data through `skin-lesion export-feedback`.
 
 Uploaded images stay in memory (the last SESSION_IMAGES of them, for Grad-CAM and diagnoses) and are
