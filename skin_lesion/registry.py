@@ -210,8 +210,14 @@ def version_description(card: str, note: str, limit: int = MAX_DESCRIPTION) -> s
             end = card.find("\n## ", start + 1)
             card = card[:start] + (card[end:] if end >= 0 else "\n")
             dropped.append(heading.removeprefix("## ").lower())
-    pointer = "\n*Cut short for length: the full card is the evaluate run's artifact `model_card.md`.*\n"
-    return card[: limit - len(pointer) - len(note)] + pointer + note
+    pointer = (
+        "\n*Cut short for length after the sections above: the full card is the evaluate run's artifact "
+        "`model_card.md`.*\n"
+    )
+    room = limit - len(pointer) - len(note)
+    # Whole sections up to the last heading that fits: a section cut mid-table reads as a whole one.
+    end = card.rfind("\n## ", 0, room)
+    return card[: end + 1 if end > 0 else room] + pointer + note
 
 
 def register_and_promote(

@@ -129,6 +129,17 @@ def test_a_long_model_card_fits_a_sql_stores_description_by_dropping_whole_secti
     assert version_description("# short card\n", note) == "# short card\n" + note
 
 
+def test_a_card_too_long_even_without_those_sections_keeps_whole_sections_only() -> None:
+    card = "# Model card: x\n\n## Model\n\n" + "m" * 3000 + "\n\n## Limitations\n\n" + "l" * 3000 + "\n"
+    note = "\n## Provenance\n\n- git commit: `abc`\n"
+    described = version_description(card, note, limit=5000)
+    assert len(described) <= 5000
+    assert "m" * 3000 + "\n" in described
+    assert "## Limitations" not in described  # left out whole, not cut mid-way
+    assert "Cut short for length after the sections above" in described
+    assert described.endswith(note)
+
+
 def test_the_cards_limitation_names_its_rarest_classes_without_pointing_at_the_class_table() -> None:
     # The class table is in the Data section, which a version's description may leave out for length.
     counts = {
