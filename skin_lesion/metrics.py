@@ -352,6 +352,7 @@ def reference_figures(
             name: {
                 "melanomas": result["alert"]["sensitivity_n"],
                 "sensitivity": result["alert"]["sensitivity"],
+                "sensitivity_ci": result["alert"]["sensitivity_ci"],
                 "false_alert_rate": result["alert"]["false_alert_rate"],
             }
             for name, result in (external or {}).items()

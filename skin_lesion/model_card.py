@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from skin_lesion.params import BaseParams, DownloadParams, TrainParams
@@ -116,12 +117,22 @@ def render_model_card(
         "## Limitations",
         "",
         "- The test set is small; the intervals above show how uncertain these numbers are.",
-        "- Classes with few images (see the table) are learned and measured poorly.",
+        few_images_line(counts, base.classes),
         "- Dermoscopic images of mostly light skin from a few clinics; performance elsewhere is unknown"
         + (" beyond the external sets above." if external else ": no external set was scored."),
         *[f"- Provenance: {warning}." for warning in data["provenance"]["warnings"]],
     ]
     return "\n".join(lines) + "\n"
+
+
+RAREST_CLASSES = 3  # the classes the limitation names, fewest training images first
+
+
+def few_images_line(counts: dict[str, dict[str, int]], classes: Sequence[str]) -> str:
+    """The limitation of the rarest classes, with their counts: the class table may be left out for length."""
+    rarest = sorted(classes, key=lambda label: counts["train"][label])[:RAREST_CLASSES]
+    named = ", ".join(f"{label} ({counts['train'][label]} / {counts['test'][label]})" for label in rarest)
+    return f"- Classes with few images are learned and measured poorly; the fewest (train / test): {named}."
 
 
 def site_lines(site: dict[str, Any]) -> list[str]:

@@ -164,9 +164,12 @@ def site_tags(site: dict[str, Any]) -> dict[str, str]:
     return {SITE_TAG: site["site"]} | {f"site_{key}": str(v) for key, v in figures.items() if v is not None}
 
 
+PROVENANCE_HEADING = "## Provenance"  # the section of a version's description that the card lacks
+
+
 def provenance_note(tags: dict[str, str], commit: str | None, experiment: str | None) -> str:
     """Markdown that ends a version's description: the git commit, DVC experiment, data and runs."""
-    lines = ["", "## Provenance", ""]
+    lines = ["", PROVENANCE_HEADING, ""]
     lines.append(f"- git commit: `{commit or 'none (not a git repository)'}`")
     if experiment:
         lines.append(f"- DVC experiment: `{experiment}` (`dvc exp apply {experiment}` restores it)")
@@ -207,8 +210,14 @@ def version_description(card: str, note: str, limit: int = MAX_DESCRIPTION) -> s
             end = card.find("\n## ", start + 1)
             card = card[:start] + (card[end:] if end >= 0 else "\n")
             dropped.append(heading.removeprefix("## ").lower())
-    pointer = "\n*Cut short for length: the full card is the evaluate run's artifact `model_card.md`.*\n"
-    return card[: limit - len(pointer) - len(note)] + pointer + note
+    pointer = (
+        "\n*Cut short for length after the sections above: the full card is the evaluate run's artifact "
+        "`model_card.md`.*\n"
+    )
+    room = limit - len(pointer) - len(note)
+    # Whole sections up to the last heading that fits: a section cut mid-table reads as a whole one.
+    end = card.rfind("\n## ", 0, room)
+    return card[: end + 1 if end > 0 else room] + pointer + note
 
 
 def register_and_promote(

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
-from skin_lesion.app.monitoring import drift_report, render_drift, threshold_in_words
+from skin_lesion.app.monitoring import alert_in_words, drift_report, render_drift, threshold_in_words
 from skin_lesion.app.quality import quality_problems
 from skin_lesion.architectures import build_model
 from skin_lesion.metrics import reference_figures
@@ -109,14 +109,27 @@ def test_the_threshold_in_words_of_a_version_without_figures_says_they_are_not_r
 
 
 def test_the_threshold_in_words_states_each_external_sets_alert() -> None:
-    alert = {"sensitivity": 0.5, "sensitivity_n": 40, "false_alert_rate": 0.25}
+    alert = {
+        "sensitivity": 0.5,
+        "sensitivity_n": 40,
+        "false_alert_rate": 0.25,
+        "sensitivity_ci": [0.34, 0.66],
+    }
     external = {"clinic": {"alert": alert}, "archive": {"alert": {**alert, "sensitivity": 0.8}}}
     figures = {**_figures(), "external": reference_figures(*_inputs(), external=external)["external"]}
+    figures["external"]["archive"].pop("sensitivity_ci", None)  # as versions registered before it was
     words = threshold_in_words(figures, 0.3)
     assert words.endswith(
-        " On images from outside its training data (clinic: 50% of 40 melanomas, 25 alerts per 100"
-        " non-melanoma lesions; archive: 80% of 40 melanomas, 25 alerts per 100 non-melanoma lesions)."
+        " On images from outside its training data it found 50% of the 40 melanomas of clinic"
+        " (95 % CI 34% to 66%), with 25 alerts per 100 non-melanoma lesions; and 80% of the 40 melanomas"
+        " of archive, with 25 alerts per 100 non-melanoma lesions."
     )
+
+
+def test_an_images_alert_is_worded_against_the_threshold() -> None:
+    assert alert_in_words(0.31, 0.12) == "P(melanoma) 0.310, at or above the alert threshold 0.120"
+    assert alert_in_words(0.12, 0.12) == "P(melanoma) 0.120, at or above the alert threshold 0.120"
+    assert alert_in_words(0.05, 0.12) == "P(melanoma) 0.050, below the alert threshold 0.120"
 
 
 def _log(labels: list[str], alerts: list[bool], unlike: list[bool]) -> pd.DataFrame:

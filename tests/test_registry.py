@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 
 from skin_lesion.app.promotion import promote
 from skin_lesion.errors import PipelineError
+from skin_lesion.model_card import few_images_line
 from skin_lesion.registry import (
     CHAMPION_ALIAS,
     SITE_TAG,
@@ -126,6 +127,30 @@ def test_a_long_model_card_fits_a_sql_stores_description_by_dropping_whole_secti
     )
     assert described.endswith(note)
     assert version_description("# short card\n", note) == "# short card\n" + note
+
+
+def test_a_card_too_long_even_without_those_sections_keeps_whole_sections_only() -> None:
+    card = "# Model card: x\n\n## Model\n\n" + "m" * 3000 + "\n\n## Limitations\n\n" + "l" * 3000 + "\n"
+    note = "\n## Provenance\n\n- git commit: `abc`\n"
+    described = version_description(card, note, limit=5000)
+    assert len(described) <= 5000
+    assert "m" * 3000 + "\n" in described
+    assert "## Limitations" not in described  # left out whole, not cut mid-way
+    assert "Cut short for length after the sections above" in described
+    assert described.endswith(note)
+
+
+def test_the_cards_limitation_names_its_rarest_classes_without_pointing_at_the_class_table() -> None:
+    # The class table is in the Data section, which a version's description may leave out for length.
+    counts = {
+        "train": {"melanoma": 40, "nevus": 300, "dermatofibroma": 9},
+        "test": {"melanoma": 8, "nevus": 60, "dermatofibroma": 2},
+    }
+    line = few_images_line(counts, ["melanoma", "nevus", "dermatofibroma"])
+    assert line.endswith(
+        "the fewest (train / test): dermatofibroma (9 / 2), melanoma (40 / 8), nevus (300 / 60)."
+    )
+    assert "table" not in line
 
 
 def test_a_sites_version_becomes_that_sites_champion_only(client: MlflowClient) -> None:

@@ -34,7 +34,8 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from skin_lesion.app.feedback import Diagnosis, FeedbackStore, export_feedback
-from skin_lesion.app.promotion import describe_version
+from skin_lesion.app.monitoring import OOD_FLAG_MEANING
+from skin_lesion.app.promotion import describe_version, full_model_card, promotion_warning, whole_card
 from skin_lesion.app.review import DISCLAIMER, MAX_DIAGNOSIS_BYTES, MAX_REQUEST_BYTES, create_review_app
 from skin_lesion.app.server import read_limited
 from skin_lesion.architectures import build_model
@@ -58,7 +59,15 @@ from tests.conftest import (
 )
 
 SIZE = 32
-CARD = "# Model card\n\n**Trained** on <script>x</script>.\n\n| set | AUC |\n| --- | --- |\n| test | 0.9 |\n"
+FULL_CARD = (
+    "# Model card\n\n**Trained** on <script>x</script>.\n\n| set | AUC |\n| --- | --- |\n| test | 0.9 |\n\n"
+    "## Threshold rules\n\n| rule | threshold |\n| --- | --- |\n| overall | 0.3 |\n"
+)
+# The version's description: the card less a section left out for length, and the provenance.
+CARD = (
+    FULL_CARD.split("\n## Threshold rules", maxsplit=1)[0]
+    + "\n*Left out here for length: threshold rules.*\n\n## Provenance\n\n- git commit: `abc123`\n"
+)
 NAME = "lesions"
 FIGURES = {
     "images": 40,
@@ -109,6 +118,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             ood_path=root / "ood.npz",
             test_figures=FIGURES,
         )
+        (root / "model_card.md").write_text(FULL_CARD, encoding="utf-8")
+        mlflow.log_artifact(str(root / "model_card.md"))  # as evaluate logs the whole card
     register_version(model_uri, NAME, tags={}, description=CARD)
     return {"root": root, "uri": uri, "images": images, "threshold": threshold}
 
@@ -186,6 +197,75 @@ def test_the_model_card_is_rendered_not_shown_as_markdown(review: dict) -> None:
     assert "| --- |" not in card
     assert "**" not in card
     assert "&lt;script&gt;" in card  # HTML inside the card is shown as text, never run
+
+
+def test_the_model_card_page_shows_the_whole_card_logged_with_the_run_and_links_it(review: dict) -> None:
+    status, card = _request(f"{review['url']}/model-card")
+    assert status == 200
+    assert "<h2>Threshold rules</h2>" in card  # left out of the description, kept in the whole card
+    assert "Left out here for length" not in card
+    assert "<code>abc123</code>" in card  # the description's provenance
+    assert re.search(r'href="http://127.0.0.1:5000/#/experiments/\w+/runs/\w+/artifacts/model_card.md"', card)
+
+
+def test_a_version_whose_run_logged_no_card_shows_its_description(registered: dict) -> None:
+    mlflow.set_tracking_uri(registered["uri"])
+    with mlflow.start_run() as run:  # as runs registered before evaluate logged the card
+        pass
+    assert full_model_card(MlflowClient(), run.info.run_id) == ""
+    assert whole_card("", CARD) == CARD
+
+
+def test_a_version_nobody_promoted_is_named_so_on_every_screen(review: dict) -> None:
+    expected = f"NOT PROMOTED: {NAME} version 1 is not a champion; it may be an experiment"
+    for screen in ("/", "/model-card"):
+        status, page = _request(f"{review['url']}{screen}")
+        assert status == 200
+        assert expected in page, screen
+
+
+def test_only_a_champion_goes_without_the_not_promoted_banner() -> None:
+    version = {"uri": f"models:/{NAME}/3", "name": NAME, "version": "3"}
+    assert promotion_warning(version | {"aliases": ["champion"]}) == ""
+    assert promotion_warning(version | {"aliases": ["champion-clinic"]}) == ""
+    assert "skin-lesion promote 3" in promotion_warning(version | {"aliases": ["challenger"]})
+    folder = {"uri": "served-model", "name": "", "version": "", "aliases": []}
+    assert promotion_warning(folder).startswith("NOT PROMOTED: served-model is not a registered version")
+
+
+def test_review_refuses_to_start_without_a_champion_naming_promote_and_model(
+    registered: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_mlflow_at(registered["uri"], monkeypatch)
+    (tmp_path / "params.yaml").write_text(
+        (REPO / "params.yaml").read_text(encoding="utf-8").replace("skin-lesion-classifier", NAME),
+        encoding="utf-8",
+    )
+    result = run_skin_lesion(tmp_path, "review", "--db", str(tmp_path / "review.db"))
+    assert result.returncode == 1, result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert f"{NAME} has no version aliased 'champion' in " in last_line
+    assert last_line.endswith(
+        ": promote one (`skin-lesion promote 1` for the newest), or name the version to use with "
+        f"--model models:/{NAME}/1"
+    )
+
+
+def test_the_unlike_training_flag_says_what_was_measured_and_what_it_catches(review: dict) -> None:
+    _, page = _request(f"{review['url']}/")
+    assert "unlike the training images (OOD score" in page
+    config = json.loads(re.search(r'<script id="config" type="application/json">(.*?)</script>', page)[1])
+    assert config["ood_flag"] == OOD_FLAG_MEANING  # what the flag was shown to catch, and not to
+    assert "badly degraded?" not in page  # no guessed cause
+
+
+def test_an_alert_card_states_its_images_p_melanoma_against_the_threshold(review: dict) -> None:
+    images = review["images"]
+    _, body = _score(review["url"], [("high.png", images["high.png"]), ("low.png", images["low.png"])])
+    high, low = body["cards"]
+    threshold = f"the alert threshold {review['threshold']:.3f}"
+    assert high["alert_text"] == f"P(melanoma) {high['p_melanoma']:.3f}, at or above {threshold}"
+    assert low["alert_text"] == f"P(melanoma) {low['p_melanoma']:.3f}, below {threshold}"
 
 
 def test_a_batch_gets_a_card_per_image_in_order_with_alert_by_the_threshold(review: dict) -> None:
@@ -620,6 +700,9 @@ def test_in_a_browser_a_clinician_triages_records_and_finds_the_diagnosis_after_
         # The worklist: the alert first, the unscored image last.
         assert cards.nth(0).locator("h3").inner_text() == "high.png"
         assert cards.nth(0).locator("[data-testid=alert]").inner_text() == "MELANOMA ALERT"
+        # The version's figures once, in the header; each alert card its own image's P(melanoma).
+        assert cards.nth(0).locator("[data-testid=alert-text]").inner_text().startswith("P(melanoma) ")
+        assert page.get_by_text("in its test set").count() == 1
         assert cards.nth(1).locator("[data-testid=alert]").count() == 0
         assert (
             "Not scored: cannot decode image" in cards.nth(2).locator("[data-testid=card-error]").inner_text()

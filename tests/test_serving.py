@@ -164,6 +164,20 @@ def test_the_terminal_summary_caps_the_alert_lines_highest_first() -> None:
     assert lines[-1] == "25 images, 25 melanoma alerts, 0 unreadable"
 
 
+def test_the_terminal_summary_says_which_images_are_unlike_the_training_ones_and_what_that_catches() -> None:
+    table = pd.DataFrame({
+        "path": ["a.jpg", "b.jpg"], "predicted_label": "nevus", "p_melanoma": 0.1, "melanoma_alert": False,
+        "ood_score": [12.0, 95.24], "unlike_training": [False, True], "error": "",
+    })  # fmt: skip
+    lines = render_summary(table).splitlines()
+    checks = [line for line in lines if line.startswith("CHECK")]
+    assert checks == [
+        "CHECK b.jpg: unlike the training images (OOD score 95.2)",
+        "CHECK: a flag that catches photos that are not dermoscopic or are badly degraded; it does not"
+        " predict the model's errors",
+    ]
+
+
 def test_pyfunc_rejects_an_empty_batch_without_a_stack_trace(tracking: str) -> None:
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     with pytest.raises(MlflowException, match=r"^no images: the request has no rows$"):
@@ -257,9 +271,13 @@ def test_predict_with_no_readable_image_says_so_in_one_line_after_its_csv(
     assert list(table["path"]) == ["empty.jpg"]
 
 
-def test_default_model_is_the_champion_or_else_the_newest(tracking: str, store: Path) -> None:
+def test_default_model_is_the_champion_and_none_is_refused(tracking: str, store: Path) -> None:
     client = mlflow.MlflowClient()
-    assert resolve_default_model(NAME) == f"models:/{NAME}/1"
+    # The newest version could be any experiment: predict, serve and review name one or refuse.
+    with pytest.raises(
+        PipelineError, match=r"promote 1` for the newest\), or name the version to use with --model"
+    ):
+        resolve_default_model(NAME)
     client.set_registered_model_alias(NAME, "champion", "1")
     try:
         assert resolve_default_model(NAME) == f"models:/{NAME}@champion"

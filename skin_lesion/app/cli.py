@@ -8,7 +8,8 @@
     skin-lesion monitor [--model URI] [--db feedback/review.db] [--days 30] [--tolerance 0.1]
 
 `predict`: PATH is an image file or a folder (searched recursively). The default model is
-`models:/<base.model_name>@champion`, or the newest version when no champion is set yet. A file that
+`models:/<base.model_name>@champion`; with none set, predict, serve, review and monitor refuse (the
+newest version may be any experiment) and name `promote` and `--model`. A file that
 cannot be read, or is no regular file (a FIFO, a device: never opened), gets an error row; the others
 are still predicted. With no readable image at all the CSV and summary are still written, and the
 command fails (exit 1). --explain writes a Grad-CAM overlay per alerted image, showing which regions

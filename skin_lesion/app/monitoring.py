@@ -17,6 +17,11 @@ from matplotlib.figure import Figure
 # Fewer predictions than this leave drift undecided: below 100, the 95 % interval of a 30 % rate is
 # wider than +-0.09, so chance alone could move it past the default tolerance of 0.1.
 MIN_PREDICTIONS = 100
+# What the OOD flag was shown to catch, and not to catch (docs/results.md, "What the flag is worth").
+OOD_FLAG_MEANING = (
+    "a flag that catches photos that are not dermoscopic or are badly degraded; it does not predict the"
+    " model's errors"
+)
 
 
 def threshold_in_words(figures: dict[str, Any], threshold: float) -> str:
@@ -35,16 +40,30 @@ def threshold_in_words(figures: dict[str, Any], threshold: float) -> str:
     )
     benign = figures.get("alerts_per_100_benign")
     alerts = f", with {benign:.0f} alerts per 100 non-melanoma lesions" if benign is not None else ""
-    elsewhere = [
-        f"{name}: {row['sensitivity']:.0%} of {row['melanomas']} melanomas, "
-        f"{100 * row['false_alert_rate']:.0f} alerts per 100 non-melanoma lesions"
-        for name, row in (figures.get("external") or {}).items()
-    ]
-    external = f" On images from outside its training data ({'; '.join(elsewhere)})." if elsewhere else ""
+    elsewhere = [external_in_words(name, row) for name, row in (figures.get("external") or {}).items()]
+    external = ""
+    if elsewhere:
+        external = f" On images from outside its training data it found {'; and '.join(elsewhere)}."
     return (
         f"Alert when P(melanoma) is at least {threshold:.3f}{site_in_words(figures.get('site'))}: at this"
         f" threshold the model found {found} in its test set{ci}{alerts}.{external}"
     )
+
+
+def external_in_words(name: str, row: dict[str, Any]) -> str:
+    """One external set's alert figures, as the object of 'it found' (no interval in older versions)."""
+    interval = row.get("sensitivity_ci")
+    ci = f" (95 % CI {interval[0]:.0%} to {interval[1]:.0%})" if interval else ""
+    return (
+        f"{row['sensitivity']:.0%} of the {row['melanomas']} melanomas of {name}{ci}, with"
+        f" {100 * row['false_alert_rate']:.0f} alerts per 100 non-melanoma lesions"
+    )
+
+
+def alert_in_words(p_melanoma: float, threshold: float) -> str:
+    """One image's P(melanoma) against the alert threshold."""
+    side = "at or above" if p_melanoma >= threshold else "below"
+    return f"P(melanoma) {p_melanoma:.3f}, {side} the alert threshold {threshold:.3f}"
 
 
 def site_in_words(site: dict[str, Any] | None) -> str:

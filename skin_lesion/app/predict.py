@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from skin_lesion.app.monitoring import OOD_FLAG_MEANING
 from skin_lesion.errors import PipelineError
 from skin_lesion.images import IMAGE_SUFFIXES, decode_rgb
 from skin_lesion.serving import IMAGE_COLUMN, MAX_IMAGE_BYTES, MAX_PIXELS, oversized
@@ -110,6 +111,7 @@ def render_summary(predictions: pd.DataFrame) -> str:
     failed = predictions[predictions["error"] != ""]
     lines += [f"ERROR {row.path}: {row.error}" for row in failed.head(TABLE_ROWS).itertuples()]
     lines += _more(len(failed), "unreadable files")
+    lines += unlike_training_lines(predictions)
     lines.append(
         f"{_count(len(predictions), 'image')}, {_count(len(alerts), 'melanoma alert')},"
         f" {len(failed)} unreadable"
@@ -118,6 +120,18 @@ def render_summary(predictions: pd.DataFrame) -> str:
     for warning in sorted(warnings):
         lines = [f"WARNING: {warning}", *lines, f"WARNING: {warning}"]
     return "\n".join(lines)
+
+
+def unlike_training_lines(predictions: pd.DataFrame) -> list[str]:
+    """A CHECK line per image the OOD score flags (at most TABLE_ROWS), then what the flag means."""
+    flagged = predictions[predictions.reindex(columns=["unlike_training"])["unlike_training"].eq(True)]
+    if flagged.empty:
+        return []
+    lines = [
+        f"CHECK {row.path}: unlike the training images (OOD score {row.ood_score:.1f})"
+        for row in flagged.head(TABLE_ROWS).itertuples()
+    ]
+    return [*lines, *_more(len(flagged), "flagged images"), f"CHECK: {OOD_FLAG_MEANING}"]
 
 
 def _more(number: int, what: str) -> list[str]:

@@ -5,24 +5,31 @@ Registration and the automatic promotion decision run in `evaluate` (skin_lesion
 
 from __future__ import annotations
 
-import logging
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.registry import CHAMPION_ALIAS, SITE_TAG, TEST_SPLIT_TAG, champion_alias
+from skin_lesion.registry import (
+    CHAMPION_ALIAS,
+    PROVENANCE_HEADING,
+    SITE_TAG,
+    TEST_SPLIT_TAG,
+    champion_alias,
+)
 from skin_lesion.tracking import tracking_uri
 
-log = logging.getLogger("skin_lesion.app.promotion")
-
 REPLACED_TAG = "replaced_version"  # the version a forced promotion moved the alias away from
+MODEL_CARD_ARTIFACT = "model_card.md"  # evaluate logs the whole card to the run it registers from
 
 
 def resolve_default_model(name: str, site: str = "") -> str:
-    """`models:/name@champion`, or the newest version with a warning when no champion is set.
+    """`models:/name@champion`, which must be set: with none, the newest version could be any
+    experiment, and predict, serve and the review page would hand its answers on as the model's.
 
     With `site`, that site's own champion (`champion-<site>`), which must be set: another site's
     model, or one that never learned from this site, would quote figures that are not the site's.
@@ -47,15 +54,25 @@ def resolve_default_model(name: str, site: str = "") -> str:
                 f"no registered model {name!r} in {tracking_uri()}: run the pipeline first"
             ) from None
         newest = max(int(version.version) for version in versions)
-        log.warning(
-            "no %r alias on %s yet; using its newest version %d (`skin-lesion promote %d` sets it)",
-            CHAMPION_ALIAS,
-            name,
-            newest,
-            newest,
-        )
-        return f"models:/{name}/{newest}"
+        raise PipelineError(
+            f"{name} has no version aliased {CHAMPION_ALIAS!r} in {tracking_uri()}: promote one "
+            f"(`skin-lesion promote {newest}` for the newest), or name the version to use with "
+            f"--model models:/{name}/{newest}"
+        ) from None
     return f"models:/{name}@{CHAMPION_ALIAS}"
+
+
+def promotion_warning(version: dict[str, Any]) -> str:
+    """What every screen showing a version says when nobody promoted it; '' for a champion."""
+    if any(alias == CHAMPION_ALIAS or alias.startswith(f"{CHAMPION_ALIAS}-") for alias in version["aliases"]):
+        return ""
+    if not version["version"]:
+        return f"NOT PROMOTED: {version['uri']} is not a registered version; it may be an experiment."
+    number = version["version"]
+    return (
+        f"NOT PROMOTED: {version['name']} version {number} is not a champion; it may be an experiment"
+        f" (`skin-lesion promote {number}` makes it the champion)."
+    )
 
 
 def promote(
@@ -117,17 +134,28 @@ def _was(current: Any) -> str:
 def describe_version(client: MlflowClient, model_uri: str) -> dict[str, Any]:
     """Name, version, aliases, registration time, run and model card of a `models:/` URI's version.
 
+    The card is the whole one its run logged (`model_card.md`) with the description's provenance; the
+    description alone (which may leave sections out for length) when the run has none.
     Other URIs (a run's model, a folder) are not registered versions: only the URI is known.
     """
     name, _, ref = model_uri.removeprefix("models:/").partition("@")
     if not model_uri.startswith("models:/"):
-        return {"uri": model_uri, "name": "", "version": "", "aliases": [], "registered": "", "card": ""}
+        return {
+            "uri": model_uri,
+            "name": "",
+            "version": "",
+            "aliases": [],
+            "registered": "",
+            "card": "",
+            "card_is_whole": False,
+        }
     if ref:
         version = client.get_model_version_by_alias(name, ref)
     else:
         name, _, number = name.partition("/")
         version = client.get_model_version(name, number)
     run = client.get_run(version.run_id)
+    card = full_model_card(client, version.run_id)
     return {
         "uri": model_uri,
         "name": name,
@@ -138,5 +166,23 @@ def describe_version(client: MlflowClient, model_uri: str) -> dict[str, Any]:
         ),
         "run_id": version.run_id,
         "experiment_id": run.info.experiment_id,
-        "card": version.description or "",
+        "card": whole_card(card, version.description or ""),
+        "card_is_whole": bool(card),
     }
+
+
+def full_model_card(client: MlflowClient, run_id: str) -> str:
+    """The whole model card that `evaluate` logged to the version's run; '' when the run has none."""
+    if MODEL_CARD_ARTIFACT not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        return ""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(client.download_artifacts(run_id, MODEL_CARD_ARTIFACT, folder))
+        return path.read_text(encoding="utf-8")
+
+
+def whole_card(card: str, description: str) -> str:
+    """The whole card and the description's provenance section, or the description when there is no card."""
+    if not card:
+        return description
+    _, heading, provenance = description.partition(f"\n{PROVENANCE_HEADING}\n")
+    return card + heading + provenance

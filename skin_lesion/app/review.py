@@ -1,8 +1,9 @@
 """`skin-lesion review`: a web page where a clinician triages images with the registered model.
 
-Each uploaded image gets a card: the class probabilities, P(melanoma) and the alert (worded with the
-version's own test figures), a Grad-CAM overlay on demand, and a flag when the image is unlike the
-training data or unfit to judge. A clinician records the confirmed diagnosis per image; those records
+Each uploaded image gets a card: the class probabilities, P(melanoma) and the alert (that P(melanoma)
+against the threshold; the version's own figures once, above the worklist), a Grad-CAM overlay on
+demand, and a flag when the image is unlike the training data or unfit to judge. A clinician records
+the confirmed diagnosis per image; those records
 (skin_lesion/app/feedback.py) become training data through `skin-lesion export-feedback`.
 
 Uploaded images stay in memory (the last SESSION_IMAGES of them, for Grad-CAM and diagnoses) and are
@@ -33,7 +34,8 @@ from PIL import Image
 
 from skin_lesion.app.feedback import OTHER_DIAGNOSIS, Diagnosis, FeedbackStore
 from skin_lesion.app.gradcam import EXPLANATION_DPI, FIGURE_IMAGE_PX, explanation_figure, grad_cam
-from skin_lesion.app.monitoring import threshold_in_words
+from skin_lesion.app.monitoring import OOD_FLAG_MEANING, alert_in_words, threshold_in_words
+from skin_lesion.app.promotion import MODEL_CARD_ARTIFACT, promotion_warning
 from skin_lesion.app.quality import quality_problems
 from skin_lesion.app.server import (
     BODY_TIMEOUT_S,
@@ -240,10 +242,13 @@ def page_context(config: dict[str, Any], version: dict[str, Any], mlflow_ui: str
         "threshold": threshold,
         "threshold_text": threshold_in_words(config.get("test_figures") or {}, threshold),
         "model_warning": trained_on_warning(str(config.get("data_source", ""))),
+        "promotion_warning": promotion_warning(version),
+        "ood_flag": OOD_FLAG_MEANING,
         "disclaimer": DISCLAIMER,
         "max_images": MAX_IMAGES_PER_REQUEST,
         "max_image_mib": MAX_IMAGE_BYTES // 2**20,
         "card_html": markupsafe.Markup(_MARKDOWN.render(version.get("card") or "")),
+        "card_link": f"{run_link}/artifacts/{MODEL_CARD_ARTIFACT}" if version.get("card_is_whole") else "",
     }
 
 
@@ -271,7 +276,7 @@ def safe_filename(name: object) -> str:
 
 def score_uploads(classifier: Any, uploads: list[tuple[str, Any]], session: Session) -> list[dict[str, Any]]:
     """A card per upload, in order: the model's answer and any quality flags, or the upload's error."""
-    size = int(classifier.config["image_size"])
+    size, threshold = int(classifier.config["image_size"]), float(classifier.config["melanoma_threshold"])
     cards: list[dict[str, Any]] = []
     decoded: dict[int, tuple[np.ndarray, bytes, str]] = {}
     for position, (filename, text) in enumerate(uploads):
@@ -290,6 +295,7 @@ def score_uploads(classifier: Any, uploads: list[tuple[str, Any]], session: Sess
         for (position, (_, data, suffix)), row in zip(decoded.items(), rows, strict=True):
             card = cards[position]
             card.update(card_of_prediction(row, classifier.config["classes"]))
+            card["alert_text"] = alert_in_words(card["p_melanoma"], threshold)
             session.keep(card["sha256"], Upload(data, suffix, card["filename"], card["p_melanoma"]))
     return cards
 
