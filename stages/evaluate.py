@@ -114,7 +114,9 @@ def main() -> None:
     ood = fit_ood(e_train, e_val, settings.ood_quantile)
     # The threshold is chosen on calibrated validation probabilities, and every figure is measured on
     # calibrated ones: the served model applies the temperature before its threshold (docs/design.md).
-    temperature = fit_temperature(y_val, raw_val)
+    # A site's threshold and figures come from the site stage's uncalibrated cross-fitted P(melanoma):
+    # with a site, the probabilities stay as the model gives them (temperature 1).
+    temperature = 1.0 if params.site.name and not site_scores.empty else fit_temperature(y_val, raw_val)
     p_val, p_test = calibrated(raw_val, temperature), calibrated(raw_test, temperature)
 
     def predict(images: np.ndarray) -> np.ndarray:
