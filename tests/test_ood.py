@@ -110,7 +110,11 @@ def test_the_threshold_in_words_of_a_version_without_figures_says_they_are_not_r
 
 def test_the_threshold_in_words_states_each_external_sets_alert() -> None:
     alert = {"sensitivity": 0.5, "sensitivity_n": 40, "false_alert_rate": 0.25}
-    external = {"clinic": {"alert": alert}, "archive": {"alert": {**alert, "sensitivity": 0.8}}}
+    recall = {"recall": {}, "class_counts": {}}
+    external = {
+        "clinic": {"alert": alert, **recall},
+        "archive": {"alert": {**alert, "sensitivity": 0.8}, **recall},
+    }
     figures = {**_figures(), "external": reference_figures(*_inputs(), external=external)["external"]}
     words = threshold_in_words(figures, 0.3)
     assert words.endswith(
