@@ -14,7 +14,7 @@ from isic_challenge_scoring.classification import ClassificationMetric, Classifi
 from PIL import Image
 from scipy.special import softmax
 
-from skin_lesion.calibration import calibration_figures, fit_temperature
+from skin_lesion.calibration import calibration_figures, fit_temperature, known_classes
 from skin_lesion.errors import PipelineError
 from skin_lesion.external import score_external_set
 from skin_lesion.metrics import (
@@ -197,6 +197,12 @@ def test_temperature_scaling_lowers_the_nll_and_ece_of_an_overconfident_model() 
     figures = calibration_figures(labels, overconfident, temperature, bins=10)
     assert figures["nll_after"] < figures["nll_before"]
     assert figures["ece_after"] < figures["ece_before"] / 2
+
+
+def test_an_external_images_calibration_is_judged_only_against_a_class_the_model_has() -> None:
+    positions, labels = known_classes(["nevus", "other", "melanoma"], CLASSES)
+    assert positions.tolist() == [0, 2]
+    assert labels.tolist() == [1, 0]
 
 
 def test_calibrated_probabilities_are_the_softmax_of_log_probabilities_over_the_temperature() -> None:
