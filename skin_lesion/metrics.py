@@ -262,6 +262,14 @@ def experiment_row(metrics: dict[str, Any], version: int) -> dict[str, float | i
         "mel_thr": None if point["threshold"] is None else float(f"{point['threshold']:.3g}"),
         "ece": _rounded(metrics["calibration_error"]),
         **(
+            {
+                "ece_raw": _rounded(metrics["calibration"]["test"]["ece_before"]),
+                "temp": float(f"{metrics['calibration']['temperature']:.3g}"),
+            }
+            if metrics.get("calibration")
+            else {}
+        ),
+        **(
             {"ext_mel_auc": _rounded(mean_external_melanoma_auc(metrics["external"]))}
             if metrics.get("external")
             else {}
@@ -333,7 +341,8 @@ def reference_figures(
     external: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The test split's melanoma sensitivity (with its interval), alert, OOD and predicted-class rates,
-    and the alert's sensitivity and false-alert rate on each external set."""
+    and on each external set the alert's sensitivity and false-alert rate and the recall of each class
+    the set has (what the review page and predict show beside a class's probability)."""
     point = metrics["melanoma"]["operating_point"]
     predicted = np.asarray(p_test).argmax(axis=1)
     specificity = point["specificity"]
@@ -354,6 +363,10 @@ def reference_figures(
                 "sensitivity": result["alert"]["sensitivity"],
                 "sensitivity_ci": result["alert"]["sensitivity_ci"],
                 "false_alert_rate": result["alert"]["false_alert_rate"],
+                "class_recall": {
+                    label: {"recall": recall, "images": result["class_counts"][label]}
+                    for label, recall in result["recall"].items()
+                },
             }
             for name, result in (external or {}).items()
         },

@@ -111,6 +111,8 @@ def render_model_card(
         "",
         *site_lines(site or {}),
         *external_lines(external, metrics, base.melanoma_class),
+        *class_recall_lines(metrics, external, base.classes),
+        *calibration_lines(metrics.get("calibration"), external),
         *threshold_rule_lines(metrics["melanoma"]["threshold_rules"], external, rule, target_sensitivity),
         *_collection_lines(shift["by_collection"]),
         *_stress_lines(shift["stress"]),
@@ -228,6 +230,54 @@ def external_lines(
             f"{_with_bounds(alert['false_alert_rate'], alert['false_alert_rate_ci'])} | "
             f"{_shown(row['balanced_accuracy'])} |"
         )
+    return [*lines, ""]
+
+
+def class_recall_lines(
+    metrics: dict[str, Any], external: dict[str, dict[str, Any]], classes: list[str]
+) -> list[str]:
+    """Each class's recall on the test split and on each external set: which class figures hold."""
+    names = list(external)
+    lines = [
+        "## Class figures",
+        "",
+        "How often the predicted class was right, per true class. The review page and `predict` show",
+        "only the external recall beside a class; a class no external set has is marked unmeasured.",
+        "",
+        "| class | carved test split | " + " | ".join(names) + (" |" if names else ""),
+        "| --- | --- |" + " --- |" * len(names),
+    ]
+    for label in classes:
+        cells = [_shown(metrics["per_class"][label]["sensitivity"])]
+        for name in names:
+            recall = external[name]["recall"].get(label)
+            cells.append(
+                "unmeasured" if recall is None else f"{recall:.3f} of {external[name]['class_counts'][label]}"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def calibration_lines(calibration: dict[str, Any] | None, external: dict[str, dict[str, Any]]) -> list[str]:
+    """The temperature and the expected calibration error (and NLL) before and after it, per set."""
+    if not calibration:
+        return []
+    rows = {"validation (fitted on)": calibration["val"], "carved test split": calibration["test"]}
+    rows |= {name: result["calibration"] for name, result in external.items() if "calibration" in result}
+    lines = [
+        "## Calibration",
+        "",
+        "The class probabilities are divided, as logits, by a temperature of "
+        f"{calibration['temperature']:.3f}, fitted on the validation split (lowest negative",
+        "log-likelihood); the alert threshold was chosen on the calibrated probabilities, which the",
+        "served model answers.",
+        "",
+        "| set | images | ECE before | ECE after | NLL before | NLL after |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in rows.items():
+        figures = [row[key] for key in ("ece_before", "ece_after", "nll_before", "nll_after")]
+        lines.append(f"| {name} | {row['images']} | " + " | ".join(map(_shown, figures)) + " |")
     return [*lines, ""]
 
 

@@ -57,6 +57,7 @@ def log_servable_model(
     ood_path: Path | None = None,
     test_figures: dict[str, Any] | None = None,
     mirror_average: bool = False,
+    temperature: float = 1.0,
 ) -> str:
     """Log the pyfunc that wraps the Keras model with its preprocessing and threshold; return its URI.
 
@@ -66,7 +67,8 @@ def log_servable_model(
     and in its metadata. `ood_path` is its OOD summary (.npz of skin_lesion/ood.py); `test_figures`
     are what its test split said (metrics.reference_figures), which the review page and
     `skin-lesion monitor` read from the registry. With `mirror_average`, every consumer averages each
-    image with its mirror, as evaluate did.
+    image with its mirror, as evaluate did. `temperature` (fitted on validation by evaluate) scales
+    every answer's class probabilities before the threshold applies (serving.calibrated).
     """
     config = {
         "classes": list(classes),
@@ -76,6 +78,7 @@ def log_servable_model(
         "data_source": data_source,
         "test_figures": test_figures or {},
         "mirror_average": mirror_average,
+        "temperature": temperature,
     }
     example = pd.DataFrame({IMAGE_COLUMN: [example_image(image_size)]})
     output = prediction_frame(

@@ -1,12 +1,15 @@
 """The registered model: an MLflow pyfunc that turns image bytes into class probabilities and an alert.
 
-It carries the class names, the image size and the melanoma threshold (chosen on the validation split
-by `evaluate`), so every consumer of `models:/<name>@champion` preprocesses and alerts the same way:
-the predict command, `mlflow.pyfunc.load_model`, and `mlflow models serve`.
+It carries the class names, the image size, the temperature and the melanoma threshold (both chosen
+on the validation split by `evaluate`), so every consumer of `models:/<name>@champion` preprocesses,
+calibrates and alerts the same way: the predict command, `mlflow.pyfunc.load_model`, and
+`mlflow models serve`.
 
 Input: a DataFrame with a column `image` of base64-encoded image files (JPEG, PNG, ...).
-Output: one row per image: `predicted_label`, `p_<class>` per class, `p_melanoma`, `melanoma_alert`,
-`ood_score` and `unlike_training` (skin_lesion/ood.py), and `model_warning`.
+Output: one row per image: `predicted_label`, `predicted_label_external_recall` (how often the version
+found that class on external sets; NaN where none had it), `p_<class>` per class (calibrated),
+`p_melanoma`, `melanoma_alert`, `ood_score` and `unlike_training` (skin_lesion/ood.py), and
+`model_warning`.
 """
 
 from __future__ import annotations
@@ -51,6 +54,29 @@ def trained_on_warning(data_source: str) -> str:
     return SYNTHETIC_WARNING if data_source == "synthetic" else ""
 
 
+def calibrated(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scaled probabilities: the softmax of log(p) / temperature; 1 leaves them as they are."""
+    if temperature == 1:  # versions registered before calibration answer exactly as they did
+        return np.asarray(probabilities)
+    # log(p) is the logits up to a constant per row, which the softmax ignores. numpy, not scipy: the
+    # registered model ships only the packages its code imports (packaging.MODEL_PACKAGES).
+    logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, None)) / temperature
+    scaled = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def external_class_recall(figures: dict[str, Any], classes: Sequence[str]) -> dict[str, float | None]:
+    """Each class's recall over the version's external sets (pooled), None where no set had the class."""
+    found = dict.fromkeys(classes, 0.0)
+    images = dict.fromkeys(classes, 0)
+    for result in (figures.get("external") or {}).values():
+        for label, row in (result.get("class_recall") or {}).items():
+            if label in found:
+                found[label] += row["recall"] * row["images"]
+                images[label] += row["images"]
+    return {label: found[label] / images[label] if images[label] else None for label in classes}
+
+
 def prediction_frame(
     probabilities: np.ndarray,
     classes: Sequence[str],
@@ -59,15 +85,24 @@ def prediction_frame(
     data_source: str,
     ood_scores: np.ndarray | None = None,
     ood_threshold: float | None = None,
+    class_recall: dict[str, float | None] | None = None,
 ) -> pd.DataFrame:
-    """Class probabilities, the predicted label, P(melanoma), the alert, the OOD flag and the warning.
+    """Class probabilities, the predicted label and its external recall, P(melanoma), the alert, the OOD
+    flag and the warning.
 
-    A model registered without an OOD summary (before it existed) answers NaN scores and no flags.
+    A model registered without an OOD summary (before it existed) answers NaN scores and no flags;
+    without external figures (`class_recall`, external_class_recall), NaN recalls.
     """
     frame = pd.DataFrame(
         probabilities.astype(float), columns=[probability_column(label) for label in classes]
     )
-    frame.insert(0, "predicted_label", np.asarray(classes)[probabilities.argmax(axis=1)])
+    predicted = np.asarray(classes)[probabilities.argmax(axis=1)]
+    frame.insert(0, "predicted_label", predicted)
+    # A predicted class reads as a diagnosis; beside it, how often this version got that class right
+    # on images from elsewhere (ISIC 2017: nevus 0.29), or NaN: never measured outside its test split.
+    recall = class_recall or {}
+    frame.insert(1, "predicted_label_external_recall", [recall.get(label) for label in predicted])
+    frame["predicted_label_external_recall"] = frame["predicted_label_external_recall"].astype(float)
     frame["p_melanoma"] = frame[probability_column(melanoma_class)]
     frame["melanoma_alert"] = frame["p_melanoma"] >= threshold
     if ood_scores is None or ood_threshold is None:
@@ -154,17 +189,22 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
         probabilities, embeddings = predict_with_embeddings(
             self.network, images, PREDICT_BATCH, mirror_average
         )
+        # The threshold was chosen on calibrated validation probabilities (docs/design.md); versions
+        # registered before calibration carry no temperature and were thresholded on raw ones.
+        probabilities = calibrated(np.asarray(probabilities), float(self.config.get("temperature", 1.0)))
         scores, threshold = None, None
         if self.ood is not None:
             scores, threshold = self.ood.score(embeddings), self.ood.threshold
+        classes = self.config["classes"]
         return prediction_frame(
-            np.asarray(probabilities),
-            self.config["classes"],
+            probabilities,
+            classes,
             self.config["melanoma_class"],
             float(self.config["melanoma_threshold"]),
             str(self.config.get("data_source", "")),
             scores,
             threshold,
+            external_class_recall(self.config.get("test_figures") or {}, classes),
         )
 
 

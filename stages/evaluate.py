@@ -5,14 +5,18 @@
 - A melanoma operating point: the threshold on P(melanoma) is chosen on the validation split to reach
   evaluate.target_sensitivity, then reported on the test split (sensitivity, specificity, alerts per
   100 images).
-- Bootstrap 95 % intervals (evaluate.bootstrap resamples), expected calibration error, DVC plots, and
-  a model card (metrics/model_card.md).
+- Temperature scaling (skin_lesion/calibration.py): one temperature fitted on the validation split's
+  probabilities; the threshold and every figure below are on the calibrated probabilities, which the
+  served model answers. The expected calibration error before and after, on validation, test and
+  external sets.
+- Bootstrap 95 % intervals (evaluate.bootstrap resamples), DVC plots, and a model card
+  (metrics/model_card.md).
 - External validation (skin_lesion/external.py): each evaluate.external set scored with the same
   threshold, copies of training images left out; metrics/external.json and the model card.
 - An out-of-distribution summary (skin_lesion/ood.py): the training split's embeddings, with a flagging
   threshold at evaluate.ood_quantile of the validation split's distances.
-- The model, wrapped with its classes, image size, threshold, OOD summary and test figures
-  (skin_lesion/serving.py), becomes a new
+- The model, wrapped with its classes, image size, temperature, threshold, OOD summary and test figures
+  (with each external set's per-class recall; skin_lesion/serving.py), becomes a new
   version of base.model_name with alias `challenger`. evaluate.promote decides `champion`: `manual`
   leaves it to a person, `auto` moves it when the challenger beats it on the same test split.
 """
@@ -33,7 +37,8 @@ import pandas as pd
 
 from skin_lesion.architectures import load_model
 from skin_lesion.batching import load_cached_images
-from skin_lesion.external import load_external_sets, score_external_set
+from skin_lesion.calibration import calibration_figures, fit_temperature, known_classes
+from skin_lesion.external import ExternalSet, load_external_sets, score_external_set
 from skin_lesion.files import in_main_repo, read_manifest, read_table, write_json_atomic, write_text_atomic
 from skin_lesion.manifests import HASH_COLUMNS, SPLIT_COLUMNS, class_indices
 from skin_lesion.metrics import (
@@ -59,6 +64,7 @@ from skin_lesion.registry import (
     version_tags,
 )
 from skin_lesion.runner import run_cli
+from skin_lesion.serving import calibrated
 from skin_lesion.sites import SCORE_COLUMNS, site_figures
 from skin_lesion.stress import source_shift_report
 from skin_lesion.tracking import GIT_COMMIT_TAG, loggable_metrics, stage_run, upstream_data_hashes
@@ -74,12 +80,11 @@ def main() -> None:
     melanoma = base.classes.index(base.melanoma_class)
     site_scores = read_table(args.site_scores / "scores.csv", SCORE_COLUMNS, what="site scores")
     # An external image that is also a site image, or another photo of its lesion, was learned from.
-    split = params.split
     seen = pd.concat(
         [read_manifest(args.split / name, SPLIT_COLUMNS)[HASH_COLUMNS] for name in ("train.csv", "val.csv")]
         + [
             site_scores[HASH_COLUMNS].assign(
-                max_distance=max(split.near_duplicate_distance, split.group_distance)
+                max_distance=max(params.split.near_duplicate_distance, params.split.group_distance)
             )
         ]
     )
@@ -97,9 +102,6 @@ def main() -> None:
     cache = in_main_repo(args.cache)
     embedder = EmbeddingCache(load_model(args.model), cache, settings.batch_size, base.mirror_average)
 
-    def predict(images: np.ndarray) -> np.ndarray:
-        return embedder.predict(images)[0]
-
     def predict_split(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         rows = read_manifest(args.split / name, SPLIT_COLUMNS)
         labels = class_indices(rows["label"], base.classes, source=str(args.split / name))
@@ -107,9 +109,18 @@ def main() -> None:
         return rows, images, labels, *embedder.predict(images, key)
 
     *_, e_train = predict_split("train.csv")
-    val_rows, _, y_val, p_val, e_val = predict_split("val.csv")
-    test_rows, x_test, y_test, p_test, e_test = predict_split("test.csv")
+    val_rows, _, y_val, raw_val, e_val = predict_split("val.csv")
+    test_rows, x_test, y_test, raw_test, e_test = predict_split("test.csv")
     ood = fit_ood(e_train, e_val, settings.ood_quantile)
+    # The threshold is chosen on calibrated validation probabilities, and every figure is measured on
+    # calibrated ones: the served model applies the temperature before its threshold (docs/design.md).
+    # A site's threshold and figures come from the site stage's uncalibrated cross-fitted P(melanoma):
+    # with a site, the probabilities stay as the model gives them (temperature 1).
+    temperature = 1.0 if params.site.name and not site_scores.empty else fit_temperature(y_val, raw_val)
+    p_val, p_test = calibrated(raw_val, temperature), calibrated(raw_test, temperature)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return calibrated(embedder.predict(images)[0], temperature)
 
     with stage_run("evaluate", base, settings) as run:
         scored = (y_val, p_val), (y_test, p_test)
@@ -121,24 +132,17 @@ def main() -> None:
         metrics = score_test_split(
             *scored, base.classes, melanoma, settings, base.seed, collections, site_threshold
         )
+        metrics["calibration"] = {
+            "temperature": temperature,
+            "val": calibration_figures(y_val, raw_val, temperature, settings.calibration_bins),
+            "test": calibration_figures(y_test, raw_test, temperature, settings.calibration_bins),
+        }
         metrics["site"] = site
         write_json_atomic(args.site_report, site)
         rule = SITE_RULE if site_threshold is not None else settings.threshold_rule
-        rules = metrics["melanoma"]["threshold_rules"]
-        metrics["external"] = {
-            found.name: score_external_set(
-                found.rows["target"],
-                predict(found.images),
-                base.classes,
-                base.melanoma_class,
-                {name: point["threshold"] for name, point in rules.items()},
-                rule,
-                settings.bootstrap,
-                base.seed,
-            )
-            | found.left_out
-            for found in external_sets
-        }
+        metrics["external"] = external_report(
+            external_sets, embedder, temperature, params, metrics["melanoma"]["threshold_rules"], rule
+        )
         write_json_atomic(args.external_report, metrics["external"])
         shift = source_shift_report(
             predict, test_rows["collection"], x_test, y_test, p_test, melanoma, metrics, settings.stress
@@ -174,7 +178,11 @@ def main() -> None:
         write_json_atomic(args.details, metrics)
         write_json_atomic(args.metrics, experiment_row(metrics, int(version)))
     log.info(
-        "test balanced accuracy %.3f, melanoma AUC %s; %s version %s is @%s; %s",
+        "temperature %.3f (validation ECE %.3f -> %.3f); test balanced accuracy %.3f, melanoma AUC %s; "
+        "%s version %s is @%s; %s",
+        temperature,
+        metrics["calibration"]["val"]["ece_before"],
+        metrics["calibration"]["val"]["ece_after"],
         metrics["balanced_accuracy"],
         "n/a" if metrics["melanoma"]["auc"] is None else f"{metrics['melanoma']['auc']:.3f}",
         base.model_name,
@@ -182,6 +190,40 @@ def main() -> None:
         NEW_VERSION_ALIAS,
         reason,
     )
+
+
+def external_report(
+    sets: list[ExternalSet],
+    embedder: EmbeddingCache,
+    temperature: float,
+    params: Params,
+    rules: dict[str, dict[str, Any]],
+    rule: str,
+) -> dict[str, dict[str, Any]]:
+    """Each external set's figures on calibrated probabilities (at every rule's threshold), what was
+    left out of it, and its calibration error before and after the temperature.
+
+    `rules` are the test split's operating points by threshold rule; `rule` is the one in use.
+    """
+    base, settings = params.base, params.evaluate
+    thresholds = {name: point["threshold"] for name, point in rules.items()}
+    report = {}
+    for found in sets:
+        raw = embedder.predict(found.images)[0]
+        known, y_known = known_classes(found.rows["target"], base.classes)
+        figures = score_external_set(
+            found.rows["target"],
+            calibrated(raw, temperature),
+            base.classes,
+            base.melanoma_class,
+            thresholds,
+            rule,
+            settings.bootstrap,
+            base.seed,
+        )
+        calibration = calibration_figures(y_known, raw[known], temperature, settings.calibration_bins)
+        report[found.name] = figures | found.left_out | {"calibration": calibration}
+    return report
 
 
 def site_report(
@@ -254,6 +296,7 @@ def register(
             ood_path=Path(folder) / "ood.npz",
             test_figures=figures,
             mirror_average=base.mirror_average,
+            temperature=metrics["calibration"]["temperature"],
         )
     return register_and_promote(model_uri, base.model_name, card, tags, metrics, params.evaluate)
 

@@ -12,8 +12,11 @@ import pandas as pd
 import pytest
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 from PIL import Image
+from scipy.special import softmax
 
+from skin_lesion.calibration import calibration_figures, fit_temperature, known_classes
 from skin_lesion.errors import PipelineError
+from skin_lesion.external import score_external_set
 from skin_lesion.metrics import (
     alert_thresholds,
     auc_above_sensitivity,
@@ -23,10 +26,13 @@ from skin_lesion.metrics import (
     expected_calibration_error,
     experiment_row,
     operating_point,
+    reference_figures,
 )
+from skin_lesion.model_card import calibration_lines, class_recall_lines
 from skin_lesion.params import EvaluateParams
 from skin_lesion.plots import pr_rows, roc_rows, roc_table, worst_misclassified_grid, write_plots
 from skin_lesion.registry import decide_promotion, register_version
+from skin_lesion.serving import calibrated, external_class_recall
 from tests.conftest import repo_params, write_image
 
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
@@ -179,6 +185,97 @@ def test_calibration_error_matches_hand_computation() -> None:
     probabilities = np.array([[0.9, 0.1], [0.6, 0.4]])
     # Bin 9 holds a right answer at 0.9, bin 6 a wrong one at 0.6.
     assert expected_calibration_error(np.array([0, 1]), probabilities, bins=10) == pytest.approx(0.35)
+
+
+def test_temperature_scaling_lowers_the_nll_and_ece_of_an_overconfident_model() -> None:
+    rng = np.random.default_rng(0)
+    logits = 2 * rng.normal(size=(3000, 3))
+    labels = np.array([rng.choice(3, p=row) for row in softmax(logits, axis=1)])
+    overconfident = softmax(3 * logits, axis=1)  # the right probabilities, sharpened threefold
+    temperature = fit_temperature(labels, overconfident)
+    assert temperature == pytest.approx(3, rel=0.1)
+    figures = calibration_figures(labels, overconfident, temperature, bins=10)
+    assert figures["nll_after"] < figures["nll_before"]
+    assert figures["ece_after"] < figures["ece_before"] / 2
+
+
+def test_an_external_images_calibration_is_judged_only_against_a_class_the_model_has() -> None:
+    positions, labels = known_classes(["nevus", "other", "melanoma"], CLASSES)
+    assert positions.tolist() == [0, 2]
+    assert labels.tolist() == [1, 0]
+
+
+def test_calibrated_probabilities_are_the_softmax_of_log_probabilities_over_the_temperature() -> None:
+    probabilities = np.array([[0.8, 0.2]])
+    # sqrt(0.8) : sqrt(0.2) = 2 : 1
+    np.testing.assert_allclose(calibrated(probabilities, 2.0), [[2 / 3, 1 / 3]])
+    assert calibrated(probabilities, 1.0) is probabilities  # older versions answer as they did
+
+
+def test_the_experiment_table_row_shows_the_temperature_and_the_uncalibrated_ece() -> None:
+    metrics = compute_metrics(Y_TRUE, PROBS, CLASSES, melanoma=0)
+    metrics["melanoma"]["operating_point"] = operating_point(Y_TRUE == 0, PROBS[:, 0], 0.5)
+    metrics["calibration_error"] = 0.0412
+    metrics["calibration"] = {"temperature": 0.61234, "test": {"ece_before": 0.1876}}
+    row = experiment_row(metrics, version=1)
+    assert (row["ece"], row["ece_raw"], row["temp"]) == (0.041, 0.188, 0.612)
+
+
+def _external_result() -> dict:
+    # Two melanomas (one found), two nevi (both found), one `other`; no vascular lesion.
+    targets = ["melanoma", "melanoma", "nevus", "nevus", "other"]
+    probabilities = np.array(
+        [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.6, 0.1], [0.5, 0.4, 0.1]]
+    )
+    return score_external_set(targets, probabilities, CLASSES, "melanoma", {"overall": 0.5}, "overall", 0, 0)
+
+
+def test_the_registered_figures_carry_each_external_sets_recall_of_the_classes_it_has() -> None:
+    metrics = compute_metrics(Y_TRUE, PROBS, CLASSES, melanoma=0)
+    metrics["melanoma"]["operating_point"] = operating_point(Y_TRUE == 0, PROBS[:, 0], 0.5)
+    metrics["confidence_intervals"] = {}
+    figures = reference_figures(
+        metrics, Y_TRUE, PROBS, np.zeros(6, bool), CLASSES, 0, {"isic2017": _external_result()}
+    )
+    assert figures["external"]["isic2017"]["class_recall"] == {
+        "melanoma": {"recall": 0.5, "images": 2},
+        "nevus": {"recall": 1.0, "images": 2},
+    }
+
+
+def test_a_classs_external_recall_is_pooled_over_the_sets_and_none_where_no_set_has_it() -> None:
+    figures = {
+        "external": {
+            "a": {"class_recall": {"melanoma": {"recall": 0.5, "images": 2}}},
+            "b": {
+                "class_recall": {
+                    "melanoma": {"recall": 1.0, "images": 6},
+                    "nevus": {"recall": 0.25, "images": 4},
+                }
+            },
+        }
+    }
+    assert external_class_recall(figures, CLASSES) == {
+        "melanoma": 7 / 8,
+        "nevus": 0.25,
+        "vascular lesion": None,
+    }
+    assert external_class_recall({}, CLASSES) == dict.fromkeys(CLASSES)  # versions without figures
+
+
+def test_the_model_card_marks_classes_no_external_set_measured() -> None:
+    metrics = compute_metrics(Y_TRUE, PROBS, CLASSES, melanoma=0)
+    lines = class_recall_lines(metrics, {"isic2017": _external_result()}, CLASSES)
+    assert "| melanoma | 0.500 | 0.500 of 2 |" in lines
+    assert "| vascular lesion | 1.000 | unmeasured |" in lines
+
+
+def test_the_model_card_gives_the_calibration_error_before_and_after_the_temperature() -> None:
+    row = {"images": 10, "ece_before": 0.2, "ece_after": 0.05, "nll_before": 1.5, "nll_after": 1.1}
+    lines = calibration_lines({"temperature": 0.6, "val": row, "test": row}, {"clinic": {"calibration": row}})
+    assert "temperature of 0.600" in " ".join(lines)
+    assert "| clinic | 10 | 0.200 | 0.050 | 1.500 | 1.100 |" in lines
+    assert calibration_lines(None, {}) == []  # details of versions evaluated before calibration
 
 
 def test_curves_are_empty_without_positives() -> None:

@@ -115,7 +115,11 @@ def test_the_threshold_in_words_states_each_external_sets_alert() -> None:
         "false_alert_rate": 0.25,
         "sensitivity_ci": [0.34, 0.66],
     }
-    external = {"clinic": {"alert": alert}, "archive": {"alert": {**alert, "sensitivity": 0.8}}}
+    recall = {"recall": {}, "class_counts": {}}
+    external = {
+        "clinic": {"alert": alert, **recall},
+        "archive": {"alert": {**alert, "sensitivity": 0.8}, **recall},
+    }
     figures = {**_figures(), "external": reference_figures(*_inputs(), external=external)["external"]}
     figures["external"]["archive"].pop("sensitivity_ci", None)  # as versions registered before it was
     words = threshold_in_words(figures, 0.3)

@@ -123,6 +123,14 @@ def test_repro_writes_metrics_that_beat_chance(project: Path, first_repro: str) 
     assert metrics["model_version"] == 1
     assert headline["bal_acc"] == round(metrics["balanced_accuracy"], 3)  # a table for reading
     assert headline["version"] == 1
+    # Temperature scaling fitted on val: the served model carries it, and ECE is reported both ways.
+    calibration = metrics["calibration"]
+    assert calibration["val"]["nll_after"] <= calibration["val"]["nll_before"] + 1e-9
+    assert headline["ece"] == round(calibration["test"]["ece_after"], 3)
+    assert headline["ece_raw"] == round(calibration["test"]["ece_before"], 3)
+    mlflow_client(sqlite_uri(project))
+    model = mlflow.pyfunc.load_model(f"models:/{model_name()}@challenger")
+    assert model.model_config["temperature"] == pytest.approx(calibration["temperature"])
     data = json.loads((project / "metrics" / "data.json").read_text())
     assert data["images_in"] == 9 * 20
     train = json.loads((project / "metrics" / "train_details.json").read_text())
@@ -334,3 +342,9 @@ def test_evaluate_validates_on_the_external_set(project: Path, first_repro: str)
     assert headline["ext_mel_auc"] == round(external["melanoma_auc"], 3)
     model = mlflow.pyfunc.load_model(f"models:/{model_name()}@challenger")
     assert set(model.model_config["test_figures"]["external"]) == {"clinic"}
+    # Each class the clinic set has carries its recall, for the review page and predict.
+    recall = model.model_config["test_figures"]["external"]["clinic"]["class_recall"]
+    assert {label: row["recall"] for label, row in recall.items()} == external["recall"]
+    assert "calibration" in external
+    assert "## Class figures" in card
+    assert "## Calibration" in card

@@ -78,6 +78,17 @@ FIGURES = {
     "alert_rate": 0.3,
     "ood_rate": 0.01,
     "class_mix": {"melanoma": 0.3, "nevus": 0.5, "vascular lesion": 0.2},
+    "external": {
+        "isic2017": {
+            "melanomas": 117,
+            "sensitivity": 0.8,
+            "false_alert_rate": 0.4,
+            "class_recall": {
+                "melanoma": {"recall": 0.18, "images": 117},
+                "nevus": {"recall": 0.29, "images": 393},
+            },
+        }
+    },
 }
 
 
@@ -187,6 +198,15 @@ def test_page_names_the_model_its_alert_and_that_it_is_no_diagnostic_device(revi
     status, card = _request(f"{review['url']}/model-card")
     assert status == 200
     assert DISCLAIMER in card
+
+
+def test_class_bars_get_their_external_recall_or_none_and_the_alert_its_threshold(review: dict) -> None:
+    _, page = _request(f"{review['url']}/")
+    figures = re.search(r'<script id="class-figures" type="application/json">(.*?)</script>', page)
+    assert json.loads(figures.group(1)) == {
+        "threshold": review["threshold"],
+        "recall": {"melanoma": 0.18, "nevus": 0.29, "vascular lesion": None},
+    }
 
 
 def test_the_model_card_is_rendered_not_shown_as_markdown(review: dict) -> None:
@@ -704,6 +724,10 @@ def test_in_a_browser_a_clinician_triages_records_and_finds_the_diagnosis_after_
         assert cards.nth(0).locator("[data-testid=alert-text]").inner_text().startswith("P(melanoma) ")
         assert page.get_by_text("in its test set").count() == 1
         assert cards.nth(1).locator("[data-testid=alert]").count() == 0
+        assert "alert at" in cards.nth(1).locator("[data-testid=p-melanoma]").inner_text()
+        # Every class bar says what the version earned on that class: a measured recall or nothing.
+        recalls = cards.nth(1).locator("[data-testid=class-recall]").all_inner_texts()
+        assert sorted(recalls) == ["found 18 % externally", "found 29 % externally", "unmeasured"]
         assert (
             "Not scored: cannot decode image" in cards.nth(2).locator("[data-testid=card-error]").inner_text()
         )

@@ -36,7 +36,7 @@ from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
 from skin_lesion.packaging import MODEL_CODE, pip_requirements
 from skin_lesion.registry import register_version
-from skin_lesion.serving import prediction_frame
+from skin_lesion.serving import calibrated, prediction_frame
 from tests.conftest import (
     CLASSES,
     REPO,
@@ -119,7 +119,8 @@ def test_pyfunc_returns_probabilities_and_alert(tracking: str, store: Path) -> N
     out = model.predict(pd.DataFrame({"image": [_b64(store / "high.png"), _b64(store / "low.png")]}))
     columns = ["p_melanoma", "p_nevus", "p_vascular_lesion"]
     flags = ["melanoma_alert", "ood_score", "unlike_training", "model_warning"]
-    assert list(out.columns) == ["predicted_label", *columns, *flags]
+    assert list(out.columns) == ["predicted_label", "predicted_label_external_recall", *columns, *flags]
+    assert out["predicted_label_external_recall"].isna().all()  # no external figures: unmeasured
     assert out["ood_score"].isna().all()  # registered without an OOD summary: no scores, no flags
     assert not out["unlike_training"].any()
     assert out["model_warning"].eq("").all()  # trained on real data (download.source local)
@@ -128,6 +129,43 @@ def test_pyfunc_returns_probabilities_and_alert(tracking: str, store: Path) -> N
     assert 0 < threshold < 1
     assert out["melanoma_alert"].tolist() == [True, False]  # the threshold travels with the model
     assert out.loc[0, "p_melanoma"] >= threshold > out.loc[1, "p_melanoma"]
+
+
+def test_the_served_model_applies_the_temperature_of_its_config(tracking: str, store: Path) -> None:
+    with mlflow.start_run():
+        uri = log_test_model(
+            store / "model.keras", CLASSES, SIZE, threshold=0.5, source="local", temperature=0.5
+        )
+    images = pd.DataFrame({"image": [_b64(store / "high.png"), _b64(store / "low.png")]})
+    raw = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(images)  # registered with no temperature
+    scaled = mlflow.pyfunc.load_model(uri).predict(images)
+    columns = ["p_melanoma", "p_nevus", "p_vascular_lesion"]
+    expected = calibrated(raw[columns].to_numpy(), 0.5)
+    np.testing.assert_allclose(scaled[columns].to_numpy(), expected, rtol=1e-5)
+    assert scaled["melanoma_alert"].tolist() == (expected[:, 0] >= 0.5).tolist()
+
+
+def test_the_predicted_label_carries_its_external_recall_or_nan_where_unmeasured() -> None:
+    frame = prediction_frame(
+        np.array([[0.7, 0.3], [0.2, 0.8]]), ["melanoma", "nevus"], "melanoma", 0.5, "local",
+        class_recall={"melanoma": 0.18, "nevus": None},
+    )  # fmt: skip
+    assert frame["predicted_label_external_recall"].iloc[0] == 0.18
+    assert np.isnan(frame["predicted_label_external_recall"].iloc[1])
+
+
+def test_the_terminal_summary_puts_the_alert_first_and_marks_an_unmeasured_class() -> None:
+    table = pd.DataFrame({
+        "path": ["a.jpg", "b.jpg", "c.jpg"], "p_melanoma": [0.6, 0.1, np.nan],
+        "melanoma_alert": [True, False, np.nan],
+        "predicted_label": ["nevus", "vascular lesion", np.nan],
+        "predicted_label_external_recall": [0.29, np.nan, np.nan], "error": ["", "", "cannot decode image"],
+    })  # fmt: skip
+    header, first, second, failed = render_summary(table).splitlines()[:4]
+    assert header.split() == ["path", "p_melanoma", "melanoma_alert", "predicted_label", "external_recall"]
+    assert first.split() == ["a.jpg", "0.600", "True", "nevus", "0.290"]
+    assert second.split()[-1] == "unmeasured"
+    assert failed.split() == ["c.jpg"]  # an unreadable file has no prediction to qualify
 
 
 def test_an_image_exactly_at_the_threshold_raises_the_alert() -> None:

@@ -19,7 +19,9 @@ BATCH_SIZE = 32  # images encoded and scored at once: bounds memory, not speed
 
 
 TABLE_ROWS = 20  # rows of the terminal table; the CSV has them all
-SUMMARY_COLUMNS = ["path", "predicted_label", "p_melanoma", "melanoma_alert"]
+RECALL = "predicted_label_external_recall"  # how often the version found that class on external sets
+# The alert first; the predicted class only beside its measured external recall (or "unmeasured").
+SUMMARY_COLUMNS = ["path", "p_melanoma", "melanoma_alert", "predicted_label", RECALL]
 
 
 def collect_images(paths: Iterable[Path]) -> list[Path]:
@@ -95,10 +97,15 @@ def render_summary(predictions: pd.DataFrame) -> str:
     """
     # With no readable image there are no prediction columns: blank ones, not a KeyError.
     predictions = predictions.reindex(columns=list(dict.fromkeys([*predictions.columns, *SUMMARY_COLUMNS])))
-    shown = predictions.head(TABLE_ROWS)[SUMMARY_COLUMNS]
+    head = predictions.head(TABLE_ROWS)
     # An unreadable file's row has no prediction: blank cells, not NaN.
-    shown = shown.astype(object).where(shown.notna(), "")
-    lines = [shown.to_string(index=False, formatters={"p_melanoma": _probability})]
+    shown = head[SUMMARY_COLUMNS].astype(object).where(head[SUMMARY_COLUMNS].notna(), "")
+    # A class no external set had (or a version registered before the figures) was never checked
+    # outside its own test split: said so, not left blank.
+    shown.loc[head["error"].eq("") & head[RECALL].isna(), RECALL] = "unmeasured"
+    shown = shown.rename(columns={RECALL: "external_recall"})
+    formatters = {"p_melanoma": _probability, "external_recall": _probability}
+    lines = [shown.to_string(index=False, formatters=formatters)]
     if len(predictions) > TABLE_ROWS:
         lines.append(f"... {len(predictions) - TABLE_ROWS} more rows (use --output for all)")
     alerts = predictions[predictions["melanoma_alert"].eq(True)]

@@ -49,6 +49,7 @@ from skin_lesion.images import FORMAT_NAMES, IMAGE_FORMATS, decode_image, decode
 from skin_lesion.serving import (
     MAX_IMAGE_BYTES,
     MAX_PIXELS,
+    external_class_recall,
     image_file_of_base64,
     probability_column,
     trained_on_warning,
@@ -238,6 +239,8 @@ def page_context(config: dict[str, Any], version: dict[str, Any], mlflow_ui: str
         "run_link": run_link,
         "classes": list(config["classes"]),
         "melanoma_class": config["melanoma_class"],
+        # Beside each class bar: how often this version found the class on external sets, or unmeasured.
+        "class_recall": external_class_recall(config.get("test_figures") or {}, list(config["classes"])),
         "diagnoses": [*config["classes"], OTHER_DIAGNOSIS],
         "threshold": threshold,
         "threshold_text": threshold_in_words(config.get("test_figures") or {}, threshold),
