@@ -260,15 +260,7 @@ def experiment_row(metrics: dict[str, Any], version: int) -> dict[str, float | i
         "mel_sens": _rounded(point["sensitivity"]),
         "mel_spec": _rounded(point["specificity"]),
         "mel_thr": None if point["threshold"] is None else float(f"{point['threshold']:.3g}"),
-        "ece": _rounded(metrics["calibration_error"]),
-        **(
-            {
-                "ece_raw": _rounded(metrics["calibration"]["test"]["ece_before"]),
-                "temp": float(f"{metrics['calibration']['temperature']:.3g}"),
-            }
-            if metrics.get("calibration")
-            else {}
-        ),
+        "ece": _rounded(metrics["calibration_error"]),  # calibrated: the details have it before, and T
         **(
             {"ext_mel_auc": _rounded(mean_external_melanoma_auc(metrics["external"]))}
             if metrics.get("external")

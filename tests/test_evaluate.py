@@ -212,13 +212,14 @@ def test_calibrated_probabilities_are_the_softmax_of_log_probabilities_over_the_
     assert calibrated(probabilities, 1.0) is probabilities  # older versions answer as they did
 
 
-def test_the_experiment_table_row_shows_the_temperature_and_the_uncalibrated_ece() -> None:
+def test_the_experiment_table_row_shows_the_calibrated_ece() -> None:
     metrics = compute_metrics(Y_TRUE, PROBS, CLASSES, melanoma=0)
     metrics["melanoma"]["operating_point"] = operating_point(Y_TRUE == 0, PROBS[:, 0], 0.5)
     metrics["calibration_error"] = 0.0412
     metrics["calibration"] = {"temperature": 0.61234, "test": {"ece_before": 0.1876}}
     row = experiment_row(metrics, version=1)
-    assert (row["ece"], row["ece_raw"], row["temp"]) == (0.041, 0.188, 0.612)
+    assert row["ece"] == 0.041
+    assert not {"ece_raw", "temp"} & row.keys()  # the details file has them: the table stays narrow
 
 
 def _external_result() -> dict:
