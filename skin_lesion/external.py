@@ -27,7 +27,7 @@ from skin_lesion.dedup import inspect_images, near_duplicate_mask
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import extract_zip_safely, read_table
 from skin_lesion.images import IMAGE_SUFFIXES, load_images
-from skin_lesion.metrics import auc_or_none, exact_interval
+from skin_lesion.metrics import auc_or_none, bootstrap_auc, exact_interval
 from skin_lesion.params import OTHER_LABEL, ExternalSetParams
 
 log = logging.getLogger("skin_lesion.external")
@@ -221,17 +221,3 @@ def binomial(name: str, successes: int, trials: int) -> dict[str, Any]:
         f"{name}_ci": exact_interval(successes, trials),
         f"{name}_n": trials,
     }
-
-
-def bootstrap_auc(
-    is_positive: np.ndarray, scores: np.ndarray, resamples: int, seed: int
-) -> list[float] | None:
-    """A 95 % percentile interval of the ROC AUC over seeded resamples of the set."""
-    if not resamples:
-        return None
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, len(scores), size=(resamples, len(scores)))
-    values = [
-        value for value in (auc_or_none(is_positive[i], scores[i]) for i in samples) if value is not None
-    ]
-    return [float(v) for v in np.percentile(values, [2.5, 97.5])] if values else None

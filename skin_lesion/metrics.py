@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
+from scipy.stats import binomtest, rankdata
 from sklearn.metrics import (
     accuracy_score,
     auc,
@@ -179,19 +179,63 @@ def bootstrap_intervals(
     and the exact (Clopper-Pearson) interval of the alert's sensitivity, a proportion, whose
     resamples collapse to a point when every melanoma is found (5 of 5 is 48 % to 100 %, not 100 %)."""
     is_melanoma = y_true == melanoma
-    statistics: dict[str, Callable[[np.ndarray], float | None]] = {
-        "balanced_accuracy": lambda i: balanced_accuracy(y_true[i], probabilities[i].argmax(axis=1)),
-        "melanoma_auc": lambda i: auc_or_none(is_melanoma[i], probabilities[i, melanoma]),
-    }
     rng = np.random.default_rng(seed)
     samples = rng.integers(0, len(y_true), size=(resamples, len(y_true)))
-    intervals: dict[str, list[float] | None] = {}
-    for name, statistic in statistics.items():
-        values = [value for value in map(statistic, samples) if value is not None]
-        intervals[name] = [float(v) for v in np.percentile(values, [2.5, 97.5])] if values else None
+    predicted = probabilities.argmax(axis=1)
+    intervals = {
+        "balanced_accuracy": percentile_interval(
+            resampled_balanced_accuracies(y_true, predicted, samples, probabilities.shape[1])
+        ),
+        "melanoma_auc": percentile_interval(resampled_aucs(is_melanoma, probabilities[:, melanoma], samples)),
+    }
     found = int(((probabilities[:, melanoma] >= threshold) & is_melanoma).sum())
     intervals["melanoma_sensitivity"] = exact_interval(found, int(is_melanoma.sum()))
     return intervals
+
+
+def bootstrap_auc(
+    is_positive: np.ndarray, scores: np.ndarray, resamples: int, seed: int
+) -> list[float] | None:
+    """A 95 % percentile interval of the ROC AUC over seeded resamples of the set."""
+    if not resamples:
+        return None
+    samples = np.random.default_rng(seed).integers(0, len(scores), size=(resamples, len(scores)))
+    return percentile_interval(resampled_aucs(is_positive, scores, samples))
+
+
+def resampled_aucs(is_positive: np.ndarray, scores: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """The ROC AUC of each resample (a row of indices); NaN for one holding a single class.
+
+    The AUC is the Mann-Whitney U of the positives' average ranks (ties count a half, as in
+    roc_auc_score), which scipy ranks for every resample at once: roc_auc_score called per resample
+    took 5 ms each, 14 of evaluate's 28 s on the real data.
+    """
+    positive = is_positive[samples]
+    ranks = rankdata(scores[samples], axis=1)
+    n_positive = positive.sum(axis=1)
+    n_negative = samples.shape[1] - n_positive
+    u = (ranks * positive).sum(axis=1) - n_positive * (n_positive + 1) / 2
+    pairs = n_positive * n_negative
+    return np.where(pairs > 0, u / np.maximum(pairs, 1), np.nan)
+
+
+def resampled_balanced_accuracies(
+    y_true: np.ndarray, y_pred: np.ndarray, samples: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """balanced_accuracy of each resample (a row of indices), counted for all resamples at once."""
+    cells = (y_true[samples] + n_classes * np.arange(len(samples))[:, None]).ravel()
+    shape = (len(samples), n_classes)
+    images = np.bincount(cells, minlength=shape[0] * shape[1]).reshape(shape)
+    correct = (y_pred[samples] == y_true[samples]).ravel()
+    found = np.bincount(cells, weights=correct, minlength=shape[0] * shape[1]).reshape(shape)
+    present = images > 0
+    return (found / np.maximum(images, 1)).sum(axis=1) / present.sum(axis=1)
+
+
+def percentile_interval(values: np.ndarray) -> list[float] | None:
+    """The 2.5th and 97.5th percentiles of the finite values; None when there is none."""
+    values = values[np.isfinite(values)]
+    return [float(v) for v in np.percentile(values, [2.5, 97.5])] if len(values) else None
 
 
 def exact_interval(successes: int, trials: int) -> list[float] | None:

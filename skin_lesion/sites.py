@@ -25,9 +25,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from skin_lesion.dedup import photo_groups
 from skin_lesion.errors import PipelineError
-from skin_lesion.external import alert_figures, binomial, bootstrap_auc, leave_out_copies, list_set
+from skin_lesion.external import alert_figures, binomial, leave_out_copies, list_set
 from skin_lesion.linear_head import FitHead, head_probabilities, probe_fitter
-from skin_lesion.metrics import auc_or_none, choose_threshold, exact_interval
+from skin_lesion.metrics import auc_or_none, bootstrap_auc, choose_threshold, exact_interval
 from skin_lesion.params import SiteParams
 
 NOT_LEARNED = -1  # the class index of a site image labelled `other`: scored for the alert, never learned

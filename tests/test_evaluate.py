@@ -13,6 +13,7 @@ import pytest
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 from PIL import Image
 from scipy.special import softmax
+from sklearn.metrics import roc_auc_score
 
 from skin_lesion.calibration import calibration_figures, fit_temperature, known_classes
 from skin_lesion.errors import PipelineError
@@ -20,6 +21,7 @@ from skin_lesion.external import score_external_set
 from skin_lesion.metrics import (
     alert_thresholds,
     auc_above_sensitivity,
+    balanced_accuracy,
     bootstrap_intervals,
     choose_threshold,
     compute_metrics,
@@ -27,6 +29,8 @@ from skin_lesion.metrics import (
     experiment_row,
     operating_point,
     reference_figures,
+    resampled_aucs,
+    resampled_balanced_accuracies,
 )
 from skin_lesion.model_card import calibration_lines, class_recall_lines
 from skin_lesion.params import EvaluateParams
@@ -172,6 +176,21 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
     low, high = first["balanced_accuracy"]
     assert low < compute_metrics(y_true, probabilities, CLASSES, 0)["balanced_accuracy"] < high
     assert 0 <= first["melanoma_auc"][0] < first["melanoma_auc"][1] <= 1
+
+
+def test_the_resampled_figures_are_each_resamples_own() -> None:
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 3, 30)
+    scores = rng.integers(0, 5, 30) / 4  # ties, which roc_auc_score counts a half
+    y_pred = rng.integers(0, 3, 30)
+    samples = rng.integers(0, 30, size=(40, 30))
+    samples[0] = np.flatnonzero(y_true == 0)[0]  # one class only: no AUC
+    aucs = resampled_aucs(y_true == 0, scores, samples)
+    assert np.isnan(aucs[0])
+    expected = [roc_auc_score(y_true[i] == 0, scores[i]) for i in samples[1:]]
+    np.testing.assert_allclose(aucs[1:], expected, rtol=1e-12)
+    accuracies = resampled_balanced_accuracies(y_true, y_pred, samples, n_classes=3)
+    np.testing.assert_allclose(accuracies, [balanced_accuracy(y_true[i], y_pred[i]) for i in samples])
 
 
 def test_an_alert_that_finds_every_melanoma_has_an_exact_interval_not_a_point() -> None:
