@@ -22,6 +22,7 @@ from dvclive import Live
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import atomic_output_dir, restore_interrupted_swap
 from skin_lesion.metrics import capped_balanced_accuracy
+from skin_lesion.ood import call_in_batches
 
 log = logging.getLogger("skin_lesion.callbacks")
 
@@ -31,18 +32,8 @@ CHECKPOINT_KEY_LENGTH = 24  # hex digits of the settings hash that names a check
 
 
 def predict_in_batches(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """The model's outputs, calling it on one batch at a time.
-
-    Not model.predict: its tf.data pipeline, under TensorFlow's op determinism, logs a spurious
-    NodeDef error each time it is built; and not predict_on_batch, which under a distribution
-    strategy returns every replica's copy of the batch.
-    """
-    return np.concatenate(
-        [
-            keras.ops.convert_to_numpy(model(images[start : start + batch_size], training=False))
-            for start in range(0, len(images), batch_size)
-        ]
-    )
+    """The single-output model's answer, one batch at a time (ood.call_in_batches says why)."""
+    return call_in_batches(model, images, batch_size)[0]
 
 
 class ValidationMetrics(keras.callbacks.Callback):

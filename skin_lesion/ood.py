@@ -67,6 +67,23 @@ def with_embeddings(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, [model.output, model.get_layer(OUTPUT_LAYER).input])
 
 
+def call_in_batches(network: keras.Model, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Each output of the network on `images`, calling it on one batch at a time.
+
+    Not network.predict: its tf.data pipeline, under TensorFlow's op determinism (train.deterministic),
+    logs a spurious "NodeDef mentions attribute" error each time it is built; and not
+    predict_on_batch, which under a distribution strategy returns every replica's copy of the batch.
+    """
+    starts = range(0, len(images), batch_size)
+    batches = [
+        keras.tree.flatten(network(images[start : start + batch_size], training=False)) for start in starts
+    ]
+    return [
+        np.concatenate([keras.ops.convert_to_numpy(batch[output]) for batch in batches])
+        for output in range(len(batches[0]))
+    ]
+
+
 def predict_with_embeddings(
     network: keras.Model, images: np.ndarray, batch_size: int, mirror_average: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -76,9 +93,9 @@ def predict_with_embeddings(
     and the probabilities are the head's answer to that mean: the linear probe is fitted on exactly
     such embeddings (skin_lesion/probe.py), so the head sees at test time what it was fitted to.
     """
-    probabilities, embeddings = network.predict(images, batch_size=batch_size, verbose=0)
+    probabilities, embeddings = call_in_batches(network, images, batch_size)
     if mirror_average:
-        _, mirrored = network.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0)
+        _, mirrored = call_in_batches(network, images[:, :, ::-1], batch_size)
         embeddings = (np.asarray(embeddings, np.float32) + np.asarray(mirrored, np.float32)) / 2
         probabilities = keras.ops.convert_to_numpy(network.get_layer(OUTPUT_LAYER)(embeddings))
     return np.asarray(probabilities, dtype=np.float32), np.asarray(embeddings)

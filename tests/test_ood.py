@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -14,7 +16,7 @@ from skin_lesion.app.quality import quality_problems
 from skin_lesion.architectures import build_model
 from skin_lesion.metrics import reference_figures
 from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings, with_embeddings
-from tests.conftest import draw_lesion
+from tests.conftest import REPO, draw_lesion
 
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
 
@@ -50,6 +52,25 @@ def test_embeddings_are_what_the_softmax_head_sees() -> None:
     probabilities, embeddings = predict_with_embeddings(with_embeddings(model), images, batch_size=2)
     np.testing.assert_allclose(probabilities, model.predict(images, verbose=0), atol=1e-5)
     assert embeddings.shape == (4, model.get_layer("probs").input.shape[-1])
+
+
+def test_embedding_under_op_determinism_logs_no_tensorflow_error() -> None:
+    # train.deterministic turns on TensorFlow's op determinism, under which model.predict's tf.data
+    # pipeline logs "E ... NodeDef mentions attribute use_unbounded_threadpool" (native stderr).
+    script = (
+        "import keras, numpy as np, tensorflow as tf\n"
+        "from skin_lesion.architectures import build_model\n"
+        "from skin_lesion.ood import predict_with_embeddings, with_embeddings\n"
+        "tf.config.experimental.enable_op_determinism()\n"
+        "network = with_embeddings(build_model('resnet_small', 32, 3, 0.0))\n"
+        "probabilities, embeddings = predict_with_embeddings(network, np.zeros((10, 32, 32, 3)), 4, True)\n"
+        "assert probabilities.shape == (10, 3) and len(embeddings) == 10\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NodeDef" not in result.stderr, result.stderr[-3000:]
 
 
 def test_a_usual_lesion_photo_passes_the_quality_checks() -> None:
