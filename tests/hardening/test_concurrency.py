@@ -127,7 +127,7 @@ def test_four_queued_experiments_on_sqlite(project: Path) -> None:
     _check_store(uri, strengths, before)
     # The README's comparison fits 120 columns here too, with a DVC-tracked dataset and weights file.
     compared = readme_comparison(project)
-    assert set(finished["name"]) <= set(compared.split()), compared
+    assert all(f"[{name}]" in compared for name in finished["name"]), compared
     assert "train.probe_c" in compared
 
 
