@@ -237,7 +237,7 @@ def register_and_promote(
     alias = champion_alias(tags.get(SITE_TAG, ""))
     promoted, reason = decide_promotion(client, name, version, metrics, tags[TEST_SPLIT_TAG], settings, alias)
     if promoted:
-        client.set_registered_model_alias(name, alias, version)
+        set_alias(client, name, alias, version)
     client.set_model_version_tag(name, version, "promotion", reason)
     mlflow.set_tags({"registered_version": version, "promotion": reason})
     return version, reason
@@ -249,8 +249,26 @@ def register_version(model_uri: str, name: str, tags: dict[str, str], descriptio
     client = MlflowClient()
     if description:
         client.update_model_version(name, version, description=description)
-    client.set_registered_model_alias(name, NEW_VERSION_ALIAS, version)
+    set_alias(client, name, NEW_VERSION_ALIAS, version)
     return version
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str, attempts: int = 3) -> None:
+    """Point `alias` at `version`, again when another process set the same alias at the same moment.
+
+    MLflow's SQL store inserts an alias it did not find: two queued experiments registering at once
+    both insert `challenger`, and PostgreSQL refuses the second with a unique-key violation. Setting it
+    again then updates the row that is there now.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as error:
+            message = str(error).lower()
+            if attempt == attempts or "alias" not in message or "unique" not in message:
+                raise
+            log.info("alias %s was being set by another process; setting it again", alias)
 
 
 def decide_promotion(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from skin_lesion.app.promotion import promote
 from skin_lesion.errors import PipelineError
@@ -15,6 +16,7 @@ from skin_lesion.registry import (
     SITE_TAG,
     TEST_SPLIT_TAG,
     champion_alias,
+    set_alias,
     split_fingerprint,
     version_description,
 )
@@ -163,3 +165,29 @@ def test_a_sites_version_becomes_that_sites_champion_only(client: MlflowClient) 
     promote(client, NAME, "2", champion_alias("clinic"), site="clinic")
     assert str(client.get_model_version_by_alias(NAME, "champion-clinic").version) == "2"
     assert _champion(client) == "1"
+
+
+class _RacingClient:
+    """A registry client whose first alias write loses a race with another process's."""
+
+    def __init__(self, error: str) -> None:
+        self.error, self.set = error, []
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        if not self.set and self.error:
+            self.set.append(None)
+            raise MlflowException(self.error)
+        self.set.append((name, alias, version))
+
+
+def test_an_alias_set_at_the_same_moment_elsewhere_is_set_again() -> None:
+    duplicate = 'duplicate key value violates unique constraint "registered_model_alias_pk"'
+    client = _RacingClient(f"BAD_REQUEST: (psycopg.errors.UniqueViolation) {duplicate}")
+    set_alias(client, "lesions", "challenger", "3")
+    assert client.set[-1] == ("lesions", "challenger", "3")
+
+
+def test_any_other_alias_failure_is_raised() -> None:
+    client = _RacingClient("RESOURCE_DOES_NOT_EXIST: Registered Model with name=lesions not found")
+    with pytest.raises(MlflowException, match="not found"):
+        set_alias(client, "lesions", "challenger", "3")
