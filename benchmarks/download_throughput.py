@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 
+from skin_lesion.data.sources.isic import fetch_isic
 from skin_lesion.params import Params, load_params
-from skin_lesion.sources.isic import fetch_isic
 from tests.isic_standin import StandinArchive, make_images, plan_faults, serve
 
 

@@ -19,9 +19,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from skin_lesion.data.sources.synthetic import _draw_synthetic
+from skin_lesion.evaluation.stress import TRANSFORMS
 from skin_lesion.images import load_images
-from skin_lesion.sources.synthetic import _draw_synthetic
-from skin_lesion.stress import TRANSFORMS
 from skin_lesion.tracking import configure_mlflow
 
 STRENGTHS = {

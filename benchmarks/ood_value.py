@@ -22,10 +22,10 @@ import mlflow
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from skin_lesion.external import list_set
+from skin_lesion.evaluation.external import list_set
 from skin_lesion.images import load_images
+from skin_lesion.model.classifier import probability_column
 from skin_lesion.params import load_params
-from skin_lesion.serving import probability_column
 from skin_lesion.tracking import configure_mlflow
 
 

@@ -27,7 +27,7 @@ from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from benchmarks.train_throughput import EpochTimer
 from skin_lesion.params import load_params
-from skin_lesion.training import build_trainer, compile_phase, training_phases
+from skin_lesion.training.recipes import build_trainer, compile_phase, training_phases
 
 REPO = Path(__file__).resolve().parents[1]
 # Op types (the part of a trace event's name after the colon) by group, checked in this order.

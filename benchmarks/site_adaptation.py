@@ -3,7 +3,7 @@
 Reads a workspace that ran `dvc repro site` with `site.name` set (its models/probe_inputs.npz and
 models/site_images.csv: the probe's embeddings, no images), and for each recipe setting (site.weight,
 site.folds, train.probe_c) draws, for each number of site images, `--repeats` grouped subsamples
-(skin_lesion/sites.learning_curve): the probe learns from the training split and the subsample, and
+(skin_lesion/evaluation/sites.learning_curve): the probe learns from the training split and the subsample, and
 is judged on the rest of the site. Prints per setting and size: the site images' melanoma AUC without
 any site image (the same images), the subsample's cross-fitted AUC (what the site is told) and how
 often its 95 % interval holds the AUC on the images not learned (what the site gets), and the alert on
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 
+from skin_lesion.evaluation.sites import learning_curve, load_probe_inputs, site_fitter
 from skin_lesion.params import load_params
-from skin_lesion.sites import learning_curve, load_probe_inputs, site_fitter
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-MONITOR = "val_balanced_accuracy"  # skin_lesion.callbacks.MONITOR, read without importing Keras
+MONITOR = "val_balanced_accuracy"  # skin_lesion.training.callbacks.MONITOR, read without importing Keras
 
 
 def main() -> None:

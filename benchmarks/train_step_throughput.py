@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras
 
 from benchmarks.train_throughput import NO_AUGMENTATION, EpochTimer
-from skin_lesion.batching import ShuffledBatches
 from skin_lesion.images import load_images
 from skin_lesion.params import BaseParams, TrainParams, load_params
-from skin_lesion.training import (
+from skin_lesion.training.batching import ShuffledBatches
+from skin_lesion.training.recipes import (
     build_trainer,
     compile_phase,
     configure_determinism,

@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import keras
 
-from skin_lesion.architectures import build_model
-from skin_lesion.batching import load_cached_images
 from skin_lesion.params import AugmentParams, load_params
-from skin_lesion.training import train_model
+from skin_lesion.training.architectures import build_model
+from skin_lesion.training.batching import load_cached_images
+from skin_lesion.training.recipes import train_model
 
 log = logging.getLogger("benchmark")
 REPO = Path(__file__).resolve().parents[1]

@@ -8,12 +8,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.files import read_manifest
-from skin_lesion.manifests import SPLIT_COLUMNS, class_indices
 
 # The formats dermatoscopes and their software write, each with the file suffix an upload is kept under.
 IMAGE_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
@@ -74,12 +71,3 @@ def load_images(paths: Sequence[str | Path], size: int) -> np.ndarray:
         for index, image in enumerate(pool.map(lambda path: load_rgb(Path(path), size), paths)):
             images[index] = image
     return images
-
-
-def read_split(path: Path, classes: Sequence[str], size: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """A split manifest's rows, its images decoded at `size`, and their class indices."""
-    rows = read_manifest(path, SPLIT_COLUMNS)
-    if rows.empty:
-        raise PipelineError(f"{path}: the split is empty")
-    labels = class_indices(rows["label"], classes, source=str(path))
-    return rows, load_images(rows["path"].tolist(), size), labels

@@ -7,7 +7,7 @@ Sources (`download.source`):
 - local: a folder <root>/Train/<class>/*.jpg with an optional <root>/Test/<class>/*.jpg, or a .zip of one
   (the layout of the public 9-class ISIC dataset);
 - synthetic: generated shapes for smoke runs and tests; not dermoscopic images.
-Each source is a module of skin_lesion/sources/.
+Each source is a module of skin_lesion/data/sources/.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from skin_lesion.data.manifests import MANIFEST_NAME, under_folder
+from skin_lesion.data.sources.isic import fetch_isic
+from skin_lesion.data.sources.local import fetch_local
+from skin_lesion.data.sources.synthetic import fetch_synthetic
 from skin_lesion.files import atomic_output_dir, in_main_repo, write_csv_atomic
-from skin_lesion.manifests import MANIFEST_NAME, under_folder
 from skin_lesion.params import BaseParams, DownloadParams, load_params
 from skin_lesion.runner import run_cli
-from skin_lesion.sources.isic import fetch_isic
-from skin_lesion.sources.local import fetch_local
-from skin_lesion.sources.synthetic import fetch_synthetic
 from skin_lesion.tracking import stage_run
 
 log = logging.getLogger("stages.download")

@@ -5,18 +5,18 @@
 - A melanoma operating point: the threshold on P(melanoma) is chosen on the validation split to reach
   evaluate.target_sensitivity, then reported on the test split (sensitivity, specificity, alerts per
   100 images).
-- Temperature scaling (skin_lesion/calibration.py): one temperature fitted on the validation split's
+- Temperature scaling (skin_lesion/evaluation/calibration.py): one temperature fitted on the validation split's
   probabilities; the threshold and every figure below are on the calibrated probabilities, which the
   served model answers. The expected calibration error before and after, on validation, test and
   external sets.
 - Bootstrap 95 % intervals (evaluate.bootstrap resamples), DVC plots, and a model card
   (metrics/model_card.md).
-- External validation (skin_lesion/external.py): each evaluate.external set scored with the same
+- External validation (skin_lesion/evaluation/external.py): each evaluate.external set scored with the same
   threshold, copies of training images left out; metrics/external.json and the model card.
-- An out-of-distribution summary (skin_lesion/ood.py): the training split's embeddings, with a flagging
+- An out-of-distribution summary (skin_lesion/model/ood.py): the training split's embeddings, with a flagging
   threshold at evaluate.ood_quantile of the validation split's distances.
 - The model, wrapped with its classes, image size, temperature, threshold, OOD summary and test figures
-  (with each external set's per-class recall; skin_lesion/serving.py), becomes a new
+  (with each external set's per-class recall; skin_lesion/model/classifier.py), becomes a new
   version of base.model_name with alias `challenger`. evaluate.promote decides `champion`: `manual`
   leaves it to a person, `auto` moves it when the challenger beats it on the same test split.
 """
@@ -35,26 +35,28 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from skin_lesion.architectures import load_model
-from skin_lesion.batching import load_cached_images
-from skin_lesion.calibration import calibration_figures, fit_temperature, known_classes
-from skin_lesion.external import ExternalSet, load_external_sets, score_external_set
-from skin_lesion.files import in_main_repo, read_manifest, read_table, write_json_atomic, write_text_atomic
-from skin_lesion.manifests import HASH_COLUMNS, SPLIT_COLUMNS, class_indices
-from skin_lesion.metrics import (
+from skin_lesion.data.manifests import HASH_COLUMNS, SPLIT_COLUMNS, class_indices
+from skin_lesion.evaluation.calibration import calibration_figures, fit_temperature, known_classes
+from skin_lesion.evaluation.external import ExternalSet, load_external_sets, score_external_set
+from skin_lesion.evaluation.metrics import (
     SITE_RULE,
     alert_thresholds,
     experiment_row,
     reference_figures,
     score_test_split,
 )
-from skin_lesion.model_card import describe_model, render_model_card
-from skin_lesion.ood import OodModel, fit_ood
-from skin_lesion.packaging import pip_requirements
+from skin_lesion.evaluation.model_card import describe_model, render_model_card
+from skin_lesion.evaluation.ood_fitting import fit_ood
+from skin_lesion.evaluation.plots import write_plots
+from skin_lesion.evaluation.sites import SCORE_COLUMNS, site_figures
+from skin_lesion.evaluation.stress import source_shift_report
+from skin_lesion.files import in_main_repo, read_manifest, read_table, write_json_atomic, write_text_atomic
+from skin_lesion.model.classifier import calibrated
+from skin_lesion.model.network import load_model
+from skin_lesion.model.ood import OodModel
 from skin_lesion.params import Params, load_params
-from skin_lesion.plots import write_plots
-from skin_lesion.probe import EmbeddingCache
-from skin_lesion.registry import (
+from skin_lesion.registry.model_contents import pip_requirements
+from skin_lesion.registry.registration import (
     NEW_VERSION_ALIAS,
     log_servable_model,
     provenance_note,
@@ -64,10 +66,9 @@ from skin_lesion.registry import (
     version_tags,
 )
 from skin_lesion.runner import run_cli
-from skin_lesion.serving import calibrated
-from skin_lesion.sites import SCORE_COLUMNS, site_figures
-from skin_lesion.stress import source_shift_report
 from skin_lesion.tracking import GIT_COMMIT_TAG, loggable_metrics, stage_run, upstream_data_hashes
+from skin_lesion.training.batching import load_cached_images
+from skin_lesion.training.probe import EmbeddingCache
 
 log = logging.getLogger("stages.evaluate")
 

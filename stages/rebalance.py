@@ -8,9 +8,9 @@ from pathlib import Path
 
 import mlflow
 
-from skin_lesion.augment import find_sparse_classes, rebalance
+from skin_lesion.data.manifests import MANIFEST_NAME, SPLIT_COLUMNS, under_folder
+from skin_lesion.data.rebalancing import find_sparse_classes, rebalance
 from skin_lesion.files import atomic_output_dir, read_manifest, write_csv_atomic
-from skin_lesion.manifests import MANIFEST_NAME, SPLIT_COLUMNS, under_folder
 from skin_lesion.params import load_params
 from skin_lesion.runner import run_cli
 from skin_lesion.tracking import stage_run

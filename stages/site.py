@@ -19,10 +19,7 @@ import numpy as np
 import pandas as pd
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.files import atomic_output_dir, read_table, write_csv_atomic, write_json_atomic
-from skin_lesion.params import Params, load_params
-from skin_lesion.runner import run_cli
-from skin_lesion.sites import (
+from skin_lesion.evaluation.sites import (
     REVIEW_LOG,
     REVIEW_LOG_KEYS,
     SCORE_COLUMNS,
@@ -34,6 +31,9 @@ from skin_lesion.sites import (
     site_folds,
     verification_bias,
 )
+from skin_lesion.files import atomic_output_dir, read_table, write_csv_atomic, write_json_atomic
+from skin_lesion.params import Params, load_params
+from skin_lesion.runner import run_cli
 from skin_lesion.tracking import stage_run
 
 log = logging.getLogger("stages.site")

@@ -3,7 +3,7 @@
 For each size of site_curve.sizes, site_curve.repeats random subsamples of the site's images (whole
 lesions): the probe learns from the training split and the subsample, and is judged on the site
 images it did not learn, beside the probe without any site image on the same images
-(skin_lesion/sites.learning_curve). Works on the train stage's embeddings, like the site stage.
+(skin_lesion/evaluation/sites.learning_curve). Works on the train stage's embeddings, like the site stage.
 Writes every run, the mean per size (a DVC plot) and a PNG; empty without a site.
 """
 
@@ -15,17 +15,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from skin_lesion.files import atomic_output_dir, read_table, write_csv_atomic
-from skin_lesion.params import load_params
-from skin_lesion.plots import write_learning_curve
-from skin_lesion.runner import run_cli
-from skin_lesion.sites import (
+from skin_lesion.evaluation.plots import write_learning_curve
+from skin_lesion.evaluation.sites import (
     CURVE_COLUMNS,
     SITE_IMAGE_COLUMNS,
     learning_curve,
     load_probe_inputs,
     site_fitter,
 )
+from skin_lesion.files import atomic_output_dir, read_table, write_csv_atomic
+from skin_lesion.params import load_params
+from skin_lesion.runner import run_cli
 from skin_lesion.tracking import stage_run
 
 log = logging.getLogger("stages.site_curve")

@@ -25,15 +25,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from skin_lesion.dedup import inspect_images
-from skin_lesion.files import (
-    atomic_output_dir,
-    read_manifest,
-    write_csv_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
-from skin_lesion.manifests import (
+from skin_lesion.data.dedup import inspect_images
+from skin_lesion.data.manifests import (
     MANIFEST_NAME,
     RAW_COLUMNS,
     REMOVED_COLUMNS,
@@ -41,9 +34,16 @@ from skin_lesion.manifests import (
     SKIPPED_NAME,
     SPLIT_COLUMNS,
 )
+from skin_lesion.data.splitting import class_counts_figure, render_report, split_dataset
+from skin_lesion.files import (
+    atomic_output_dir,
+    read_manifest,
+    write_csv_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from skin_lesion.params import load_params
 from skin_lesion.runner import run_cli
-from skin_lesion.splitting import class_counts_figure, render_report, split_dataset
 from skin_lesion.tracking import stage_run
 
 log = logging.getLogger("stages.split")

@@ -20,18 +20,24 @@ import pandas as pd
 from dvclive import Live
 from mlflow.models import infer_signature
 
-from skin_lesion.architectures import save_model_atomic
-from skin_lesion.batching import load_cached_images
-from skin_lesion.callbacks import EpochLogger, checkpoint_folder, predict_in_batches
+from skin_lesion.data.manifests import HASH_COLUMNS, REBALANCED_COLUMNS, SPLIT_COLUMNS, class_indices
+from skin_lesion.evaluation.plots import write_training_curves
+from skin_lesion.evaluation.sites import NO_SITE, SITE_IMAGE_COLUMNS, load_site_rows, site_labels, site_root
 from skin_lesion.files import in_main_repo, read_manifest, write_csv_atomic, write_json_atomic
-from skin_lesion.manifests import HASH_COLUMNS, REBALANCED_COLUMNS, SPLIT_COLUMNS, class_indices
-from skin_lesion.packaging import MLFLOW_MODEL_NAME, pip_requirements
 from skin_lesion.params import Params, load_params
-from skin_lesion.plots import write_training_curves
+from skin_lesion.registry.model_contents import MLFLOW_MODEL_NAME, pip_requirements
 from skin_lesion.runner import run_cli
-from skin_lesion.sites import NO_SITE, SITE_IMAGE_COLUMNS, load_site_rows, site_labels, site_root
 from skin_lesion.tracking import stage_run
-from skin_lesion.training import ImageSet, SiteImages, check_weights_file, fit_recipe, save_probe_inputs
+from skin_lesion.training.architectures import save_model_atomic
+from skin_lesion.training.batching import load_cached_images
+from skin_lesion.training.callbacks import EpochLogger, checkpoint_folder, predict_in_batches
+from skin_lesion.training.recipes import (
+    ImageSet,
+    SiteImages,
+    check_weights_file,
+    fit_recipe,
+    save_probe_inputs,
+)
 
 log = logging.getLogger("stages.train")
 

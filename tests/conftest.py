@@ -22,11 +22,11 @@ import yaml
 from PIL import Image, ImageDraw
 
 from scripts.team_stack import free_port, wait_for_http
-from skin_lesion.packaging import pip_requirements
+from skin_lesion.data.sources.isic import fetch_isic
+from skin_lesion.data.sources.local import fetch_local
 from skin_lesion.params import Params
-from skin_lesion.registry import log_servable_model
-from skin_lesion.sources.isic import fetch_isic
-from skin_lesion.sources.local import fetch_local
+from skin_lesion.registry.model_contents import pip_requirements
+from skin_lesion.registry.registration import log_servable_model
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
@@ -285,7 +285,7 @@ def tiny_backbone_weights(path: Path, arch: str = "mobilenet", size: int = 32, s
     """A weights file of the `arch` backbone at `size` px, random from `seed`: the tests' 'ImageNet'."""
     import keras  # noqa: PLC0415 - only the tests that make weights pay for importing Keras here
 
-    from skin_lesion.architectures import BACKBONE_NAME, build_model  # noqa: PLC0415
+    from skin_lesion.training.architectures import BACKBONE_NAME, build_model  # noqa: PLC0415
 
     keras.utils.set_random_seed(seed)
     backbone = build_model(arch, size, 3, 0.0).get_layer(BACKBONE_NAME)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from skin_lesion.sources.synthetic import generate_synthetic
+from skin_lesion.data.sources.synthetic import generate_synthetic
 from tests.conftest import OFFLINE_TRAIN, REPO, repo_params, tiny_backbone_weights
 from tests.isic_standin import StandinArchive
 

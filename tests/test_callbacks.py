@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 from packaging.requirements import Requirement
 
-from skin_lesion.callbacks import ResumableCheckpoint
+from skin_lesion.training.callbacks import ResumableCheckpoint
 from tests.conftest import REPO
 
 

@@ -11,12 +11,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from skin_lesion.dedup import inspect_images
+from skin_lesion.data.dedup import inspect_images
+from skin_lesion.data.manifests import RAW_COLUMNS
+from skin_lesion.data.sources.local import copy_images, list_local_images
+from skin_lesion.data.sources.synthetic import generate_synthetic
+from skin_lesion.data.splitting import split_dataset
 from skin_lesion.errors import PipelineError
-from skin_lesion.manifests import RAW_COLUMNS
-from skin_lesion.sources.local import copy_images, list_local_images
-from skin_lesion.sources.synthetic import generate_synthetic
-from skin_lesion.splitting import split_dataset
 from tests.conftest import CLASSES, as_params, fetch_local_source, make_isic_folder, run_stage, small_params
 
 

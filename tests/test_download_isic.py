@@ -14,16 +14,16 @@ import pytest
 import yaml
 from PIL import Image
 
-from skin_lesion.errors import PipelineError
-from skin_lesion.isic_archive import (
+from skin_lesion.data.isic_archive import (
     ArchiveClient,
     ArchiveError,
     RetryPolicy,
     fetch_to_cache,
     remove_partial_files,
 )
-from skin_lesion.manifests import RAW_COLUMNS
-from skin_lesion.sources.isic import read_isic_manifest
+from skin_lesion.data.manifests import RAW_COLUMNS
+from skin_lesion.data.sources.isic import read_isic_manifest
+from skin_lesion.errors import PipelineError
 from tests.conftest import CLASSES, as_params, fetch_isic_source, run_stage, small_params
 from tests.isic_standin import StandinArchive, make_images, serve
 

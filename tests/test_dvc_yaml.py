@@ -1,4 +1,4 @@
-"""dvc.yaml and the layout: every stage depends on all the code it runs, and imports run one way."""
+"""dvc.yaml and the layout: each stage depends on the folders of all the code it runs; imports run one way."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skin_lesion.packaging import MODEL_CODE, MODEL_PACKAGES
+from skin_lesion.registry.model_contents import ENTRY_FILE, MODEL_PACKAGES, model_code_files
 from tests.conftest import REPO
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+REGISTRATION = REPO / "skin_lesion" / "registry" / "registration.py"
 LIBRARY = sorted((REPO / "skin_lesion").rglob("*.py"))
 
 
@@ -33,25 +34,44 @@ def _imports(path: Path) -> set[str]:
     return {module for module in _all_imports(path) if module.split(".")[0] in ("stages", "skin_lesion")}
 
 
+def _module_file(module: str) -> Path | None:
+    """The file a project module's import runs: `a/b.py` or the package's `a/b/__init__.py`."""
+    base = REPO / module.replace(".", "/")
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _code_of(path: Path, seen: set[Path] | None = None) -> set[Path]:
-    """`path` and every project module it imports, directly or not (package __init__ files aside)."""
+    """`path` and every project file importing it runs, directly or not, package __init__ files included."""
     seen = seen if seen is not None else set()
     seen.add(path)
     for module in _imports(path):
-        imported = REPO / (module.replace(".", "/") + ".py")
-        if imported.is_file() and imported not in seen:
-            _code_of(imported, seen)
+        parts = module.split(".")
+        # `import a.b.c` runs a/__init__.py and a/b/__init__.py before a/b/c.py.
+        for imported in filter(None, (_module_file(".".join(parts[:n])) for n in range(1, len(parts) + 1))):
+            if imported not in seen:
+                _code_of(imported, seen)
     return seen
 
 
+def _dependency(path: Path) -> str:
+    """What dvc.yaml lists for a file a stage runs: a subpackage's folder, or the file itself."""
+    relative = path.relative_to(REPO)
+    if relative.parts[0] == "skin_lesion" and len(relative.parts) > 2:
+        return "/".join(relative.parts[:2])
+    return relative.as_posix()
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
-def test_stage_depends_on_every_module_it_imports(name: str) -> None:
+def test_stage_depends_on_every_folder_it_imports(name: str) -> None:
     stage = STAGES[name]
     module = stage["cmd"].split("-m stages.", 1)[1].split()[0]
-    code = _code_of(REPO / "stages" / f"{module}.py")
-    if REPO / "skin_lesion" / "packaging.py" in code and REPO / "skin_lesion" / "registry.py" in code:
-        code |= {REPO / "skin_lesion" / name for name in MODEL_CODE}  # the code the model it logs ships
-    needed = {path.relative_to(REPO).as_posix() for path in code}
+    code = _code_of(REPO / "stages" / f"{module}.py") - {REPO / "stages" / "__init__.py"}
+    if REGISTRATION in code:
+        code |= set(model_code_files())  # the code the model it registers ships, which it copies
+    needed = {_dependency(path) for path in code}
     listed = {dep for dep in stage["deps"] if dep.startswith(("stages/", "skin_lesion/"))}
     assert needed - listed == set(), f"{name}: add these to its deps in dvc.yaml"
     assert listed - needed == set(), f"{name}: lists code it doesn't run"
@@ -75,14 +95,11 @@ def test_no_stage_runs_code_of_the_app_package(name: str) -> None:
 
 
 def test_the_model_ships_exactly_the_code_loading_it_imports() -> None:
-    package = REPO / "skin_lesion"
-    loaded = _code_of(package / "pyfunc_model.py") | _code_of(package / "__init__.py")
-    assert {path.relative_to(package).as_posix() for path in loaded} == set(MODEL_CODE)
+    assert _code_of(ENTRY_FILE) == set(model_code_files())
 
 
-def test_the_model_pins_every_package_its_code_imports() -> None:
-    code = [REPO / "skin_lesion" / name for name in MODEL_CODE]
-    tops = {module.split(".")[0] for path in code for module in _all_imports(path)}
+def test_the_model_pins_exactly_the_packages_its_code_imports() -> None:
+    tops = {module.split(".")[0] for path in model_code_files() for module in _all_imports(path)}
     third_party = tops - set(sys.stdlib_module_names) - {"skin_lesion", "__future__"}
     # A module may come in several distributions (mlflow in mlflow and mlflow-skinny): one is pinned.
     distributions = importlib.metadata.packages_distributions()

@@ -15,10 +15,10 @@ from PIL import Image
 from scipy.special import softmax
 from sklearn.metrics import roc_auc_score
 
-from skin_lesion.calibration import calibration_figures, fit_temperature, known_classes
 from skin_lesion.errors import PipelineError
-from skin_lesion.external import score_external_set
-from skin_lesion.metrics import (
+from skin_lesion.evaluation.calibration import calibration_figures, fit_temperature, known_classes
+from skin_lesion.evaluation.external import score_external_set
+from skin_lesion.evaluation.metrics import (
     alert_thresholds,
     auc_above_sensitivity,
     balanced_accuracy,
@@ -32,11 +32,11 @@ from skin_lesion.metrics import (
     resampled_aucs,
     resampled_balanced_accuracies,
 )
-from skin_lesion.model_card import calibration_lines, class_recall_lines
+from skin_lesion.evaluation.model_card import calibration_lines, class_recall_lines
+from skin_lesion.evaluation.plots import pr_rows, roc_rows, roc_table, worst_misclassified_grid, write_plots
+from skin_lesion.model.classifier import calibrated, external_class_recall
 from skin_lesion.params import EvaluateParams
-from skin_lesion.plots import pr_rows, roc_rows, roc_table, worst_misclassified_grid, write_plots
-from skin_lesion.registry import decide_promotion, register_version
-from skin_lesion.serving import calibrated, external_class_recall
+from skin_lesion.registry.registration import decide_promotion, register_version
 from tests.conftest import repo_params, write_image
 
 CLASSES = ["melanoma", "nevus", "vascular lesion"]

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from skin_lesion.dedup import inspect_images
+from skin_lesion.data.dedup import inspect_images
 from skin_lesion.errors import PipelineError
-from skin_lesion.external import binomial, leave_out_copies, load_external_sets, score_external_set
+from skin_lesion.evaluation.external import binomial, leave_out_copies, load_external_sets, score_external_set
 from skin_lesion.params import ExternalSetParams
 from tests.conftest import CLASSES, as_params, draw_lesion, small_params
 
@@ -192,7 +192,7 @@ def test_an_image_over_split_max_pixels_is_left_out_as_unreadable(tmp_path: Path
 def test_a_zip_over_the_size_limit_names_the_limit_in_words(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("skin_lesion.external.MAX_EXTRACT_BYTES", 2**20)
+    monkeypatch.setattr("skin_lesion.evaluation.external.MAX_EXTRACT_BYTES", 2**20)
     archive = tmp_path / "clinic.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
         handle.writestr("mel/a.png", b"\0" * (2 * 2**20))
@@ -303,7 +303,7 @@ def test_a_seen_image_may_carry_its_own_distance(monkeypatch: pytest.MonkeyPatch
             "phash": ["0" * 13 + "007", "f" * 14 + "00", "0" * 12 + "ffff"],
         }
     )
-    monkeypatch.setattr("skin_lesion.external.inspect_images", lambda paths, max_pixels: hashes)
+    monkeypatch.setattr("skin_lesion.evaluation.external.inspect_images", lambda paths, max_pixels: hashes)
     kept, left_out = leave_out_copies(pd.DataFrame({"path": ["a", "b", "c"]}), seen, 2, 10**6)
     assert left_out["copies_of_training"] == 1  # 3 bits from x is not within 2; 8 from y is within 8
     assert kept["path"].tolist() == ["a", "c"]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from skin_lesion.data.manifests import class_indices
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import (
     atomic_file,
@@ -19,7 +20,6 @@ from skin_lesion.files import (
     write_text_atomic,
 )
 from skin_lesion.images import decode_rgb, load_images, load_rgb
-from skin_lesion.manifests import class_indices
 from tests.conftest import write_image
 
 

@@ -13,9 +13,11 @@ from PIL import Image, ImageFilter
 
 from skin_lesion.app.monitoring import alert_in_words, drift_report, render_drift, threshold_in_words
 from skin_lesion.app.quality import quality_problems
-from skin_lesion.architectures import build_model
-from skin_lesion.metrics import reference_figures
-from skin_lesion.ood import OodModel, fit_ood, predict_with_embeddings, with_embeddings
+from skin_lesion.evaluation.metrics import reference_figures
+from skin_lesion.evaluation.ood_fitting import fit_ood
+from skin_lesion.model.ood import OodModel
+from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings
+from skin_lesion.training.architectures import build_model
 from tests.conftest import REPO, draw_lesion
 
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
@@ -59,8 +61,8 @@ def test_embedding_under_op_determinism_logs_no_tensorflow_error() -> None:
     # pipeline logs "E ... NodeDef mentions attribute use_unbounded_threadpool" (native stderr).
     script = (
         "import keras, numpy as np, tensorflow as tf\n"
-        "from skin_lesion.architectures import build_model\n"
-        "from skin_lesion.ood import predict_with_embeddings, with_embeddings\n"
+        "from skin_lesion.training.architectures import build_model\n"
+        "from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings\n"
         "tf.config.experimental.enable_op_determinism()\n"
         "network = with_embeddings(build_model('resnet_small', 32, 3, 0.0))\n"
         "probabilities, embeddings = predict_with_embeddings(network, np.zeros((10, 32, 32, 3)), 4, True)\n"

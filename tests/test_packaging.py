@@ -1,4 +1,4 @@
-"""skin_lesion.packaging: the versions a logged model pins, read from the requirements lock."""
+"""skin_lesion.registry.model_contents: the versions a logged model pins, read from the requirements lock."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.packaging import MODEL_PACKAGES, locked_versions, pip_requirements
+from skin_lesion.registry.model_contents import MODEL_PACKAGES, locked_versions, pip_requirements
 
 HERE = f"{sys.version_info.major}.{sys.version_info.minor}"
 

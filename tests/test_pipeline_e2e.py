@@ -19,9 +19,9 @@ import pytest
 import yaml
 from playwright.sync_api import Route, sync_playwright
 
+from skin_lesion.data.sources.synthetic import generate_synthetic
 from skin_lesion.files import sha256_file
-from skin_lesion.sources.synthetic import generate_synthetic
-from skin_lesion.training import detect_device
+from skin_lesion.training.recipes import detect_device
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS, repo_params
 from tests.isic_standin import serve
 from tests.pipeline_project import (

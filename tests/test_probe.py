@@ -11,17 +11,18 @@ from pydantic import ValidationError
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
-from skin_lesion.architectures import OUTPUT_LAYER, build_model
-from skin_lesion.linear_head import fit_probe
-from skin_lesion.ood import predict_with_embeddings, with_embeddings
+from skin_lesion.model.network import OUTPUT_LAYER
+from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings
 from skin_lesion.params import TrainParams
-from skin_lesion.probe import (
+from skin_lesion.training.architectures import build_model
+from skin_lesion.training.linear_head import fit_probe
+from skin_lesion.training.probe import (
     backbone_key,
     cached_embeddings,
     collection_projection,
     interpolate_weights,
 )
-from skin_lesion.training import ImageSet, Phase, fit_recipe, train_linear_probe, training_phases
+from skin_lesion.training.recipes import ImageSet, Phase, fit_recipe, train_linear_probe, training_phases
 from tests.conftest import small_params, tiny_backbone_weights
 from tests.test_train import SIZE, _data
 from tests.test_transfer import _pretrained

@@ -9,11 +9,15 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from skin_lesion.manifests import SKIPPED_COLUMNS
-from skin_lesion.metrics import metrics_by_collection
+from skin_lesion.data.manifests import SKIPPED_COLUMNS
+from skin_lesion.data.provenance import (
+    class_collection_association,
+    collection_from_isic_id,
+    render_provenance,
+)
+from skin_lesion.data.splitting import render_report, split_dataset
+from skin_lesion.evaluation.metrics import metrics_by_collection
 from skin_lesion.params import SplitParams
-from skin_lesion.provenance import class_collection_association, collection_from_isic_id, render_provenance
-from skin_lesion.splitting import render_report, split_dataset
 from tests.conftest import (
     CLASSES,
     as_params,

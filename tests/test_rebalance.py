@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from skin_lesion.augment import augment_class, build_pipeline, find_sparse_classes, rebalance
+from skin_lesion.data.manifests import REBALANCED_COLUMNS
+from skin_lesion.data.rebalancing import augment_class, build_pipeline, find_sparse_classes, rebalance
 from skin_lesion.errors import PipelineError
-from skin_lesion.manifests import REBALANCED_COLUMNS
 from tests.conftest import CLASSES, make_isic_folder, repo_params, write_image
 
 OPERATIONS = repo_params()["rebalance"]["operations"]

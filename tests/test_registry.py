@@ -1,4 +1,4 @@
-"""skin_lesion.registry and `skin-lesion promote`: aliases move only between comparable versions."""
+"""Registration and `skin-lesion promote`: aliases move only between comparable versions."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from mlflow.exceptions import MlflowException
 
 from skin_lesion.app.promotion import promote
 from skin_lesion.errors import PipelineError
-from skin_lesion.model_card import few_images_line
-from skin_lesion.registry import (
+from skin_lesion.evaluation.model_card import few_images_line
+from skin_lesion.registry.registration import (
     CHAMPION_ALIAS,
     SITE_TAG,
     TEST_SPLIT_TAG,

@@ -38,10 +38,11 @@ from skin_lesion.app.monitoring import OOD_FLAG_MEANING
 from skin_lesion.app.promotion import describe_version, full_model_card, promotion_warning, whole_card
 from skin_lesion.app.review import DISCLAIMER, MAX_DIAGNOSIS_BYTES, MAX_REQUEST_BYTES, create_review_app
 from skin_lesion.app.server import read_limited
-from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
-from skin_lesion.ood import fit_ood, predict_with_embeddings, with_embeddings
-from skin_lesion.registry import register_version
+from skin_lesion.evaluation.ood_fitting import fit_ood
+from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings
+from skin_lesion.registry.registration import register_version
+from skin_lesion.training.architectures import build_model
 from tests.conftest import (
     CHROMIUM,
     CHROMIUM_ARGS,

@@ -32,11 +32,11 @@ from skin_lesion.app.gradcam import explain_alerts, explanation_figure, grad_cam
 from skin_lesion.app.predict import collect_images, predict_files, render_summary
 from skin_lesion.app.promotion import resolve_default_model
 from skin_lesion.app.server import MISSING, images_of_request, score_images
-from skin_lesion.architectures import build_model
 from skin_lesion.errors import PipelineError
-from skin_lesion.packaging import MODEL_CODE, pip_requirements
-from skin_lesion.registry import register_version
-from skin_lesion.serving import calibrated, prediction_frame
+from skin_lesion.model.classifier import calibrated, prediction_frame
+from skin_lesion.registry.model_contents import PACKAGE, model_code_files, pip_requirements
+from skin_lesion.registry.registration import register_version
+from skin_lesion.training.architectures import build_model
 from tests.conftest import (
     CLASSES,
     REPO,
@@ -420,8 +420,9 @@ def test_a_registered_model_loads_from_its_own_code_and_needs_only_its_requireme
     # Python that sees this venv's packages, minus this project and every distribution the model's
     # requirements do not bring in, loads the model from its own code and predicts.
     model = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model")))
-    shipped = {path.name for path in (model / "code" / "skin_lesion").glob("*.py")}
-    assert shipped == set(MODEL_CODE)
+    package = model / "code" / "skin_lesion"
+    shipped = {path.relative_to(package).as_posix() for path in package.rglob("*.py")}
+    assert shipped == {path.relative_to(PACKAGE).as_posix() for path in model_code_files()}
     requirements = (model / "requirements.txt").read_text(encoding="utf-8").split()
     assert requirements == pip_requirements(keras.backend.backend(), REPO / "requirements.lock")
     allowed = _with_dependencies([line.split("==")[0] for line in requirements])

@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 
 from scripts.team_stack import free_port
-from skin_lesion.linear_head import head_probabilities
-from skin_lesion.sites import REVIEW_LOG, load_probe_inputs, site_fitter
-from skin_lesion.sources.synthetic import generate_synthetic
+from skin_lesion.data.sources.synthetic import generate_synthetic
+from skin_lesion.evaluation.sites import REVIEW_LOG, load_probe_inputs, site_fitter
+from skin_lesion.training.linear_head import head_probabilities
 from tests.conftest import repo_params, running_server, tiny_backbone_weights
 from tests.isic_standin import serve
 from tests.pipeline_project import (

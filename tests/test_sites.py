@@ -10,11 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from skin_lesion.app.feedback import review_log_summary
-from skin_lesion.dedup import inspect_images
+from skin_lesion.data.dedup import inspect_images
 from skin_lesion.errors import PipelineError
-from skin_lesion.linear_head import head_probabilities, probe_fitter
-from skin_lesion.params import SiteParams
-from skin_lesion.sites import (
+from skin_lesion.evaluation.sites import (
     NOT_LEARNED,
     ProbeInputs,
     cross_fit,
@@ -28,6 +26,8 @@ from skin_lesion.sites import (
     site_threshold,
     verification_bias,
 )
+from skin_lesion.params import SiteParams
+from skin_lesion.training.linear_head import head_probabilities, probe_fitter
 from tests.conftest import CLASSES, as_params, draw_lesion, small_params
 
 MELANOMA = CLASSES.index("melanoma")

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from skin_lesion.dedup import inspect_images
+from skin_lesion.data.dedup import inspect_images
+from skin_lesion.data.manifests import SKIPPED_COLUMNS
+from skin_lesion.data.splitting import render_report, split_dataset
 from skin_lesion.errors import PipelineError
-from skin_lesion.manifests import SKIPPED_COLUMNS
 from skin_lesion.params import SplitParams
-from skin_lesion.splitting import render_report, split_dataset
 from tests.conftest import CLASSES, assert_no_group_straddles, draw_lesion, manifest_of, repo_params
 
 PARAMS = SplitParams.model_validate({**repo_params()["split"], "val_fraction": 0.2, "test_fraction": 0.2})

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from skin_lesion.metrics import compute_metrics
+from skin_lesion.evaluation.metrics import compute_metrics
+from skin_lesion.evaluation.stress import TRANSFORMS, stress_test, stressed_variants
 from skin_lesion.params import EvaluateParams
-from skin_lesion.stress import TRANSFORMS, stress_test, stressed_variants
 from tests.conftest import draw_lesion, repo_params
 
 STRENGTHS = repo_params()["evaluate"]["stress"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from scripts.team_stack import wait_for_http
-from skin_lesion.packaging import locked_versions
+from skin_lesion.registry.model_contents import locked_versions
 from tests.conftest import REPO
 
 CHECK_JSONSCHEMA = str(Path(sys.executable).with_name("check-jsonschema"))

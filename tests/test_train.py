@@ -19,21 +19,20 @@ from pydantic import ValidationError
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_sample_weight
 
-from skin_lesion.architectures import (
+from skin_lesion.errors import PipelineError
+from skin_lesion.evaluation.metrics import capped_balanced_accuracy
+from skin_lesion.model.network import ShadesOfGray, load_model
+from skin_lesion.params import TrainParams
+from skin_lesion.training.architectures import (
     BACKBONES,
     RandomAffine,
-    ShadesOfGray,
     build_model,
-    load_model,
     save_model_atomic,
     with_augmentation,
 )
-from skin_lesion.batching import ShuffledBatches, cut_and_mix, load_cached_images
-from skin_lesion.callbacks import MONITOR, EpochLogger, ResumableCheckpoint, StopOnNonFiniteLoss
-from skin_lesion.errors import PipelineError
-from skin_lesion.metrics import capped_balanced_accuracy
-from skin_lesion.params import TrainParams
-from skin_lesion.training import (
+from skin_lesion.training.batching import ShuffledBatches, cut_and_mix, load_cached_images
+from skin_lesion.training.callbacks import MONITOR, EpochLogger, ResumableCheckpoint, StopOnNonFiniteLoss
+from skin_lesion.training.recipes import (
     build_trainer,
     compile_phase,
     configure_determinism,
@@ -346,7 +345,7 @@ def test_train_cutmix_mixes_the_training_batches(monkeypatch: pytest.MonkeyPatch
         calls.append(alpha)
         return cut_and_mix(images, labels, alpha, rng)
 
-    monkeypatch.setattr("skin_lesion.batching.cut_and_mix", recording)
+    monkeypatch.setattr("skin_lesion.training.batching.cut_and_mix", recording)
     x, y = _data()
     params = _params(cutmix=0.5)
     train_model(x, y, x, y, params.base, params.train)
@@ -496,7 +495,7 @@ def test_decoded_cache_is_reused_when_inputs_are_unchanged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     paths = [str(write_image(tmp_path / f"{k}.jpg", (40 * k, 90, 90), seed=k)) for k in range(3)]
-    caplog.set_level(logging.INFO, logger="skin_lesion.batching")
+    caplog.set_level(logging.INFO, logger="skin_lesion.training.batching")
     first, first_key = load_cached_images(paths, 16, tmp_path / "cache")
     second, second_key = load_cached_images(paths, 16, tmp_path / "cache")
     np.testing.assert_array_equal(first, second)
@@ -548,7 +547,7 @@ sys.path.insert(0, {str(REPO)!r})
 {_TWO_DEVICES[backend]}
 import numpy as np
 from tests.test_train import _data, _params
-from skin_lesion.training import train_model
+from skin_lesion.training.recipes import train_model
 x, y = _data(n=32)
 results = []
 for distribution in ("none", "data_parallel"):

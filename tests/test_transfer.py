@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from skin_lesion.architectures import BACKBONE_NAME, build_model
 from skin_lesion.errors import PipelineError
 from skin_lesion.params import TrainParams
-from skin_lesion.training import Phase, check_weights_file, train_model, training_phases
+from skin_lesion.training.architectures import BACKBONE_NAME, build_model
+from skin_lesion.training.recipes import Phase, check_weights_file, train_model, training_phases
 from tests.conftest import CLASSES, draw_lesion, log_test_model, small_params, tiny_backbone_weights
 from tests.test_train import SIZE, _data, _Epochs, _KillAfter, _params
 

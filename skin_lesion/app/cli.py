@@ -67,7 +67,7 @@ from skin_lesion.app.server import create_app
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import atomic_file, write_csv_atomic
 from skin_lesion.params import load_params
-from skin_lesion.registry import CHAMPION_ALIAS, champion_alias
+from skin_lesion.registry.registration import CHAMPION_ALIAS, champion_alias
 from skin_lesion.runner import run_cli
 from skin_lesion.tracking import configure_mlflow, redact, tracking_uri
 

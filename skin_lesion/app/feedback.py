@@ -22,9 +22,9 @@ from typing import Any
 import pandas as pd
 
 from skin_lesion.errors import PipelineError
+from skin_lesion.evaluation.sites import REVIEW_LOG
 from skin_lesion.files import atomic_file, atomic_output_dir, write_csv_atomic, write_json_atomic
 from skin_lesion.params import COLLECTION_FROM_ID, LocalParams
-from skin_lesion.sites import REVIEW_LOG
 
 OTHER_DIAGNOSIS = "other/unknown"  # recorded, but not a class to train on
 EXPORT_METADATA = "index.csv"

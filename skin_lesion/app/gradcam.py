@@ -78,7 +78,7 @@ def _forward_with_features(model: Any) -> Callable[[Any], tuple[Any, Any]]:
     """A function of an image batch giving (last convolutional feature map, class probabilities)."""
     import keras  # noqa: PLC0415
 
-    from skin_lesion.architectures import BACKBONE_NAME  # noqa: PLC0415 - Keras loads only when used
+    from skin_lesion.training.architectures import BACKBONE_NAME  # noqa: PLC0415 - Keras loads only when used
 
     if BACKBONE_NAME in [layer.name for layer in model.layers]:
         backbone = model.get_layer(BACKBONE_NAME)

@@ -13,7 +13,7 @@ import pandas as pd
 from skin_lesion.app.monitoring import OOD_FLAG_MEANING
 from skin_lesion.errors import PipelineError
 from skin_lesion.images import IMAGE_SUFFIXES, decode_rgb
-from skin_lesion.serving import IMAGE_COLUMN, MAX_IMAGE_BYTES, MAX_PIXELS, oversized
+from skin_lesion.model.classifier import IMAGE_COLUMN, MAX_IMAGE_BYTES, MAX_PIXELS, oversized
 
 BATCH_SIZE = 32  # images encoded and scored at once: bounds memory, not speed
 

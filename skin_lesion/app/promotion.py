@@ -1,6 +1,6 @@
 """Promotion by hand and what the command line says of a version: the registry as people use it.
 
-Registration and the automatic promotion decision run in `evaluate` (skin_lesion/registry.py).
+Registration and the automatic promotion decision run in `evaluate` (skin_lesion/registry/registration.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.registry import (
+from skin_lesion.registry.registration import (
     CHAMPION_ALIAS,
     PROVENANCE_HEADING,
     SITE_TAG,

@@ -46,7 +46,7 @@ from skin_lesion.app.server import (
 )
 from skin_lesion.errors import PipelineError
 from skin_lesion.images import FORMAT_NAMES, IMAGE_FORMATS, decode_image, decode_rgb, resize_rgb
-from skin_lesion.serving import (
+from skin_lesion.model.classifier import (
     MAX_IMAGE_BYTES,
     MAX_PIXELS,
     external_class_recall,

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from mlflow.exceptions import MlflowException
 from starlette.requests import ClientDisconnect
 
-from skin_lesion.serving import IMAGE_COLUMN, MAX_IMAGE_BYTES, decode_base64_image
+from skin_lesion.model.classifier import IMAGE_COLUMN, MAX_IMAGE_BYTES, decode_base64_image
 
 MAX_IMAGES_PER_REQUEST = 64
 MAX_REQUEST_BYTES = MAX_IMAGES_PER_REQUEST * MAX_IMAGE_BYTES * 4 // 3  # base64 of that many images

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from skin_lesion.dedup import inspect_images
+from skin_lesion.data.dedup import inspect_images
+from skin_lesion.data.splitting import SplitResult, split_dataset
 from skin_lesion.errors import PipelineError
-from skin_lesion.splitting import SplitResult, split_dataset
 from tests.conftest import CLASSES, as_params, draw_lesion, fetch_local_source, small_params
 
 MAX_PIXELS = 150 * 150

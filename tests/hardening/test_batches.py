@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from skin_lesion.architectures import build_model
+from skin_lesion.training.architectures import build_model
 from tests.conftest import CLASSES, REPO, log_test_model, run_skin_lesion, write_image
 
 

@@ -18,8 +18,8 @@ import keras
 import numpy as np
 import pytest
 
-import skin_lesion.callbacks
-from skin_lesion.training import train_model
+import skin_lesion.training.callbacks
+from skin_lesion.training.recipes import train_model
 from tests.test_train import _data, _params
 
 
@@ -62,7 +62,7 @@ def _moving_in_after_aside(source: Path, target: Path) -> bool:
 # write cut short, which the wrapper's KeyboardInterrupt clears).
 INSTANTS = {
     "writing the random states": (
-        skin_lesion.callbacks.np,
+        skin_lesion.training.callbacks.np,
         "savez",
         lambda f: _raise_on_call(2, f),
         {"train": 1},
@@ -139,7 +139,7 @@ def test_a_damaged_checkpoint_is_discarded_with_a_warning(
         train_model(x, y, x_val, y_val, params.base, params.train, [KillAfterTwo()], checkpoint_dir=tmp_path)
     weights = next(tmp_path.rglob("latest.weights.h5"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that lost half
-    caplog.set_level(logging.WARNING, logger="skin_lesion.callbacks")
+    caplog.set_level(logging.WARNING, logger="skin_lesion.training.callbacks")
     resumed, summary = train_model(x, y, x_val, y_val, params.base, params.train, [], checkpoint_dir=tmp_path)
     assert "checkpoint unreadable" in caplog.text
     assert summary["epochs"] == 4

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from skin_lesion.data.sources.local import extract_zip_safely, list_local_images
 from skin_lesion.errors import PipelineError
-from skin_lesion.sources.local import extract_zip_safely, list_local_images
 from tests.conftest import CLASSES, make_isic_folder, run_stage, small_params, write_image
 
 

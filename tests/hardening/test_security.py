@@ -11,9 +11,9 @@ import keras
 import pytest
 from mlflow.exceptions import MlflowException
 
+from skin_lesion.data.sources.local import extract_zip_safely
 from skin_lesion.errors import PipelineError
-from skin_lesion.serving import LesionClassifier, decode_base64_image
-from skin_lesion.sources.local import extract_zip_safely
+from skin_lesion.model.classifier import LesionClassifier, decode_base64_image
 
 
 @pytest.mark.parametrize("name", ["../evil.jpg", "/etc/evil.jpg", "Train/../../evil.jpg"])
@@ -55,7 +55,7 @@ def test_model_with_arbitrary_code_is_refused(tmp_path: Path) -> None:
 
 
 def test_oversized_image_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("skin_lesion.serving.MAX_IMAGE_BYTES", 10)
+    monkeypatch.setattr("skin_lesion.model.classifier.MAX_IMAGE_BYTES", 10)
     with pytest.raises(MlflowException, match=r"row 3: larger than the 0 MiB limit") as raised:
         decode_base64_image("A" * 100, 32, row=3)
     assert raised.value.get_http_status_code() == 400

@@ -12,10 +12,10 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from skin_lesion.files import sha256_file, write_text_atomic
-from skin_lesion.manifests import RAW_COLUMNS
+from skin_lesion.data.manifests import RAW_COLUMNS
 from skin_lesion.params import SyntheticParams
 
-log = logging.getLogger("skin_lesion.sources.synthetic")
+log = logging.getLogger("skin_lesion.data.sources.synthetic")
 
 
 SYNTHETIC_NOTICE = (

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from skin_lesion.model.classifier import trained_on_warning
 from skin_lesion.params import BaseParams, DownloadParams, TrainParams
-from skin_lesion.serving import trained_on_warning
 
 
 def describe_source(download: DownloadParams) -> str:

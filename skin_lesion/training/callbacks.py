@@ -20,11 +20,11 @@ import numpy as np
 from dvclive import Live
 
 from skin_lesion.errors import PipelineError
+from skin_lesion.evaluation.metrics import capped_balanced_accuracy
 from skin_lesion.files import atomic_output_dir, restore_interrupted_swap
-from skin_lesion.metrics import capped_balanced_accuracy
-from skin_lesion.ood import call_in_batches
+from skin_lesion.model.prediction import call_in_batches
 
-log = logging.getLogger("skin_lesion.callbacks")
+log = logging.getLogger("skin_lesion.training.callbacks")
 
 
 MONITOR = "val_balanced_accuracy"
@@ -32,7 +32,7 @@ CHECKPOINT_KEY_LENGTH = 24  # hex digits of the settings hash that names a check
 
 
 def predict_in_batches(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """The single-output model's answer, one batch at a time (ood.call_in_batches says why)."""
+    """The single-output model's answer, one batch at a time (model/prediction.py call_in_batches says why)."""
     return call_in_batches(model, images, batch_size)[0]
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
-from skin_lesion.metrics import auc_or_none, balanced_accuracy, metrics_by_collection
+from skin_lesion.evaluation.metrics import auc_or_none, balanced_accuracy, metrics_by_collection
 
-log = logging.getLogger("skin_lesion.stress")
+log = logging.getLogger("skin_lesion.evaluation.stress")
 
 
 Transform = Callable[[np.ndarray, float], np.ndarray]

@@ -23,12 +23,12 @@ import pandas as pd
 from scipy.stats import fisher_exact
 from sklearn.model_selection import StratifiedGroupKFold
 
-from skin_lesion.dedup import photo_groups
+from skin_lesion.data.dedup import photo_groups
 from skin_lesion.errors import PipelineError
-from skin_lesion.external import alert_figures, binomial, leave_out_copies, list_set
-from skin_lesion.linear_head import FitHead, head_probabilities, probe_fitter
-from skin_lesion.metrics import auc_or_none, bootstrap_auc, choose_threshold, exact_interval
+from skin_lesion.evaluation.external import alert_figures, binomial, leave_out_copies, list_set
+from skin_lesion.evaluation.metrics import auc_or_none, bootstrap_auc, choose_threshold, exact_interval
 from skin_lesion.params import SiteParams
+from skin_lesion.training.linear_head import FitHead, head_probabilities, probe_fitter
 
 NOT_LEARNED = -1  # the class index of a site image labelled `other`: scored for the alert, never learned
 SCORE_COLUMNS = [  # the site stage's cross-fitted scores

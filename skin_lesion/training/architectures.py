@@ -2,9 +2,8 @@
 
 `build_model` makes the classifier that is saved and served: RGB pixel values 0..255 in, class
 probabilities in float32 out. `with_augmentation` puts random augmentation layers in front of it for
-training; they run on the accelerator with the model and are not part of the saved model. The
-custom layers a saved model may hold are registered with Keras when this module is imported, which
-is how `load_model` finds them.
+training; they run on the accelerator with the model and are not part of the saved model. The one
+custom layer a saved model may hold lives with the model's own code (skin_lesion/model/network.py).
 """
 
 from __future__ import annotations
@@ -19,10 +18,10 @@ from keras import layers, ops
 
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import atomic_file
+from skin_lesion.model.network import OUTPUT_LAYER, ShadesOfGray
 from skin_lesion.params import AugmentParams
 
 BACKBONE_NAME = "backbone"  # the keras.applications net inside a model, frozen and unfrozen by name
-OUTPUT_LAYER = "probs"  # the softmax head; its input is the image's embedding (skin_lesion/ood.py)
 
 
 def build_model(
@@ -46,11 +45,6 @@ def build_model(
     return keras.Model(inputs, outputs, name=arch)
 
 
-def load_model(path: Path | str) -> keras.Model:
-    """A saved classifier, loaded in safe mode (no arbitrary code) with this module's layers known."""
-    return keras.saving.load_model(path, safe_mode=True)
-
-
 def with_augmentation(model: keras.Model, augment: AugmentParams) -> keras.Model:
     """`model` behind the configured random augmentation (training only); both share their weights."""
     steps: list[layers.Layer] = []
@@ -69,40 +63,6 @@ def with_augmentation(model: keras.Model, augment: AugmentParams) -> keras.Model
     inputs = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="image")
     augmented = keras.Sequential(steps, name="augment")(inputs)
     return keras.Model(inputs, model(augmented), name=f"{model.name}_augmented")
-
-
-@keras.saving.register_keras_serializable(package="skin_lesion")
-class ShadesOfGray(layers.Layer):
-    """Shades of Gray colour constancy: each image's colours divided by its estimated illuminant.
-
-    Dermoscopes light and white-balance lesions differently, so colour carries the device as well as
-    the lesion. The illuminant is each channel's Minkowski `power`-mean (Finlayson and Trezzi, 2004;
-    power 6 is the usual choice for dermoscopy), scaled so that a grey illuminant changes nothing.
-    Keras has no colour constancy layer; this one is part of the saved model, as the same correction
-    must run wherever the model does. Keep it in float32: a bfloat16 mean over 32,400 pixels is coarse.
-    """
-
-    def __init__(self, power: float, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.power = power
-
-    def call(self, images: Any) -> Any:
-        """The images, colour-corrected, values 0..255."""
-        images = ops.cast(images, self.compute_dtype)
-        normalised = ops.power(ops.clip(images / 255.0, 0.0, 1.0), self.power)
-        illuminant = ops.power(ops.mean(normalised, axis=(1, 2), keepdims=True), 1.0 / self.power)
-        # Unit length times sqrt(3): a grey illuminant (equal channels) gives 1 in every channel.
-        length = ops.sqrt(ops.sum(ops.square(illuminant), axis=-1, keepdims=True))
-        gain = ops.sqrt(3.0) * illuminant / ops.maximum(length, 1e-6)
-        return ops.clip(images / ops.maximum(gain, 1e-3), 0.0, 255.0)
-
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        """Same shape as the input."""
-        return input_shape
-
-    def get_config(self) -> dict[str, Any]:
-        """The constructor arguments, for Keras serialisation."""
-        return {**super().get_config(), "power": self.power}
 
 
 class RandomAffine(layers.Layer):

@@ -8,7 +8,7 @@ calibrates and alerts the same way: the predict command, `mlflow.pyfunc.load_mod
 Input: a DataFrame with a column `image` of base64-encoded image files (JPEG, PNG, ...).
 Output: one row per image: `predicted_label`, `predicted_label_external_recall` (how often the version
 found that class on external sets; NaN where none had it), `p_<class>` per class (calibrated),
-`p_melanoma`, `melanoma_alert`, `ood_score` and `unlike_training` (skin_lesion/ood.py), and
+`p_melanoma`, `melanoma_alert`, `ood_score` and `unlike_training` (model/ood.py), and
 `model_warning`.
 """
 
@@ -30,8 +30,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from skin_lesion.errors import PipelineError
 from skin_lesion.images import load_rgb
+from skin_lesion.model.ood import OodModel
 
-log = logging.getLogger("skin_lesion.serving")
+log = logging.getLogger("skin_lesion.model.classifier")
 
 IMAGE_COLUMN = "image"
 
@@ -59,7 +60,7 @@ def calibrated(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     if temperature == 1:  # versions registered before calibration answer exactly as they did
         return np.asarray(probabilities)
     # log(p) is the logits up to a constant per row, which the softmax ignores. numpy, not scipy: the
-    # registered model ships only the packages its code imports (packaging.MODEL_PACKAGES).
+    # registered model ships only the packages its code imports (registry/model_contents.py).
     logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, None)) / temperature
     scaled = np.exp(logits - logits.max(axis=1, keepdims=True))
     return scaled / scaled.sum(axis=1, keepdims=True)
@@ -152,13 +153,13 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the Keras model (safe mode) and the configuration that travels with it."""
         # The backend loads only when a model is used.
-        from skin_lesion.architectures import load_model  # noqa: PLC0415
+        from skin_lesion.model.network import load_model  # noqa: PLC0415
+        from skin_lesion.model.prediction import with_embeddings  # noqa: PLC0415
 
         self.config: dict[str, Any] = dict(context.model_config)
         warning = trained_on_warning(str(self.config.get("data_source", "")))
         if warning:
             log.warning("%s", warning)
-        from skin_lesion.ood import OodModel, with_embeddings  # noqa: PLC0415
 
         self.model = load_model(context.artifacts["keras_model"])
         self.network = with_embeddings(self.model)
@@ -183,7 +184,7 @@ class LesionClassifier(mlflow.pyfunc.PythonModel):
 
     def score(self, images: np.ndarray) -> pd.DataFrame:
         """The prediction frame of decoded (n, size, size, 3) uint8 images."""
-        from skin_lesion.ood import predict_with_embeddings  # noqa: PLC0415
+        from skin_lesion.model.prediction import predict_with_embeddings  # noqa: PLC0415
 
         mirror_average = bool(self.config.get("mirror_average", False))  # older versions: no mirroring
         probabilities, embeddings = predict_with_embeddings(

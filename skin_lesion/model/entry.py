@@ -6,6 +6,6 @@ path; nothing is unpickled, so a registered version does not depend on how a Pyt
 
 import mlflow
 
-from skin_lesion.serving import LesionClassifier
+from skin_lesion.model.classifier import LesionClassifier
 
 mlflow.models.set_model(LesionClassifier())

@@ -32,7 +32,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from skin_lesion.files import process_alive, sha256_file, write_text_atomic
 
-log = logging.getLogger("skin_lesion.isic_archive")
+log = logging.getLogger("skin_lesion.data.isic_archive")
 
 
 # Statuses that mean "try again later": rate limiting and server-side trouble.

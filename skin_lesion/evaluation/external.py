@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from skin_lesion.dedup import inspect_images, near_duplicate_mask
+from skin_lesion.data.dedup import inspect_images, near_duplicate_mask
 from skin_lesion.errors import PipelineError
+from skin_lesion.evaluation.metrics import auc_or_none, bootstrap_auc, exact_interval
 from skin_lesion.files import extract_zip_safely, read_table
 from skin_lesion.images import IMAGE_SUFFIXES, load_images
-from skin_lesion.metrics import auc_or_none, bootstrap_auc, exact_interval
 from skin_lesion.params import OTHER_LABEL, ExternalSetParams
 
-log = logging.getLogger("skin_lesion.external")
+log = logging.getLogger("skin_lesion.evaluation.external")
 
 MAX_EXTRACT_BYTES = 4096 * 2**20  # an external set's .zip may unpack to at most this
 

@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.model_selection import StratifiedGroupKFold
 
-from skin_lesion.dedup import (
+from skin_lesion.data.dedup import (
     _components,
     _near_pairs,
     _pairs_sharing,
@@ -24,9 +24,9 @@ from skin_lesion.dedup import (
     resolve_duplicates,
 )
 from skin_lesion.errors import PipelineError
-from skin_lesion.manifests import REMOVED_COLUMNS
+from skin_lesion.data.manifests import REMOVED_COLUMNS
 from skin_lesion.params import SplitParams
-from skin_lesion.provenance import (
+from skin_lesion.data.provenance import (
     class_collection_association,
     mix_shares,
     provenance_warnings,

@@ -18,14 +18,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from PIL import Image
 
+from skin_lesion.evaluation.metrics import headline
 from skin_lesion.files import sha256_file
-from skin_lesion.metrics import headline
-from skin_lesion.packaging import MLFLOW_MODEL_NAME, model_code
+from skin_lesion.model.classifier import IMAGE_COLUMN, prediction_frame
 from skin_lesion.params import EvaluateParams
-from skin_lesion.serving import IMAGE_COLUMN, prediction_frame
+from skin_lesion.registry.model_contents import ENTRY_FILE, MLFLOW_MODEL_NAME, model_code
 from skin_lesion.tracking import DVC_DATA_TAG
 
-log = logging.getLogger("skin_lesion.registry")
+log = logging.getLogger("skin_lesion.registry.registration")
 
 
 CHAMPION_ALIAS = "champion"  # the registry alias of the version people rely on
@@ -61,10 +61,10 @@ def log_servable_model(
 ) -> str:
     """Log the pyfunc that wraps the Keras model with its preprocessing and threshold; return its URI.
 
-    It ships only the code that loading it needs (packaging.MODEL_CODE) and `requirements`, the
-    pinned packages that code imports (packaging.pip_requirements). `data_source` (download.source)
+    It ships only the code that loading it needs (model_contents.model_code_files) and `requirements`, the
+    pinned packages that code imports (model_contents.pip_requirements). `data_source` (download.source)
     travels with it: a model trained on synthetic shapes says so in every answer (`model_warning`)
-    and in its metadata. `ood_path` is its OOD summary (.npz of skin_lesion/ood.py); `test_figures`
+    and in its metadata. `ood_path` is its OOD summary (.npz of skin_lesion/model/ood.py); `test_figures`
     are what its test split said (metrics.reference_figures), which the review page and
     `skin-lesion monitor` read from the registry. With `mirror_average`, every consumer averages each
     image with its mirror, as evaluate did. `temperature` (fitted on validation by evaluate) scales
@@ -96,7 +96,7 @@ def log_servable_model(
     with tempfile.TemporaryDirectory() as folder:
         info = mlflow.pyfunc.log_model(
             name=MLFLOW_MODEL_NAME,
-            python_model=Path(__file__).with_name("pyfunc_model.py"),
+            python_model=ENTRY_FILE,
             input_example=example,
             artifacts=artifacts,
             model_config=config,

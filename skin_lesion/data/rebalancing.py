@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.manifests import REBALANCED_COLUMNS
+from skin_lesion.data.manifests import REBALANCED_COLUMNS
 
 
 def rebalance(

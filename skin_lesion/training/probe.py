@@ -22,11 +22,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from skin_lesion.architectures import BACKBONE_NAME, OUTPUT_LAYER
 from skin_lesion.files import atomic_file
-from skin_lesion.ood import predict_with_embeddings, with_embeddings
+from skin_lesion.model.network import OUTPUT_LAYER
+from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings
+from skin_lesion.training.architectures import BACKBONE_NAME
 
-log = logging.getLogger("skin_lesion.probe")
+log = logging.getLogger("skin_lesion.training.probe")
 
 
 def backbone_key(model: keras.Model, mirror_average: bool) -> str:

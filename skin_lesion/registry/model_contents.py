@@ -18,27 +18,18 @@ from packaging.utils import canonicalize_name
 
 from skin_lesion.errors import PipelineError
 
-log = logging.getLogger("skin_lesion.packaging")
+log = logging.getLogger("skin_lesion.registry.model_contents")
 
 MLFLOW_MODEL_NAME = "model"  # the model's name inside its MLflow run
-PACKAGE = Path(__file__).parent
-# pyfunc_model.py and every module it imports, directly or not (tests/test_dvc_yaml.py checks this):
-# the code a registered model ships. The package's __init__ runs first on import, and quiet.py with it.
-MODEL_CODE = (
-    "__init__.py",
-    "quiet.py",
-    "pyfunc_model.py",
-    "serving.py",
-    "architectures.py",
-    "ood.py",
-    "images.py",
-    "files.py",
-    "manifests.py",
-    "params.py",
-    "errors.py",
-)
-# The distributions MODEL_CODE imports (tests/test_dvc_yaml.py checks this), and each backend's.
-MODEL_PACKAGES = ("keras", "mlflow", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "scikit-learn")
+PACKAGE = Path(__file__).parents[1]  # skin_lesion/
+MODEL_FOLDER = PACKAGE / "model"
+ENTRY_FILE = MODEL_FOLDER / "entry.py"  # MLflow "models from code" runs it to get the pyfunc class
+# The code a registered model ships (tests/test_dvc_yaml.py checks it equals what loading it imports):
+# the model/ folder, and the three files any import of skin_lesion runs or needs first: the package's
+# __init__ (it quiets TensorFlow through quiet.py) and the one exception type, errors.py.
+PACKAGE_FILES = ("__init__.py", "quiet.py", "errors.py", "images.py")
+# The distributions that code imports (tests/test_dvc_yaml.py checks this), and each backend's.
+MODEL_PACKAGES = ("keras", "mlflow", "numpy", "pandas", "pillow")
 BACKEND_PACKAGES = {
     "tensorflow": ("tensorflow", "tensorflow-cpu"),  # the lock holds the one for this platform
     "jax": ("jax", "jaxlib"),
@@ -89,12 +80,18 @@ def pip_requirements(backend: str, lock: Path) -> list[str]:
     return requirements
 
 
+def model_code_files() -> list[Path]:
+    """The files a registered model ships: PACKAGE_FILES and the model/ folder's modules."""
+    return [PACKAGE / name for name in PACKAGE_FILES] + sorted(MODEL_FOLDER.glob("*.py"))
+
+
 def model_code(folder: Path) -> Path:
-    """Copy MODEL_CODE into `folder`/skin_lesion and return that package folder, for `code_paths`."""
+    """Copy the model's code into `folder`/skin_lesion and return that package folder, for `code_paths`."""
     package = folder / PACKAGE.name
-    package.mkdir(parents=True)
-    for name in MODEL_CODE:
-        shutil.copy2(PACKAGE / name, package / name)
+    for path in model_code_files():
+        target = package / path.relative_to(PACKAGE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
     return package
 
 

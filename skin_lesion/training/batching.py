@@ -14,7 +14,7 @@ import numpy as np
 from skin_lesion.files import atomic_file
 from skin_lesion.images import load_images
 
-log = logging.getLogger("skin_lesion.batching")
+log = logging.getLogger("skin_lesion.training.batching")
 
 
 CACHE_KEY_LENGTH = 24  # hex digits of the content hash that names a decoded-image cache file

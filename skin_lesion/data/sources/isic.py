@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import read_table, sha256_file, write_csv_atomic, write_text_atomic
-from skin_lesion.isic_archive import (
+from skin_lesion.data.isic_archive import (
     ArchiveClient,
     ArchiveError,
     RetryPolicy,
@@ -27,11 +27,11 @@ from skin_lesion.isic_archive import (
     read_cached,
     remove_partial_files,
 )
-from skin_lesion.manifests import OFFICIAL_SPLITS, RAW_COLUMNS
+from skin_lesion.data.manifests import OFFICIAL_SPLITS, RAW_COLUMNS
 from skin_lesion.params import IsicParams
-from skin_lesion.provenance import UNKNOWN
+from skin_lesion.data.provenance import UNKNOWN
 
-log = logging.getLogger("skin_lesion.sources.isic")
+log = logging.getLogger("skin_lesion.data.sources.isic")
 
 
 def fetch_isic(settings: IsicParams, classes: Sequence[str], out: Path, cache: Path) -> pd.DataFrame:

@@ -19,11 +19,11 @@ import pandas as pd
 from skin_lesion.errors import PipelineError
 from skin_lesion.files import extract_zip_safely, read_table, sha256_file, write_csv_atomic
 from skin_lesion.images import IMAGE_SUFFIXES
-from skin_lesion.manifests import OFFICIAL_SPLITS, RAW_COLUMNS, SKIPPED_COLUMNS, SKIPPED_NAME
+from skin_lesion.data.manifests import OFFICIAL_SPLITS, RAW_COLUMNS, SKIPPED_COLUMNS, SKIPPED_NAME
 from skin_lesion.params import COLLECTION_FROM_ID, LocalParams
-from skin_lesion.provenance import UNKNOWN, collection_from_isic_id
+from skin_lesion.data.provenance import UNKNOWN, collection_from_isic_id
 
-log = logging.getLogger("skin_lesion.sources.local")
+log = logging.getLogger("skin_lesion.data.sources.local")
 
 
 @dataclass(frozen=True)

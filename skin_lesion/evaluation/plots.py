@@ -12,8 +12,8 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, precision_recall_curve, roc_curve
 
+from skin_lesion.evaluation.metrics import reliability_table
 from skin_lesion.files import atomic_file, atomic_output_dir, write_csv_atomic
-from skin_lesion.metrics import reliability_table
 from skin_lesion.params import EvaluateParams
 
 FIGURE_DPI = 100  # the PNG figures: 700 px wide and more

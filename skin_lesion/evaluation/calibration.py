@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from skin_lesion.metrics import expected_calibration_error
-from skin_lesion.serving import calibrated
+from skin_lesion.evaluation.metrics import expected_calibration_error
+from skin_lesion.model.classifier import calibrated
 
 # The search range of the temperature: far beyond what a softmax head needs either way.
 TEMPERATURE_BOUNDS = (0.05, 20.0)

@@ -17,27 +17,32 @@ from scipy.special import softmax
 from sklearn.metrics import accuracy_score, log_loss
 from sklearn.utils.class_weight import compute_sample_weight
 
-from skin_lesion.architectures import build_model, has_backbone, set_backbone_trainable, with_augmentation
-from skin_lesion.batching import ShuffledBatches
-from skin_lesion.callbacks import (
+from skin_lesion.errors import PipelineError
+from skin_lesion.evaluation.metrics import capped_balanced_accuracy
+from skin_lesion.evaluation.sites import ProbeInputs
+from skin_lesion.files import atomic_file
+from skin_lesion.params import BaseParams, TrainParams
+from skin_lesion.training.architectures import (
+    build_model,
+    has_backbone,
+    set_backbone_trainable,
+    with_augmentation,
+)
+from skin_lesion.training.batching import ShuffledBatches
+from skin_lesion.training.callbacks import (
     MONITOR,
     ResumableCheckpoint,
     StopOnNonFiniteLoss,
     TrainingClock,
     ValidationMetrics,
 )
-from skin_lesion.errors import PipelineError
-from skin_lesion.files import atomic_file
-from skin_lesion.linear_head import probe_fitter
-from skin_lesion.metrics import capped_balanced_accuracy
-from skin_lesion.params import BaseParams, TrainParams
-from skin_lesion.probe import (
+from skin_lesion.training.linear_head import probe_fitter
+from skin_lesion.training.probe import (
     cached_embeddings,
     collection_projection,
     interpolate_weights,
     set_head,
 )
-from skin_lesion.sites import ProbeInputs
 
 
 def check_weights_file(weights: str, folder: Path) -> None:

@@ -1,0 +1,1 @@
+"""The data stages' code: sources and downloads, manifests, deduplication, the split, rebalancing."""
