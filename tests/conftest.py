@@ -26,7 +26,7 @@ from skin_lesion.data.sources.isic import fetch_isic
 from skin_lesion.data.sources.local import fetch_local
 from skin_lesion.params import Params
 from skin_lesion.registry.model_contents import pip_requirements
-from skin_lesion.registry.registration import log_servable_model
+from skin_lesion.registry.registration import log_servable_model, register_version
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
@@ -194,11 +194,106 @@ def log_test_model(
     )
 
 
+def register_lesion_model(
+    root: Path,
+    model: Any,
+    name: str,
+    size: int,
+    lesions: int,
+    ood: bool = False,
+    card: str = "",
+    description: str = "",
+    **extra: Any,
+) -> tuple[float, int, int]:
+    """Save `model` in `root` and register it as a version of `name` in the store MLflow points at.
+
+    Its threshold lies between the P(melanoma) of two of the draw_lesion images 0..`lesions`-1 at
+    `size` px; returns it and those two seeds, lower P(melanoma) first. `ood`: with an OOD summary
+    fitted on the images' embeddings (the first three quarters; the rest held out). `card`: logged
+    with the run as model_card.md, as evaluate logs the whole card. `extra`: log_test_model's.
+    """
+    from skin_lesion.evaluation.ood_fitting import fit_ood  # noqa: PLC0415 - Keras
+    from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings  # noqa: PLC0415 - Keras
+
+    experiment = mlflow.create_experiment(root.name, artifact_location=(root / "artifacts").as_uri())
+    model.save(root / "model.keras")
+    pixels = np.stack([np.asarray(draw_lesion(seed, size)) for seed in range(lesions)])
+    probabilities, embeddings = predict_with_embeddings(with_embeddings(model), pixels, batch_size=16)
+    if ood:
+        fitted = lesions * 3 // 4
+        fit_ood(embeddings[:fitted], embeddings[fitted:], quantile=0.9).save(root / "ood.npz")
+        extra["ood_path"] = root / "ood.npz"
+    low, high = (int(seed) for seed in np.argsort(probabilities[:, 0])[[0, -1]])
+    threshold = float(probabilities[[low, high], 0].mean())
+    with mlflow.start_run(experiment_id=experiment):
+        model_uri = log_test_model(root / "model.keras", CLASSES, size, threshold, "local", **extra)
+        if card:
+            (root / "model_card.md").write_text(card, encoding="utf-8")
+            mlflow.log_artifact(str(root / "model_card.md"))
+    register_version(model_uri, name, tags={}, description=description)
+    return threshold, low, high
+
+
 def point_mlflow_at(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tracking and registry at `uri`, for this process and the commands it starts."""
+    """Tracking and registry at `uri`, for this process and the commands it starts, until the test ends.
+
+    The environment goes back with `monkeypatch`, MLflow's own URIs with `_mlflow_uris_restored`.
+    """
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+
+
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextmanager
+def mlflow_pointed_at(uri: str | None) -> Iterator[None]:
+    """Tracking and registry at `uri` (None: left as they are) until the block ends, then as before it.
+
+    mlflow.set_tracking_uri and set_registry_uri set a module global and an environment variable
+    each; both are put back (mlflow.get_tracking_uri would resolve an unset URI to a default instead).
+    """
+    from mlflow.tracking._model_registry import utils as registry  # noqa: PLC0415 - private, by need
+    from mlflow.tracking._tracking_service import utils as tracking  # noqa: PLC0415
+
+    tracking_uri, registry_uri = tracking._tracking_uri, registry._registry_uri
+    variables = {name: os.environ.get(name) for name in MLFLOW_URI_VARIABLES}
+    if uri is not None:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(tracking_uri)
+        registry._registry_uri = registry_uri  # set_registry_uri(None) would keep the variable
+        for name, value in variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored() -> Iterator[None]:
+    """Whatever a test (or the code it calls) points MLflow at, the next test starts where it started."""
+    with mlflow_pointed_at(None):
+        yield
+
+
+@pytest.fixture
+def float32_policy_restored() -> Iterator[None]:
+    """Keras' global dtype policy back to float32 after the test (training with mixed precision sets it)."""
+    yield
+    import keras  # noqa: PLC0415 - only the tests that use it pay for importing Keras here
+
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.fixture
+def weights_file(tmp_path: Path) -> Path:
+    """A tiny MobileNet backbone's weights file (seed 5) in tmp_path: the tests' 'ImageNet' weights."""
+    return tiny_backbone_weights(tmp_path / "weights" / "mobilenet.weights.h5", seed=5)
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -120,29 +122,34 @@ def test_retry_after_is_honoured(tmp_path: Path) -> None:
     assert _files_by_id(tmp_path / "out") == archive.images
 
 
-def test_rerun_downloads_nothing(tmp_path: Path) -> None:
-    archive = StandinArchive(images=make_images(5))
+def _fetch_twice(tmp_path: Path, archive: StandinArchive, between: Callable[[Path], None]) -> Counter:
+    """Fetch every image of `archive` into first/, call `between` on the cache, fetch again into
+    second/ with the same cache; the archive's request counts after the first fetch."""
     manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
     with serve(archive) as api_url:
         params = _isic_params(api_url, manifest)
         fetch_isic_source(params, tmp_path / "first", tmp_path / "cache")
-        before = archive.requests.copy()
+        after_first = archive.requests.copy()
+        between(tmp_path / "cache")
         fetch_isic_source(params, tmp_path / "second", tmp_path / "cache")
-    assert archive.requests == before
     assert _files_by_id(tmp_path / "second") == archive.images
+    return after_first
+
+
+def test_rerun_downloads_nothing(tmp_path: Path) -> None:
+    archive = StandinArchive(images=make_images(5))
+    after_first = _fetch_twice(tmp_path, archive, between=lambda cache: None)
+    assert archive.requests == after_first
 
 
 def test_corrupted_cache_file_is_fetched_again(tmp_path: Path) -> None:
-    archive = StandinArchive(images=make_images(2))
-    manifest = _write_manifest(tmp_path / "manifest.csv", sorted(archive.images))
-    with serve(archive) as api_url:
-        params = _isic_params(api_url, manifest)
-        fetch_isic_source(params, tmp_path / "first", tmp_path / "cache")
-        cached = tmp_path / "cache" / "ISIC_0000001.jpg"
+    def corrupt(cache: Path) -> None:
+        cached = cache / "ISIC_0000001.jpg"
         cached.write_bytes(bytes(reversed(cached.read_bytes())))  # same size, other bytes
-        fetch_isic_source(params, tmp_path / "second", tmp_path / "cache")
+
+    archive = StandinArchive(images=make_images(2))
+    _fetch_twice(tmp_path, archive, between=corrupt)
     assert archive.requests["file"] == 3
-    assert _files_by_id(tmp_path / "second") == archive.images
 
 
 def test_permanently_missing_image_is_named(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from skin_lesion.evaluation.plots import pr_rows, roc_rows, roc_table, worst_mis
 from skin_lesion.model.classifier import calibrated, external_class_recall
 from skin_lesion.params import EvaluateParams
 from skin_lesion.registry.registration import decide_promotion, register_version
-from tests.conftest import repo_params, write_image
+from tests.conftest import point_mlflow_at, repo_params, write_image
 
 CLASSES = ["melanoma", "nevus", "vascular lesion"]
 # Six test images, two per class. Predictions: 0 right, 1 missed melanoma (said nevus),
@@ -345,11 +345,10 @@ def test_write_plots_writes_the_charts_data_and_readable_images(tmp_path: Path) 
 
 
 @pytest.fixture
-def registry(in_tmp: Path) -> str:
+def registry(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A SQLite registry in tmp_path holding one logged model; returns its URI."""
     uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    point_mlflow_at(uri, monkeypatch)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
     with mlflow.start_run():
         return mlflow.keras.log_model(model, name="model", pip_requirements=["keras"]).model_uri

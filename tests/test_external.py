@@ -94,11 +94,19 @@ def test_a_zip_of_a_set_reads_like_the_folder(tmp_path: Path) -> None:
     with zipfile.ZipFile(archive, "w") as handle:
         for path in sorted(folder.rglob("*")):
             handle.write(path, "wrapped/" + path.relative_to(folder).as_posix())
-    (found,) = load_external_sets(
-        tmp_path / "external", _settings(), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
+    seen = inspect_images(_training_images(tmp_path / "train"), max_pixels=None)
+    from_folder, from_zip = (
+        load_external_sets(root, _settings(), seen, 2, "melanoma", 32, MAX_PIXELS)[0]
+        for root in (tmp_path / "unpacked", tmp_path / "external")
     )
-    assert len(found.rows) == 7
-    assert set(found.rows["target"]) == {"melanoma", "nevus", "other"}
+
+    def by_label_folder(rows: pd.DataFrame) -> pd.DataFrame:  # the folders the sets lie in differ
+        return rows.assign(path=[f"{Path(p).parent.name}/{Path(p).name}" for p in rows["path"]])
+
+    assert len(from_folder.rows) == 5  # the seven images less the two copies of training images
+    pd.testing.assert_frame_equal(by_label_folder(from_zip.rows), by_label_folder(from_folder.rows))
+    np.testing.assert_array_equal(from_zip.images, from_folder.images)
+    assert from_zip.left_out == from_folder.left_out
 
 
 def test_reviewed_images_exported_by_export_feedback_are_a_set(tmp_path: Path) -> None:
@@ -115,17 +123,9 @@ def test_reviewed_images_exported_by_export_feedback_are_a_set(tmp_path: Path) -
 
 
 def test_labels_can_come_from_a_csv(tmp_path: Path) -> None:
-    root = _external_set(tmp_path / "external") / "clinic"
-    flat = root / "all"
-    flat.mkdir()
-    for path in list(root.rglob("*.*")):
-        if path.parent != flat:
-            shutil.move(path, flat / path.name)
-    (root / "labels.csv").write_text(
-        "isic_id,label\na,mel\nb,mel\nc,atypical nevus\nd,lentigo\n", encoding="utf-8"
-    )
+    folder = _set_with_labels_csv(tmp_path, b"isic_id,label\na,mel\nb,mel\nc,atypical nevus\nd,lentigo\n")
     (found,) = load_external_sets(
-        tmp_path / "external", _settings(labels_csv="labels.csv"), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
+        folder, _settings(labels_csv="labels.csv"), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
     )
     assert sorted(found.rows["target"]) == [
         "melanoma",

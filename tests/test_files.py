@@ -32,10 +32,16 @@ def test_atomic_dir_appears_only_when_complete(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_atomic_dir_failure_keeps_old_output_and_no_temp(tmp_path: Path) -> None:
+def _old_output(tmp_path: Path, name: str) -> Path:
+    """tmp_path/out holding one file, `name`, that reads 'old': a stage's output from an earlier run."""
     final = tmp_path / "out"
     final.mkdir()
-    (final / "a.txt").write_text("old")
+    (final / name).write_text("old")
+    return final
+
+
+def test_atomic_dir_failure_keeps_old_output_and_no_temp(tmp_path: Path) -> None:
+    final = _old_output(tmp_path, "a.txt")
 
     def write_half_then_die() -> None:
         with atomic_output_dir(final) as tmp:
@@ -49,9 +55,7 @@ def test_atomic_dir_failure_keeps_old_output_and_no_temp(tmp_path: Path) -> None
 
 
 def test_atomic_dir_replaces_old_output_whole(tmp_path: Path) -> None:
-    final = tmp_path / "out"
-    final.mkdir()
-    (final / "stale.txt").write_text("old")
+    final = _old_output(tmp_path, "stale.txt")
     with atomic_output_dir(final) as tmp:
         (tmp / "fresh.txt").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["fresh.txt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -38,9 +39,17 @@ def test_the_model_pins_its_packages_and_its_backend_from_the_lock(tmp_path: Pat
     ]
 
 
-def test_a_backend_the_lock_does_not_hold_is_pinned_as_installed(tmp_path: Path) -> None:
-    requirements = pip_requirements("no-such-backend", _lock(tmp_path))
-    assert requirements == [f"{name}==1.0" for name in MODEL_PACKAGES]  # nothing installed to pin
+def test_a_backend_the_lock_does_not_hold_is_pinned_as_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def installed(name: str) -> str:  # torch 2.7.1 and the lock's versions of the rest
+        return "2.7.1" if name == "torch" else "1.0"
+
+    monkeypatch.setattr(importlib.metadata, "version", installed)
+    assert pip_requirements("torch", _lock(tmp_path)) == [
+        *(f"{name}==1.0" for name in MODEL_PACKAGES),
+        "torch==2.7.1",
+    ]
 
 
 def test_a_lock_without_a_package_the_model_imports_is_named(tmp_path: Path) -> None:

@@ -27,16 +27,7 @@ from tests.conftest import small_params, tiny_backbone_weights
 from tests.test_train import SIZE, _data
 from tests.test_transfer import _pretrained
 
-
-@pytest.fixture(autouse=True)
-def _float32_policy():
-    yield
-    keras.mixed_precision.set_dtype_policy("float32")
-
-
-@pytest.fixture
-def weights_file(tmp_path: Path) -> Path:
-    return tiny_backbone_weights(tmp_path / "weights" / "mobilenet.weights.h5", seed=5)
+pytestmark = pytest.mark.usefixtures("float32_policy_restored")
 
 
 def _probe_params(weights: Path, **train: object):

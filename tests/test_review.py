@@ -24,7 +24,6 @@ from typing import Any
 
 import keras
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 import uvicorn
@@ -39,9 +38,6 @@ from skin_lesion.app.promotion import describe_version, full_model_card, promoti
 from skin_lesion.app.review import DISCLAIMER, MAX_DIAGNOSIS_BYTES, MAX_REQUEST_BYTES, create_review_app
 from skin_lesion.app.server import read_limited
 from skin_lesion.errors import PipelineError
-from skin_lesion.evaluation.ood_fitting import fit_ood
-from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings
-from skin_lesion.registry.registration import register_version
 from skin_lesion.training.architectures import build_model
 from tests.conftest import (
     CHROMIUM,
@@ -52,9 +48,10 @@ from tests.conftest import (
     draw_lesion,
     fetch_local_source,
     free_port,
-    log_test_model,
     make_isic_folder,
+    mlflow_pointed_at,
     point_mlflow_at,
+    register_lesion_model,
     run_skin_lesion,
     small_params,
 )
@@ -100,47 +97,26 @@ def _png(image: Image.Image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A registered version with an OOD summary, and two lesion images on either side of its threshold."""
     root = tmp_path_factory.mktemp("review")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    experiment = mlflow.create_experiment("review", artifact_location=(root / "artifacts").as_uri())
-    keras.utils.set_random_seed(0)
-    model = build_model("resnet_small", SIZE, len(CLASSES), 0.0)
-    model.save(root / "model.keras")
-    pixels = np.stack([np.asarray(draw_lesion(seed, SIZE)) for seed in range(40)])
-    probabilities, embeddings = predict_with_embeddings(with_embeddings(model), pixels, batch_size=16)
-    ood = fit_ood(embeddings[:30], embeddings[30:], quantile=0.9)
-    ood.save(root / "ood.npz")
-    # Two images whose P(melanoma) lie on either side of the threshold.
-    low, high = np.argsort(probabilities[:, 0])[[0, -1]]
-    threshold = float(probabilities[[low, high], 0].mean())
-    images = {}
-    for name, seed in (("low.png", low), ("high.png", high)):
-        images[name] = _png(draw_lesion(int(seed), SIZE).resize((180, 180), Image.Resampling.NEAREST))
-    with mlflow.start_run(experiment_id=experiment):
-        model_uri = log_test_model(
-            root / "model.keras",
-            CLASSES,
-            SIZE,
-            threshold,
-            "local",
-            ood_path=root / "ood.npz",
-            test_figures=FIGURES,
+    with mlflow_pointed_at(uri):
+        keras.utils.set_random_seed(0)
+        model = build_model("resnet_small", SIZE, len(CLASSES), 0.0)
+        threshold, low, high = register_lesion_model(
+            root, model, NAME, SIZE, 40, ood=True, card=FULL_CARD, description=CARD, test_figures=FIGURES
         )
-        (root / "model_card.md").write_text(FULL_CARD, encoding="utf-8")
-        mlflow.log_artifact(str(root / "model_card.md"))  # as evaluate logs the whole card
-    register_version(model_uri, NAME, tags={}, description=CARD)
-    return {"root": root, "uri": uri, "images": images, "threshold": threshold}
+        images = {
+            name: _png(draw_lesion(seed, SIZE).resize((180, 180), Image.Resampling.NEAREST))
+            for name, seed in (("low.png", low), ("high.png", high))
+        }
+        yield {"root": root, "uri": uri, "images": images, "threshold": threshold}
 
 
 @pytest.fixture(scope="module")
 def review(registered: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The review app on 127.0.0.1 in a thread, with its own feedback database."""
-    mlflow.set_tracking_uri(registered["uri"])
-    mlflow.set_registry_uri(registered["uri"])
     version = describe_version(MlflowClient(), f"models:/{NAME}/1")
     store = FeedbackStore(registered["root"] / "feedback" / "review.db")
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
@@ -230,7 +206,6 @@ def test_the_model_card_page_shows_the_whole_card_logged_with_the_run_and_links_
 
 
 def test_a_version_whose_run_logged_no_card_shows_its_description(registered: dict) -> None:
-    mlflow.set_tracking_uri(registered["uri"])
     with mlflow.start_run() as run:  # as runs registered before evaluate logged the card
         pass
     assert full_model_card(MlflowClient(), run.info.run_id) == ""
@@ -368,7 +343,6 @@ def test_malformed_requests_are_400_without_a_traceback(review: dict, body: byte
 
 
 def _review_app(registered: dict, folder: Path, **options: Any) -> Any:
-    mlflow.set_tracking_uri(registered["uri"])
     version = describe_version(MlflowClient(), f"models:/{NAME}/1")
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     store = FeedbackStore(folder / "review.db")
@@ -609,7 +583,6 @@ def test_commands_that_read_the_database_refuse_a_missing_or_empty_one(
 
 
 def test_a_token_guards_every_page_but_health(registered: dict) -> None:
-    mlflow.set_tracking_uri(registered["uri"])
     version = describe_version(MlflowClient(), f"models:/{NAME}/1")
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     store = FeedbackStore(registered["root"] / "token" / "review.db")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +35,6 @@ from skin_lesion.app.server import MISSING, images_of_request, score_images
 from skin_lesion.errors import PipelineError
 from skin_lesion.model.classifier import calibrated, prediction_frame
 from skin_lesion.registry.model_contents import PACKAGE, model_code_files, pip_requirements
-from skin_lesion.registry.registration import register_version
 from skin_lesion.training.architectures import build_model
 from tests.conftest import (
     CLASSES,
@@ -44,7 +43,9 @@ from tests.conftest import (
     free_port,
     http_request,
     log_test_model,
+    mlflow_pointed_at,
     point_mlflow_at,
+    register_lesion_model,
     run_skin_lesion,
     running_server,
     tiny_backbone_weights,
@@ -57,30 +58,18 @@ SERVER_START_S = 180
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A SQLite MLflow store with one registered version, and high.png and low.png, two lesion images
     whose P(melanoma) lie on either side of its threshold."""
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
-    keras.utils.set_random_seed(0)
-    # With the custom colour constancy layer, which the served model must find in its code.
-    model = build_model("baseline_cnn", SIZE, len(CLASSES), 0.0, shades_of_gray=6)
-    model.save(root / "model.keras")
-    pixels = np.stack([np.asarray(draw_lesion(seed, SIZE)) for seed in range(20)])
-    p_melanoma = model.predict(pixels, verbose=0)[:, 0]
-    low, high = np.argsort(p_melanoma)[[0, -1]]
-    for name, seed in (("low.png", low), ("high.png", high)):
-        draw_lesion(int(seed), SIZE).save(root / name)
-    threshold = float(p_melanoma[[low, high]].mean())
-    with mlflow.start_run(experiment_id=experiment):
-        uri_of_model = log_test_model(
-            root / "model.keras", CLASSES, SIZE, threshold=threshold, source="local"
-        )
-    register_version(uri_of_model, NAME, tags={})
-    return root
+    with mlflow_pointed_at(f"sqlite:///{root / 'mlflow.db'}"):
+        keras.utils.set_random_seed(0)
+        # With the custom colour constancy layer, which the served model must find in its code.
+        model = build_model("baseline_cnn", SIZE, len(CLASSES), 0.0, shades_of_gray=6)
+        _, low, high = register_lesion_model(root, model, NAME, SIZE, 20)
+        for name, seed in (("low.png", low), ("high.png", high)):
+            draw_lesion(seed, SIZE).save(root / name)
+        yield root
 
 
 @pytest.fixture
@@ -353,9 +342,8 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path: Path)
     assert "argument paths: an empty path (an unset shell variable?)" in result.stderr.splitlines()[-1]
 
 
-def test_no_registered_model_is_a_clear_error(in_tmp: Path) -> None:
-    mlflow.set_tracking_uri(f"sqlite:///{in_tmp / 'empty.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{in_tmp / 'empty.db'}")
+def test_no_registered_model_is_a_clear_error(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    point_mlflow_at(f"sqlite:///{in_tmp / 'empty.db'}", monkeypatch)
     with pytest.raises(PipelineError, match=r"no registered model 'lesions'"):
         resolve_default_model(NAME)
 

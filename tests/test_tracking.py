@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from skin_lesion.tracking import (
     tracking_uri,
     upstream_data_hashes,
 )
-from tests.conftest import as_params, small_params
+from tests.conftest import MLFLOW_URI_VARIABLES, as_params, mlflow_pointed_at, small_params
 
 
 def test_default_store_is_sqlite_at_dvc_root(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,3 +189,17 @@ def test_a_tensorflow_warning_in_a_stage_is_printed_once(in_tmp: Path) -> None:
     result = subprocess.run([sys.executable, "-c", stage], check=True, capture_output=True, text=True)
     assert result.stderr.count("tracing is expensive") == 1
     assert "WARNING tensorflow: tracing is expensive" in result.stderr  # in the stages' own format
+
+
+def _mlflow_uris() -> tuple[str, str, dict[str, str | None]]:
+    variables = {name: os.environ.get(name) for name in MLFLOW_URI_VARIABLES}
+    return mlflow.get_tracking_uri(), mlflow.get_registry_uri(), variables
+
+
+def test_mlflow_is_pointed_back_where_it_was_after_a_block_of_a_test(tmp_path: Path) -> None:
+    before = _mlflow_uris()
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    with mlflow_pointed_at(elsewhere):
+        assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == elsewhere
+        mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'moved.db'}")  # as code under test may
+    assert _mlflow_uris() == before

@@ -41,7 +41,7 @@ from skin_lesion.training.recipes import (
     train_model,
     training_phases,
 )
-from tests.conftest import REPO, as_params, small_params, write_image
+from tests.conftest import REPO, as_params, point_mlflow_at, small_params, write_image
 
 SIZE = 32
 
@@ -60,10 +60,8 @@ def _params(**train: object):
     return as_params(small_params(base={"image_size": SIZE}, train=overrides))
 
 
-@pytest.fixture(autouse=True)
-def _float32_policy():
-    yield
-    keras.mixed_precision.set_dtype_policy("float32")  # tests that train set it globally
+# Tests that train set the dtype policy globally.
+pytestmark = pytest.mark.usefixtures("float32_policy_restored")
 
 
 def test_baseline_cnn_matches_the_reference_notebooks() -> None:
@@ -477,8 +475,8 @@ def test_without_a_checkpoint_dir_nothing_is_written(tmp_path: Path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-def test_epoch_logger_writes_dvclive_and_mlflow(in_tmp: Path) -> None:
-    mlflow.set_tracking_uri(f"sqlite:///{in_tmp / 'mlflow.db'}")
+def test_epoch_logger_writes_dvclive_and_mlflow(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    point_mlflow_at(f"sqlite:///{in_tmp / 'mlflow.db'}", monkeypatch)
     x, y = _data()
     params = _params(epochs=2, early_stopping_patience=0)
     live = Live(dir=str(in_tmp / "live"), save_dvc_exp=False, dvcyaml=None)

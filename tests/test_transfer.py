@@ -17,19 +17,17 @@ from skin_lesion.errors import PipelineError
 from skin_lesion.params import TrainParams
 from skin_lesion.training.architectures import BACKBONE_NAME, build_model
 from skin_lesion.training.recipes import Phase, check_weights_file, train_model, training_phases
-from tests.conftest import CLASSES, draw_lesion, log_test_model, small_params, tiny_backbone_weights
+from tests.conftest import (
+    CLASSES,
+    draw_lesion,
+    log_test_model,
+    point_mlflow_at,
+    small_params,
+    tiny_backbone_weights,
+)
 from tests.test_train import SIZE, _data, _Epochs, _KillAfter, _params
 
-
-@pytest.fixture(autouse=True)
-def _float32_policy():
-    yield
-    keras.mixed_precision.set_dtype_policy("float32")
-
-
-@pytest.fixture
-def weights_file(tmp_path: Path) -> Path:
-    return tiny_backbone_weights(tmp_path / "weights" / "mobilenet.weights.h5", seed=5)
+pytestmark = pytest.mark.usefixtures("float32_policy_restored")
 
 
 def _pretrained(weights: Path, **train: object):
@@ -185,15 +183,16 @@ def test_killed_run_resumes_in_the_right_phase(weights_file: Path, tmp_path: Pat
     assert not checkpoints.exists()
 
 
-def test_registered_pyfunc_needs_no_preprocessing_of_its_own(weights_file: Path, tmp_path: Path) -> None:
+def test_registered_pyfunc_needs_no_preprocessing_of_its_own(
+    weights_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The backbone's input scaling is a layer of the saved model: the pyfunc, given the image file,
     # returns what the train-time model returns for the same uint8 pixels.
     model = build_model("mobilenet", SIZE, 3, 0.0, weights=str(weights_file))
     model.save(tmp_path / "model.keras")
     pixels = np.asarray(draw_lesion(3, size=SIZE))
     Image.fromarray(pixels).save(tmp_path / "lesion.png")  # lossless: the pyfunc decodes the same pixels
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
+    point_mlflow_at(f"sqlite:///{tmp_path / 'mlflow.db'}", monkeypatch)
     with mlflow.start_run():
         model_uri = log_test_model(tmp_path / "model.keras", CLASSES, SIZE, threshold=0.5, source="local")
     served = mlflow.pyfunc.load_model(model_uri)

@@ -11,18 +11,19 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from skin_lesion.training.architectures import build_model
-from tests.conftest import CLASSES, REPO, log_test_model, run_skin_lesion, write_image
+from tests.conftest import CLASSES, REPO, log_test_model, point_mlflow_at, run_skin_lesion, write_image
 
 
 def test_predict_on_a_folder_with_an_oversized_and_a_corrupt_file_gives_every_file_a_row(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keras.utils.set_random_seed(0)
     build_model("baseline_cnn", 32, len(CLASSES), 0.0).save(tmp_path / "model.keras")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    point_mlflow_at(f"sqlite:///{tmp_path / 'mlflow.db'}", monkeypatch)
     with mlflow.start_run():
         uri = log_test_model(tmp_path / "model.keras", CLASSES, 32, threshold=0.5, source="local")
     folder = tmp_path / "clinic"
