@@ -197,7 +197,8 @@ OTHER_LABEL = "other"  # an external set's label that is none of base.classes
 
 
 class ExternalSetParams(_Section):
-    # A CSV inside the set with `isic_id` (the file's stem) and `label` columns; empty: the folder names
+    # A CSV inside the set with `isic_id` (the file's stem), `label` and optional `lesion_id` columns;
+    # empty: the folder names
     labels_csv: str
     # Each label of the set onto one of base.classes or `other` (e.g. `atypical nevus: nevus`)
     label_map: dict[str, str] = Field(min_length=1)

@@ -35,13 +35,19 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from skin_lesion.data.manifests import HASH_COLUMNS, SPLIT_COLUMNS, class_indices
-from skin_lesion.evaluation.calibration import calibration_figures, fit_temperature, known_classes
-from skin_lesion.evaluation.external import ExternalSet, load_external_sets, score_external_set
+from skin_lesion.data.manifests import SPLIT_COLUMNS, class_indices
+from skin_lesion.evaluation.calibration import calibration_figures, fit_temperature
+from skin_lesion.evaluation.external import (
+    ExternalSet,
+    load_external_sets,
+    score_external_set,
+    seen_by_the_model,
+)
 from skin_lesion.evaluation.metrics import (
     SITE_RULE,
     alert_thresholds,
     experiment_row,
+    known_classes,
     reference_figures,
     score_test_split,
 )
@@ -80,23 +86,15 @@ def main() -> None:
     base, settings = params.base, params.evaluate
     melanoma = base.classes.index(base.melanoma_class)
     site_scores = read_table(args.site_scores / "scores.csv", SCORE_COLUMNS, what="site scores")
-    # An external image that is also a site image, or another photo of its lesion, was learned from.
-    seen = pd.concat(
-        [read_manifest(args.split / name, SPLIT_COLUMNS)[HASH_COLUMNS] for name in ("train.csv", "val.csv")]
-        + [
-            site_scores[HASH_COLUMNS].assign(
-                max_distance=max(params.split.near_duplicate_distance, params.split.group_distance)
-            )
-        ]
-    )
+    # An external image that the split would have kept with a training, validation or site image (the
+    # same lesion, or another photo of it) was learned from.
     external_sets = load_external_sets(
         args.external,
         settings.external,
-        seen,
-        params.split.near_duplicate_distance,
+        seen_by_the_model(args.split, site_scores),
+        params.split,
         base.melanoma_class,
         base.image_size,
-        params.split.max_pixels,
     )
     # Every prediction goes through the backbone's cached embeddings: a refit of the head alone
     # (the probe's C, a site, the threshold rule) then embeds nothing again.
@@ -109,7 +107,10 @@ def main() -> None:
         images, key = load_cached_images(rows["path"].tolist(), base.image_size, cache)
         return rows, images, labels, *embedder.predict(images, key)
 
-    *_, e_train = predict_split("train.csv")
+    # The OOD summary needs only the training split's embeddings, which train cached: not its images.
+    e_train = embedder.embed_files(
+        read_manifest(args.split / "train.csv", SPLIT_COLUMNS)["path"].tolist(), base.image_size, cache
+    )
     val_rows, _, y_val, raw_val, e_val = predict_split("val.csv")
     test_rows, x_test, y_test, raw_test, e_test = predict_split("test.csv")
     ood = fit_ood(e_train, e_val, settings.ood_quantile)

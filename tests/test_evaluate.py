@@ -16,7 +16,7 @@ from scipy.special import softmax
 from sklearn.metrics import roc_auc_score
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.evaluation.calibration import calibration_figures, fit_temperature, known_classes
+from skin_lesion.evaluation.calibration import calibration_figures, fit_temperature
 from skin_lesion.evaluation.external import score_external_set
 from skin_lesion.evaluation.metrics import (
     alert_thresholds,
@@ -27,6 +27,7 @@ from skin_lesion.evaluation.metrics import (
     compute_metrics,
     expected_calibration_error,
     experiment_row,
+    known_classes,
     operating_point,
     reference_figures,
     resampled_aucs,

@@ -9,17 +9,44 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from skin_lesion.data.dedup import inspect_images
+from skin_lesion.data.manifests import HASH_COLUMNS, IDENTITY_COLUMNS, SPLIT_COLUMNS
 from skin_lesion.errors import PipelineError
-from skin_lesion.evaluation.external import binomial, leave_out_copies, load_external_sets, score_external_set
-from skin_lesion.params import ExternalSetParams
-from tests.conftest import CLASSES, as_params, draw_lesion, small_params
+from skin_lesion.evaluation.external import (
+    ExternalSet,
+    image_ids,
+    leave_out_seen,
+    load_external_sets,
+    score_external_set,
+    seen_by_the_model,
+)
+from skin_lesion.evaluation.metrics import binomial
+from skin_lesion.images import load_images
+from skin_lesion.params import ExternalSetParams, SplitParams
+from tests.conftest import CLASSES, as_params, draw_lesion, repo_params, small_params
 
-MAX_PIXELS = 150 * 150
-NOTHING_SEEN = pd.DataFrame(columns=["pixel_sha256", "phash"])
+# The committed split.near_duplicate_distance (2) and split.group_distance (8).
+SPLIT = SplitParams.model_validate({**repo_params()["split"], "max_pixels": 150 * 150})
+NOTHING_SEEN = pd.DataFrame(columns=IDENTITY_COLUMNS)
 MAP = {"mel": "melanoma", "atypical nevus": "nevus", "lentigo": "other"}
+NOTHING_LEFT_OUT = {
+    "unreadable": 0,
+    "copies_of_training": 0,
+    "left_out_same_isic_id": 0,
+    "left_out_same_lesion": 0,
+    "left_out_same_pixels": 0,
+    "left_out_look_alike": 0,
+}
+
+
+def _load(
+    folder: Path, settings: dict[str, ExternalSetParams], seen: pd.DataFrame = NOTHING_SEEN
+) -> ExternalSet:
+    (found,) = load_external_sets(folder, settings, seen, SPLIT, "melanoma", 32)
+    return found
 
 
 def _settings(label_map: dict[str, str] = MAP, labels_csv: str = "") -> dict[str, ExternalSetParams]:
@@ -56,17 +83,14 @@ def _external_set(root: Path) -> Path:
 
 def test_a_set_is_read_mapped_and_its_copies_of_training_images_left_out(tmp_path: Path) -> None:
     seen = _training_images(tmp_path / "train")
-    (found,) = load_external_sets(
-        _external_set(tmp_path / "external"),
-        _settings(),
-        inspect_images(seen, max_pixels=None),
-        2,
-        "melanoma",
-        32,
-        MAX_PIXELS,
-    )
+    found = _load(_external_set(tmp_path / "external"), _settings(), inspect_images(seen, max_pixels=None))
     assert found.name == "clinic"
-    assert found.left_out == {"unreadable": 0, "copies_of_training": 2}
+    assert found.left_out == {
+        **NOTHING_LEFT_OUT,
+        "copies_of_training": 2,
+        "left_out_same_pixels": 1,
+        "left_out_look_alike": 1,
+    }
     assert sorted(Path(path).name for path in found.rows["path"]) == [
         "a.bmp",
         "b.tif",
@@ -95,10 +119,8 @@ def test_a_zip_of_a_set_reads_like_the_folder(tmp_path: Path) -> None:
         for path in sorted(folder.rglob("*")):
             handle.write(path, "wrapped/" + path.relative_to(folder).as_posix())
     seen = inspect_images(_training_images(tmp_path / "train"), max_pixels=None)
-    from_folder, from_zip = (
-        load_external_sets(root, _settings(), seen, 2, "melanoma", 32, MAX_PIXELS)[0]
-        for root in (tmp_path / "unpacked", tmp_path / "external")
-    )
+    roots = (tmp_path / "unpacked", tmp_path / "external")
+    from_folder, from_zip = (_load(root, _settings(), seen) for root in roots)
 
     def by_label_folder(rows: pd.DataFrame) -> pd.DataFrame:  # the folders the sets lie in differ
         return rows.assign(path=[f"{Path(p).parent.name}/{Path(p).name}" for p in rows["path"]])
@@ -116,17 +138,13 @@ def test_reviewed_images_exported_by_export_feedback_are_a_set(tmp_path: Path) -
         draw_lesion(20 + index).save(path)
     (tmp_path / "external" / "clinic" / "metadata.csv").write_text("isic_id,label\n", encoding="utf-8")
     identity = {"melanoma": "melanoma", "nevus": "nevus"}
-    (found,) = load_external_sets(
-        tmp_path / "external", _settings(identity), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
-    )
+    found = _load(tmp_path / "external", _settings(identity))
     assert sorted(found.rows["target"]) == ["melanoma", "nevus", "nevus"]
 
 
 def test_labels_can_come_from_a_csv(tmp_path: Path) -> None:
     folder = _set_with_labels_csv(tmp_path, b"isic_id,label\na,mel\nb,mel\nc,atypical nevus\nd,lentigo\n")
-    (found,) = load_external_sets(
-        folder, _settings(labels_csv="labels.csv"), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
-    )
+    found = _load(folder, _settings(labels_csv="labels.csv"))
     assert sorted(found.rows["target"]) == [
         "melanoma",
         "melanoma",
@@ -155,9 +173,7 @@ def test_a_labels_csv_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path) -> 
         PipelineError,
         match=r"^evaluate.external.clinic: .*labels.csv is not UTF-8 text; save it as a UTF-8 CSV$",
     ):
-        load_external_sets(
-            folder, _settings(labels_csv="labels.csv"), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
-        )
+        _load(folder, _settings(labels_csv="labels.csv"))
 
 
 def test_rows_giving_an_image_two_labels_are_refused_naming_the_ids(tmp_path: Path) -> None:
@@ -168,23 +184,19 @@ def test_rows_giving_an_image_two_labels_are_refused_naming_the_ids(tmp_path: Pa
         match=r"^evaluate.external.clinic: .*labels.csv: rows with different labels for the same "
         r"isic_id: a, d$",
     ):
-        load_external_sets(
-            folder, _settings(labels_csv="labels.csv"), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
-        )
+        _load(folder, _settings(labels_csv="labels.csv"))
 
 
 def test_identical_duplicate_rows_are_read_once(tmp_path: Path) -> None:
     folder = _set_with_labels_csv(tmp_path, b"isic_id,label\na,mel\na,mel\nc,atypical nevus\n")
-    (found,) = load_external_sets(
-        folder, _settings(labels_csv="labels.csv"), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
-    )
+    found = _load(folder, _settings(labels_csv="labels.csv"))
     assert sorted(found.rows["target"]) == ["melanoma", "nevus"]
 
 
 def test_an_image_over_split_max_pixels_is_left_out_as_unreadable(tmp_path: Path) -> None:
     folder = _external_set(tmp_path / "external")
     draw_lesion(15, size=64).resize((400, 400)).save(folder / "clinic" / "mel" / "bomb.png")
-    (found,) = load_external_sets(folder, _settings(), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS)
+    found = _load(folder, _settings())
     assert found.left_out["unreadable"] == 1
     assert "bomb.png" not in {Path(path).name for path in found.rows["path"]}
 
@@ -200,7 +212,7 @@ def test_a_zip_over_the_size_limit_names_the_limit_in_words(
         PipelineError,
         match=r"^evaluate.external.clinic: .*clinic.zip unpacks to more than the limit of 1 MiB$",
     ):
-        load_external_sets(tmp_path, _settings(), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS)
+        _load(tmp_path, _settings())
 
 
 def test_figures_are_computed_as_by_hand() -> None:
@@ -254,7 +266,7 @@ def test_a_missing_set_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(
         PipelineError, match=r"^evaluate.external.clinic: neither .*clinic/ nor .*clinic.zip exists$"
     ):
-        load_external_sets(tmp_path, _settings(), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS)
+        _load(tmp_path, _settings())
 
 
 def test_a_label_missing_from_the_map_is_one_line(tmp_path: Path) -> None:
@@ -262,9 +274,7 @@ def test_a_label_missing_from_the_map_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(
         PipelineError, match=r"^evaluate.external.clinic.label_map: no entry for label 'lentigo' \(1 images"
     ):
-        load_external_sets(
-            _external_set(tmp_path), _settings(partial), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
-        )
+        _load(_external_set(tmp_path), _settings(partial))
 
 
 def test_a_set_without_melanoma_is_one_line(tmp_path: Path) -> None:
@@ -272,9 +282,7 @@ def test_a_set_without_melanoma_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(
         PipelineError, match=r"^evaluate.external.clinic: no melanoma image .* cannot be checked on it$"
     ):
-        load_external_sets(
-            _external_set(tmp_path), _settings(no_melanoma), NOTHING_SEEN, 2, "melanoma", 32, MAX_PIXELS
-        )
+        _load(_external_set(tmp_path), _settings(no_melanoma))
 
 
 def test_a_map_onto_an_unknown_class_is_refused_by_the_params() -> None:
@@ -290,20 +298,115 @@ def test_promoting_on_external_figures_needs_external_sets() -> None:
         as_params(small_params(evaluate={"promote_metric": "external_melanoma_auc"}))
 
 
-def test_a_seen_image_may_carry_its_own_distance(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A site's images are left out of an external set within split.group_distance, the split's within
-    # near_duplicate_distance.
-    seen = pd.DataFrame(
-        {"pixel_sha256": ["x", "y"], "phash": ["0" * 16, "f" * 16], "max_distance": [None, 8]}
-    )
-    hashes = pd.DataFrame(
+def _write_split(folder: Path, rows: dict[str, list[dict[str, str]]]) -> Path:
+    """Split manifests <split>.csv in `folder`, each row's unnamed columns empty."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, split_rows in rows.items():
+        frame = pd.DataFrame(
+            [{column: row.get(column, "") for column in SPLIT_COLUMNS} for row in split_rows]
+        )
+        frame.to_csv(folder / f"{name}.csv", index=False)
+    return folder
+
+
+def _clinic(root: Path, images: dict[str, Image.Image]) -> Path:
+    """external/clinic/<label>/<file> with the given images, as `_settings()` maps them."""
+    for name, image in images.items():
+        path = root / "clinic" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    return root
+
+
+def test_an_image_with_the_isic_id_of_a_training_or_validation_image_is_left_out(tmp_path: Path) -> None:
+    # Other pixels, same archive image: ISIC 2017's test set holds images that ISIC 2019 trains on.
+    split = _write_split(
+        tmp_path / "split",
         {
-            "rejected": ["", "", ""],
-            "pixel_sha256": ["a", "b", "c"],
-            "phash": ["0" * 13 + "007", "f" * 14 + "00", "0" * 12 + "ffff"],
+            "train": [{"path": "t.png", "isic_id": "ISIC_0000001", "phash": "0" * 16}],
+            "val": [{"path": "v.png", "isic_id": "ISIC_0000002", "phash": "0" * 16}],
+            "test": [{"path": "s.png", "isic_id": "ISIC_0000003", "phash": "0" * 16}],
+        },
+    )
+    folder = _clinic(
+        tmp_path / "external",
+        {f"mel/ISIC_000000{k}.png": draw_lesion(30 + k) for k in (1, 2, 3)}
+        | {"atypical nevus/n.png": draw_lesion(34), "lentigo/l.png": draw_lesion(35)},
+    )
+    found = _load(folder, _settings(), seen_by_the_model(split, pd.DataFrame(columns=HASH_COLUMNS)))
+    assert found.left_out["left_out_same_isic_id"] == found.left_out["copies_of_training"] == 2
+    assert sorted(Path(path).stem for path in found.rows["path"]) == ["ISIC_0000003", "l", "n"]
+
+
+def test_only_a_file_named_by_an_isic_id_has_one() -> None:
+    # Another set's img_001 is not the training split's img_001: only archive ids name one image.
+    ids = image_ids(pd.Series(["set/mel/ISIC_0012345.jpg", "set/mel/img_001.jpg", "ISIC_12.png"]), {})
+    assert ids["isic_id"].tolist() == ["ISIC_0012345", "", ""]
+
+
+def test_an_image_of_a_training_lesion_is_left_out_by_its_lesion_id(tmp_path: Path) -> None:
+    seen = pd.DataFrame({"isic_id": [""], "lesion_id": ["HAM_7"], "pixel_sha256": ["x"], "phash": ["0" * 16]})
+    folder = _set_with_labels_csv(
+        tmp_path, b"isic_id,label,lesion_id\na,mel,HAM_7\nb,mel,HAM_8\nc,atypical nevus,\n"
+    )
+    found = _load(folder, _settings(labels_csv="labels.csv"), seen)
+    assert found.left_out["left_out_same_lesion"] == found.left_out["copies_of_training"] == 1
+    assert sorted(Path(path).stem for path in found.rows["path"]) == ["b", "c"]
+
+
+def test_a_look_alike_the_split_would_group_with_a_training_image_is_left_out(tmp_path: Path) -> None:
+    # A 1-pixel crop is 4 bits from its original: beyond split.near_duplicate_distance, within
+    # split.group_distance (another photo of the lesion, kept in its split). A 3-pixel crop is 10 bits away.
+    (tmp_path / "train").mkdir()
+    for seed in (0, 2):
+        draw_lesion(seed).save(tmp_path / "train" / f"{seed}.png")
+    seen = inspect_images([str(tmp_path / "train" / f"{seed}.png") for seed in (0, 2)], max_pixels=None)
+    folder = _clinic(
+        tmp_path / "external",
+        {
+            "mel/near.png": draw_lesion(0).crop((1, 1, 63, 63)),
+            "mel/far.png": draw_lesion(2).crop((3, 3, 61, 61)),
+            "atypical nevus/n.png": draw_lesion(36),
+        },
+    )
+    found = _load(folder, _settings(), seen)
+    assert found.left_out["left_out_look_alike"] == found.left_out["copies_of_training"] == 1
+    assert sorted(Path(path).stem for path in found.rows["path"]) == ["far", "n"]
+
+
+def test_an_image_left_out_is_counted_once_under_the_first_reason_that_holds() -> None:
+    seen = pd.DataFrame(
+        {"isic_id": ["ISIC_0000001"], "lesion_id": ["HAM_1"], "pixel_sha256": ["p"], "phash": ["0" * 16]}
+    )
+    hashed = pd.DataFrame(
+        {
+            "rejected": ["", "", "", "", "not an image"],
+            "isic_id": ["ISIC_0000001", "", "", "", "ISIC_0000001"],
+            "lesion_id": ["HAM_1", "HAM_1", "", "", ""],
+            "pixel_sha256": ["p", "p", "p", "q", ""],
+            "phash": ["0" * 16, "0" * 16, "0" * 16, "f" * 16, ""],
         }
     )
-    monkeypatch.setattr("skin_lesion.evaluation.external.inspect_images", lambda paths, max_pixels: hashes)
-    kept, left_out = leave_out_copies(pd.DataFrame({"path": ["a", "b", "c"]}), seen, 2, 10**6)
-    assert left_out["copies_of_training"] == 1  # 3 bits from x is not within 2; 8 from y is within 8
-    assert kept["path"].tolist() == ["a", "c"]
+    keep, left_out = leave_out_seen(hashed, seen, max_distance=8)
+    assert keep.tolist() == [False, False, False, True, False]
+    assert left_out == {
+        **NOTHING_LEFT_OUT,
+        "unreadable": 1,
+        "copies_of_training": 3,
+        "left_out_same_isic_id": 1,
+        "left_out_same_lesion": 1,
+        "left_out_same_pixels": 1,
+    }
+
+
+def test_each_external_image_is_decoded_once_into_the_pixels_it_was_scored_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _external_set(tmp_path / "external")
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *args: opened.append(path) or real_open(path, *args))
+    found = _load(folder, _settings())
+    assert len(opened) == len(found.rows) == 7
+    monkeypatch.undo()
+    np.testing.assert_array_equal(found.images, load_images(found.rows["path"].tolist(), 32))

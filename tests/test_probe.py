@@ -11,19 +11,22 @@ from pydantic import ValidationError
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
+from skin_lesion.images import load_images
 from skin_lesion.model.network import OUTPUT_LAYER
 from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings
 from skin_lesion.params import TrainParams
 from skin_lesion.training.architectures import build_model
+from skin_lesion.training.batching import load_cached_images
 from skin_lesion.training.linear_head import fit_probe
 from skin_lesion.training.probe import (
+    EmbeddingCache,
     backbone_key,
     cached_embeddings,
     collection_projection,
     interpolate_weights,
 )
 from skin_lesion.training.recipes import ImageSet, Phase, fit_recipe, train_linear_probe, training_phases
-from tests.conftest import small_params, tiny_backbone_weights
+from tests.conftest import draw_lesion, small_params, tiny_backbone_weights
 from tests.test_train import SIZE, _data
 from tests.test_transfer import _pretrained
 
@@ -153,6 +156,39 @@ def test_cached_embeddings_are_the_networks_embeddings(weights_file: Path, tmp_p
     images, _ = _data(n=6)
     got = cached_embeddings(model, images, "key", tmp_path, 4, mirror_average=False)
     np.testing.assert_allclose(got, predict_with_embeddings(with_embeddings(model), images, 4)[1], rtol=1e-6)
+
+
+def _image_files(folder: Path, count: int = 3) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in range(count):
+        draw_lesion(seed, size=SIZE).save(folder / f"{seed}.png")
+    return [str(folder / f"{seed}.png") for seed in range(count)]
+
+
+def test_embeddings_of_files_that_train_cached_are_reused_without_decoding_the_files(
+    weights_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = build_model("mobilenet", SIZE, 3, 0.0, weights=str(weights_file))
+    paths, cache = _image_files(tmp_path / "images"), tmp_path / "cache"
+    images, key = load_cached_images(paths, SIZE, cache)  # as train embeds its split
+    trained = cached_embeddings(model, images, key, cache, 4, mirror_average=False)
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("the files were decoded again")
+
+    monkeypatch.setattr("skin_lesion.training.probe.load_cached_images", refuse)
+    embedder = EmbeddingCache(model, cache, 4, mirror_average=False)
+    np.testing.assert_array_equal(embedder.embed_files(paths, SIZE, cache), trained)
+
+
+def test_embeddings_of_files_not_cached_yet_are_the_networks(weights_file: Path, tmp_path: Path) -> None:
+    model = build_model("mobilenet", SIZE, 3, 0.0, weights=str(weights_file))
+    paths = _image_files(tmp_path / "images")
+    got = EmbeddingCache(model, tmp_path / "cache", 4, mirror_average=False).embed_files(
+        paths, SIZE, tmp_path / "cache"
+    )
+    expected = predict_with_embeddings(with_embeddings(model), load_images(paths, SIZE), 4)[1]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 def test_wise_ft_at_zero_and_one_is_the_probe_and_the_fine_tuned_model(weights_file: Path) -> None:

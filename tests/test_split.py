@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from skin_lesion.data.dedup import inspect_images
-from skin_lesion.data.manifests import SKIPPED_COLUMNS
+from skin_lesion.data.manifests import IDENTITY_COLUMNS, SKIPPED_COLUMNS, SPLIT_COLUMNS
 from skin_lesion.data.splitting import render_report, split_dataset
 from skin_lesion.errors import PipelineError
 from skin_lesion.params import SplitParams
@@ -32,6 +32,16 @@ def _split(rows, seed: int = 0, lesions: dict[str, str] | None = None, diagnoses
 
 
 # --- the split itself -------------------------------------------------------------------------
+
+
+def test_the_manifests_carry_the_ids_and_hashes_that_other_sets_are_matched_on() -> None:
+    # External sets and a site are matched against these without decoding the split's images again.
+    rows, lesions = _distinct_rows(10), {_distinct_rows(1)[0][0]: "HAM_1"}
+    written = pd.concat(_split(rows, lesions=lesions).splits.values())[SPLIT_COLUMNS]  # as the stage writes
+    expected = manifest_of(rows, lesions).set_index("path")[IDENTITY_COLUMNS]
+    pd.testing.assert_frame_equal(
+        written.set_index("path")[IDENTITY_COLUMNS].sort_index(), expected.sort_index()
+    )
 
 
 def test_carves_stratified_val_and_test_without_official_test() -> None:

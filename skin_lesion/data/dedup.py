@@ -9,7 +9,7 @@ the split keeps whole.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import imagehash
@@ -19,26 +19,46 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from skin_lesion.errors import PipelineError
-from skin_lesion.images import decode_rgb
+from skin_lesion.images import decode_rgb, resize_rgb
 
 _HASH_CHUNK = 1024  # rows of the pairwise Hamming-distance matrix computed at once
 
 
+INSPECTED_COLUMNS = ["rejected", "pixel_sha256", "phash"]
+
+
 def inspect_images(paths: Iterable[str], max_pixels: int | None, min_side: int = 1) -> pd.DataFrame:
     """Decode every image: its rejection reason ('' if usable), decoded-pixel hash, perceptual hash."""
-    rows = []
-    for path in paths:
-        try:
-            image = decode_rgb(Path(path), max_pixels=max_pixels)
-        except PipelineError as err:
-            rows.append((str(err).removeprefix(f"{path}: "), "", ""))
-            continue
-        if min(image.size) < min_side:
-            rows.append((f"{image.width}x{image.height} pixels is under split.min_side={min_side}", "", ""))
-            continue
-        pixels = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
-        rows.append(("", pixels, str(imagehash.phash(image))))
-    return pd.DataFrame(rows, columns=["rejected", "pixel_sha256", "phash"])
+    rows = [_inspect(path, max_pixels, min_side, size=None)[0] for path in paths]
+    return pd.DataFrame(rows, columns=INSPECTED_COLUMNS)
+
+
+def inspect_and_resize(
+    paths: Sequence[str], max_pixels: int | None, size: int
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """`inspect_images`' table and the (n, size, size, 3) uint8 images (black where unusable), each
+    file decoded once."""
+    rows, images = [], np.zeros((len(paths), size, size, 3), dtype=np.uint8)
+    for index, path in enumerate(paths):
+        row, resized = _inspect(path, max_pixels, 1, size)
+        rows.append(row)
+        if resized is not None:
+            images[index] = resized
+    return pd.DataFrame(rows, columns=INSPECTED_COLUMNS), images
+
+
+def _inspect(
+    path: str, max_pixels: int | None, min_side: int, size: int | None
+) -> tuple[tuple[str, str, str], np.ndarray | None]:
+    # Resized here, not by the caller, so that no more than one full-size image is held at a time.
+    try:
+        image = decode_rgb(Path(path), max_pixels=max_pixels)
+    except PipelineError as err:
+        return (str(err).removeprefix(f"{path}: "), "", ""), None
+    if min(image.size) < min_side:
+        return (f"{image.width}x{image.height} pixels is under split.min_side={min_side}", "", ""), None
+    pixels = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
+    return ("", pixels, str(imagehash.phash(image))), None if size is None else resize_rgb(image, size)
 
 
 def photo_groups(hashes: pd.DataFrame, group_distance: int) -> np.ndarray:

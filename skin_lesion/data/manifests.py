@@ -43,13 +43,15 @@ RAW_COLUMNS = [
 ]
 
 
-# split: <split>.csv per split; `group` ties the photos of one lesion together; the decoded pixels'
-# hash and the perceptual hash find copies of these images elsewhere (external sets, a site).
+# split: <split>.csv per split; `group` ties the photos of one lesion together; the ids and hashes the
+# split grouped on (IDENTITY_COLUMNS) find these images, or other photos of their lesions, elsewhere
+# (external sets, a site) without decoding them again.
 SPLIT_COLUMNS = [
     "path",
     "label",
     "split",
     "sha256",
+    "isic_id",
     "lesion_id",
     "group",
     "collection",
@@ -57,6 +59,7 @@ SPLIT_COLUMNS = [
     "phash",
 ]
 HASH_COLUMNS = ["pixel_sha256", "phash"]
+IDENTITY_COLUMNS = ["isic_id", "lesion_id", *HASH_COLUMNS]
 
 
 # rebalance: the augmented images and the train image each was made from.

@@ -8,7 +8,6 @@ calibrated probabilities is what a clinician is shown.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -50,13 +49,3 @@ def calibration_figures(
         "nll_before": negative_log_likelihood(y_true, probabilities),
         "nll_after": negative_log_likelihood(y_true, after),
     }
-
-
-def known_classes(targets: Sequence[str], classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The positions of the targets that are one of `classes`, and their class indices.
-
-    An external image labelled `other` has no class probability to be calibrated against.
-    """
-    targets = np.asarray(targets)
-    known = np.flatnonzero(np.isin(targets, list(classes)))
-    return known, np.array([list(classes).index(label) for label in targets[known]], dtype=np.int64)

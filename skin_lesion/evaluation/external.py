@@ -6,9 +6,10 @@ whether the melanoma alert holds where it will be used. Each set under data/exte
 `<name>/<label>/*` (or `<name>.zip` of one; the folder an image is in is its label, so what
 `skin-lesion export-feedback` writes is a set too), or any layout with a labels CSV (`isic_id,label`,
 the isic_id being the file's stem). evaluate.external maps each set's labels onto base.classes or
-`other`. Images that are copies of training or validation images (the same decoded pixels, or
-perceptual hashes within split.near_duplicate_distance bits, as the split stage finds them) are left
-out and counted: the model has seen them.
+`other`. Images that the split would have kept with a training or validation image are left out and
+counted, by reason: the same ISIC id (a file named by one, ISIC_0012345), the same lesion id (a
+`lesion_id` column of the labels CSV), the same decoded pixels, or a perceptual hash within
+split.group_distance bits (mostly other photos of one lesion). The model has seen them, or their lesion.
 """
 
 from __future__ import annotations
@@ -23,21 +24,32 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from skin_lesion.data.dedup import inspect_images, near_duplicate_mask
+from skin_lesion.data.dedup import inspect_and_resize, inspect_images, near_duplicate_mask
+from skin_lesion.data.manifests import HASH_COLUMNS, IDENTITY_COLUMNS, SPLIT_COLUMNS
 from skin_lesion.errors import PipelineError
-from skin_lesion.evaluation.metrics import auc_or_none, bootstrap_auc, exact_interval
-from skin_lesion.files import extract_zip_safely, read_table
-from skin_lesion.images import IMAGE_SUFFIXES, load_images
-from skin_lesion.params import OTHER_LABEL, ExternalSetParams
+from skin_lesion.evaluation.metrics import (
+    alert_figures,
+    auc_or_none,
+    balanced_accuracy,
+    bootstrap_auc,
+    class_recalls,
+    known_classes,
+)
+from skin_lesion.files import extract_zip_safely, read_manifest, read_table
+from skin_lesion.images import IMAGE_SUFFIXES
+from skin_lesion.params import OTHER_LABEL, ExternalSetParams, SplitParams
 
 log = logging.getLogger("skin_lesion.evaluation.external")
 
 MAX_EXTRACT_BYTES = 4096 * 2**20  # an external set's .zip may unpack to at most this
+ISIC_ID = r"ISIC_\d{7}"  # the ISIC Archive's image ids, which its files are named by
+# Why an image counts as one the model has seen, in the order checked: each is counted under the first.
+SEEN_REASONS = ("same_isic_id", "same_lesion", "same_pixels", "look_alike")
 
 
 @dataclass(frozen=True)
 class ExternalSet:
-    """One set, decoded: its rows (path, label, target class), images, and what was left out."""
+    """One set, decoded: its rows (path, label, target class, ids, hashes), images, and what was left out."""
 
     name: str
     rows: pd.DataFrame
@@ -45,30 +57,44 @@ class ExternalSet:
     left_out: dict[str, int]
 
 
+def seen_by_the_model(split_folder: Path, site_scores: pd.DataFrame) -> pd.DataFrame:
+    """The ids and hashes of the images the model learned from or was tuned on: the train and val
+    splits' (from their manifests, as the split stage computed them) and a site's (hashes only)."""
+    manifests = [
+        read_manifest(split_folder / name, SPLIT_COLUMNS)[IDENTITY_COLUMNS]
+        for name in ("train.csv", "val.csv")
+    ]
+    return pd.concat([*manifests, site_scores[HASH_COLUMNS]], ignore_index=True)
+
+
 def load_external_sets(
     folder: Path,
     sets: Mapping[str, ExternalSetParams],
     seen: pd.DataFrame,
-    max_distance: int,
+    split: SplitParams,
     melanoma_class: str,
     image_size: int,
-    max_pixels: int,
 ) -> list[ExternalSet]:
-    """Every configured set, copies of `seen` images (their pixel_sha256 and phash, as the split's
-    manifests hold them) left out, decoded at `image_size`.
+    """Every configured set, decoded once at `image_size`, without the images that the split would
+    have kept with a `seen` image (`seen_reasons`; `seen` as `seen_by_the_model` gives it).
 
     Each set must exist, have every label in its map, and keep a melanoma image: the checks run
     before any prediction, so that a wrong set stops the stage early, in one line. Images over
-    `max_pixels` (split.max_pixels) are unreadable, as in the split stage: never decoded.
+    split.max_pixels are unreadable, as in the split stage: never decoded.
     """
     if not sets:
         return []
+    # The split keeps copies (near_duplicate_distance) and look-alikes (group_distance) in one split.
+    max_distance = max(split.near_duplicate_distance, split.group_distance)
     loaded = []
     with tempfile.TemporaryDirectory() as scratch:
         for name, settings in sets.items():
             root = locate_set(folder, name, Path(scratch))
             rows = list_set(root, f"evaluate.external.{name}", settings.labels_csv, settings.label_map)
-            rows, left_out = leave_out_copies(rows, seen, max_distance, max_pixels)
+            inspected, images = inspect_and_resize(rows["path"].tolist(), split.max_pixels, image_size)
+            rows = with_hashes(rows, inspected)
+            keep, left_out = leave_out_seen(rows, seen, max_distance)
+            rows = rows[keep].reset_index(drop=True)
             if not (rows["target"] == melanoma_class).any():
                 raise PipelineError(
                     f"evaluate.external.{name}: no {melanoma_class} image (after leaving out "
@@ -76,13 +102,14 @@ def load_external_sets(
                     "checked on it"
                 )
             log.info(
-                "external set %s: %d images; left out %d copies of training images, %d unreadable",
+                "external set %s: %d images; left out %d copies of training images (%s), %d unreadable",
                 name,
                 len(rows),
                 left_out["copies_of_training"],
+                describe_reasons(left_out),
                 left_out["unreadable"],
             )
-            loaded.append(ExternalSet(name, rows, load_images(rows["path"].tolist(), image_size), left_out))
+            loaded.append(ExternalSet(name, rows, images[keep], left_out))
     return loaded
 
 
@@ -101,15 +128,19 @@ def locate_set(folder: Path, name: str, scratch: Path) -> Path:
 
 
 def list_set(root: Path, what: str, labels_csv: str, label_map: Mapping[str, str]) -> pd.DataFrame:
-    """The set's images: path, the set's own label, and the class it maps to (or `other`).
+    """The set's images: path, the set's own label, the class it maps to (or `other`), and the ids
+    that the split groups photos by: isic_id and lesion_id ('' where the set gives none).
 
     `what` is the parameter section that named the set (`evaluate.external.<name>`, `site`).
     """
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    lesions: dict[str, str] = {}
     if labels_csv:
         table = read_table(root / labels_csv, ["isic_id", "label"], what=what)
         refuse_conflicting_labels(table, f"{what}: {root / labels_csv}")
         labels = dict(zip(table["isic_id"].astype(str), table["label"].astype(str), strict=True))
+        if "lesion_id" in table:
+            lesions = dict(zip(table["isic_id"].astype(str), table["lesion_id"].astype(str), strict=True))
         unlabelled = [path for path in files if path.stem not in labels]
         if unlabelled:
             log.warning(
@@ -133,7 +164,17 @@ def list_set(root: Path, what: str, labels_csv: str, label_map: Mapping[str, str
             f"({count} images of {root}; map it to a class or to {OTHER_LABEL!r})"
         )
     images["target"] = images["label"].map(label_map)
-    return images
+    return images.assign(**image_ids(images["path"], lesions))
+
+
+def image_ids(paths: pd.Series, lesions: Mapping[str, str]) -> dict[str, pd.Series]:
+    """Each file's isic_id (its stem, when that is an ISIC id) and lesion id (from `lesions`, by stem)."""
+    stems = paths.map(lambda path: Path(path).stem)
+    # Only a file named by an ISIC id is known to be that archive image: img_001 is anyone's.
+    return {
+        "isic_id": stems.where(stems.str.fullmatch(ISIC_ID), ""),
+        "lesion_id": stems.map(lambda stem: lesions.get(stem, "")),
+    }
 
 
 def refuse_conflicting_labels(table: pd.DataFrame, source: str) -> None:
@@ -149,25 +190,51 @@ def refuse_conflicting_labels(table: pd.DataFrame, source: str) -> None:
 def leave_out_copies(
     images: pd.DataFrame, seen: pd.DataFrame, max_distance: int, max_pixels: int
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The images that are neither unreadable (over `max_pixels` too) nor copies of `seen` images
-    (with their pixel and perceptual hashes), and how many were left out.
+    """The images that are neither unreadable (over `max_pixels` too) nor ones the split would keep
+    with a `seen` image (`seen_reasons`), with their hashes, and how many were left out and why."""
+    hashed = with_hashes(images, inspect_images(images["path"], max_pixels=max_pixels))
+    keep, left_out = leave_out_seen(hashed, seen, max_distance)
+    return hashed[keep].reset_index(drop=True), left_out
 
-    A copy has the same decoded pixels or a perceptual hash within `max_distance` bits of a seen
-    image's, or within that image's own `max_distance` where `seen` has that column (a site's images
-    are kept apart as the split keeps a lesion's photos apart: within split.group_distance).
-    """
-    hashes = inspect_images(images["path"], max_pixels=max_pixels)
-    readable = (hashes["rejected"] == "").to_numpy()
-    exact = hashes["pixel_sha256"].isin(set(seen["pixel_sha256"])).to_numpy()
-    distances = seen["max_distance"].fillna(max_distance) if "max_distance" in seen else max_distance
-    distances = pd.Series(distances, index=seen.index)
-    near = np.zeros(len(hashes), dtype=bool)
-    for distance, part in seen.groupby(distances.to_numpy()):
-        near |= near_duplicate_mask(hashes["phash"], part["phash"], int(distance))
-    copies = readable & (exact | near)
-    hashed = images.assign(pixel_sha256=hashes["pixel_sha256"].to_numpy(), phash=hashes["phash"].to_numpy())
-    kept = hashed[readable & ~copies].reset_index(drop=True)
-    return kept, {"unreadable": int((~readable).sum()), "copies_of_training": int(copies.sum())}
+
+def with_hashes(images: pd.DataFrame, inspected: pd.DataFrame) -> pd.DataFrame:
+    """The images' rows with inspect_images' columns: rejected ('' if readable), pixel_sha256, phash."""
+    return images.reset_index(drop=True).assign(**{name: inspected[name].to_numpy() for name in inspected})
+
+
+def leave_out_seen(
+    hashed: pd.DataFrame, seen: pd.DataFrame, max_distance: int
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Which `hashed` images to keep (readable, and none the split would keep with a `seen` image), and
+    how many were left out: unreadable, copies_of_training, and those by reason (left_out_<reason>)."""
+    readable = (hashed["rejected"] == "").to_numpy()
+    reasons = np.where(readable, seen_reasons(hashed, seen, max_distance), "")
+    counts = {"unreadable": int((~readable).sum()), "copies_of_training": int((reasons != "").sum())}
+    counts |= {f"left_out_{reason}": int((reasons == reason).sum()) for reason in SEEN_REASONS}
+    return readable & (reasons == ""), counts
+
+
+def seen_reasons(images: pd.DataFrame, seen: pd.DataFrame, max_distance: int) -> np.ndarray:
+    """Why the split would have kept each image with a `seen` one ('' when it would not): the first of
+    SEEN_REASONS that holds. As in the split, photos within `max_distance` bits are one lesion's; an
+    id counts where both sides have one."""
+    checks = [
+        *(_shared(images, seen, column) for column in ("isic_id", "lesion_id", "pixel_sha256")),
+        near_duplicate_mask(images["phash"], seen["phash"], max_distance),
+    ]
+    return np.select(checks, SEEN_REASONS, default="")
+
+
+def _shared(images: pd.DataFrame, seen: pd.DataFrame, column: str) -> np.ndarray:
+    # Empty values (no id; no hash: unreadable) never match; a site's rows in `seen` have no ids.
+    known = set(seen[column].dropna()) - {""} if column in seen else set()
+    return images[column].isin(known).to_numpy()
+
+
+def describe_reasons(left_out: Mapping[str, int]) -> str:
+    """The images left out by reason, in words: `2 same pixels, 1 look alike`."""
+    counted = [(reason, left_out[f"left_out_{reason}"]) for reason in SEEN_REASONS]
+    return ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in counted if count) or "none"
 
 
 def score_external_set(
@@ -187,37 +254,18 @@ def score_external_set(
     melanoma = list(classes).index(melanoma_class)
     is_melanoma = targets == melanoma_class
     scores = probabilities[:, melanoma]
-    predicted = np.asarray(classes)[probabilities.argmax(axis=1)]
-    present = [label for label in classes if (targets == label).any()]
-    recall = {label: float((predicted[targets == label] == label).mean()) for label in present}
+    known, y_known = known_classes(targets, classes)
+    predicted = probabilities[known].argmax(axis=1)
+    recall = {classes[k]: value for k, value in class_recalls(y_known, predicted).items()}
     return {
         "images": len(targets),
-        "class_counts": {label: int((targets == label).sum()) for label in [*present, OTHER_LABEL]},
+        "class_counts": {label: int((targets == label).sum()) for label in [*recall, OTHER_LABEL]},
         "melanoma_auc": auc_or_none(is_melanoma, scores),
         "melanoma_auc_ci": bootstrap_auc(is_melanoma, scores, resamples, seed),
         "alert": alert_figures(is_melanoma, scores, thresholds[rule]),
         "alert_by_rule": {
             name: alert_figures(is_melanoma, scores, value) for name, value in thresholds.items()
         },
-        "balanced_accuracy": float(np.mean(list(recall.values()))),
+        "balanced_accuracy": balanced_accuracy(y_known, predicted),
         "recall": recall,
-    }
-
-
-def alert_figures(is_melanoma: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
-    """The alert's sensitivity and false-alert rate (share of non-melanoma lesions) at `threshold`."""
-    alert = scores >= threshold
-    return {
-        "threshold": threshold,
-        **binomial("sensitivity", int((alert & is_melanoma).sum()), int(is_melanoma.sum())),
-        **binomial("false_alert_rate", int((alert & ~is_melanoma).sum()), int((~is_melanoma).sum())),
-    }
-
-
-def binomial(name: str, successes: int, trials: int) -> dict[str, Any]:
-    """A proportion with its exact (Clopper-Pearson) 95 % interval, None when there are no trials."""
-    return {
-        name: successes / trials if trials else None,
-        f"{name}_ci": exact_interval(successes, trials),
-        f"{name}_n": trials,
     }

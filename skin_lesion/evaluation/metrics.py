@@ -30,9 +30,16 @@ def capped_balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, class_cap: 
     (seborrheic keratosis, after cleaning the public dataset) from swinging early stopping's choice
     by a whole class's share on one image, while classes with enough images still count equally.
     """
-    labels, counts = np.unique(y_true, return_counts=True)
-    recalls = recall_score(y_true, y_pred, labels=labels, average=None)
+    _, counts = np.unique(y_true, return_counts=True)
+    recalls = list(class_recalls(y_true, y_pred).values())
     return float(np.average(recalls, weights=np.minimum(counts, class_cap)))
+
+
+def class_recalls(y_true: np.ndarray, y_pred: np.ndarray) -> dict[int, float]:
+    """Each class's recall (sensitivity), for the classes present in y_true, in class order."""
+    labels = np.unique(y_true)
+    recalls = recall_score(y_true, y_pred, labels=labels, average=None)
+    return dict(zip(labels.tolist(), recalls.tolist(), strict=True))
 
 
 PARTIAL_AUC_SENSITIVITY = 0.8  # the ISIC challenges' "AUC above 80 % sensitivity"
@@ -169,6 +176,28 @@ def operating_point(is_positive: np.ndarray, scores: np.ndarray, threshold: floa
         "sensitivity": _ratio((alert & is_positive).sum(), is_positive.sum()),
         "specificity": _ratio((~alert & ~is_positive).sum(), (~is_positive).sum()),
         "alerts_per_100": float(100 * alert.mean()),
+    }
+
+
+def alert_figures(is_melanoma: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """The alert's sensitivity and false-alert rate (share of non-melanoma lesions) at `threshold`."""
+    return {"threshold": threshold, **alert_rates(is_melanoma, scores >= threshold)}
+
+
+def alert_rates(is_melanoma: np.ndarray, alert: np.ndarray) -> dict[str, Any]:
+    """The sensitivity and false-alert rate of the `alert`s, each with its exact interval and count."""
+    return {
+        **binomial("sensitivity", int((alert & is_melanoma).sum()), int(is_melanoma.sum())),
+        **binomial("false_alert_rate", int((alert & ~is_melanoma).sum()), int((~is_melanoma).sum())),
+    }
+
+
+def binomial(name: str, successes: int, trials: int) -> dict[str, Any]:
+    """A proportion with its exact (Clopper-Pearson) 95 % interval, None when there are no trials."""
+    return {
+        name: successes / trials if trials else None,
+        f"{name}_ci": exact_interval(successes, trials),
+        f"{name}_n": trials,
     }
 
 
@@ -350,6 +379,17 @@ def mean_external_melanoma_auc(external: dict[str, dict[str, Any]]) -> float | N
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """The ISIC definition: the mean sensitivity over the classes present in y_true."""
     return capped_balanced_accuracy(y_true, y_pred, class_cap=1)
+
+
+def known_classes(targets: Sequence[str], classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of the targets that are one of `classes`, and their class indices.
+
+    An external image labelled `other` has no class probability to be calibrated against, and no
+    class recall to count in.
+    """
+    targets = np.asarray(targets)
+    known = np.flatnonzero(np.isin(targets, list(classes)))
+    return known, np.array([list(classes).index(label) for label in targets[known]], dtype=np.int64)
 
 
 def auc_or_none(is_positive: np.ndarray, scores: np.ndarray) -> float | None:

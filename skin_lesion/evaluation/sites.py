@@ -25,8 +25,15 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from skin_lesion.data.dedup import photo_groups
 from skin_lesion.errors import PipelineError
-from skin_lesion.evaluation.external import alert_figures, binomial, leave_out_copies, list_set
-from skin_lesion.evaluation.metrics import auc_or_none, bootstrap_auc, choose_threshold, exact_interval
+from skin_lesion.evaluation.external import leave_out_copies, list_set
+from skin_lesion.evaluation.metrics import (
+    alert_figures,
+    alert_rates,
+    auc_or_none,
+    bootstrap_auc,
+    choose_threshold,
+    exact_interval,
+)
 from skin_lesion.params import SiteParams
 from skin_lesion.training.linear_head import FitHead, head_probabilities, probe_fitter
 
@@ -201,10 +208,7 @@ def cross_validated_alert(
         if is_melanoma[others].any():
             threshold = choose_threshold(is_melanoma[others], scores[others], target_sensitivity)
             alert[fold == k] = scores[fold == k] >= threshold
-    return {
-        **binomial("sensitivity", int((alert & is_melanoma).sum()), int(is_melanoma.sum())),
-        **binomial("false_alert_rate", int((alert & ~is_melanoma).sum()), int((~is_melanoma).sum())),
-    }
+    return alert_rates(is_melanoma, alert)
 
 
 def site_threshold(

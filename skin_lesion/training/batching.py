@@ -22,7 +22,7 @@ CACHE_KEY_LENGTH = 24  # hex digits of the content hash that names a decoded-ima
 
 def load_cached_images(paths: Sequence[str], size: int, cache_dir: Path) -> tuple[np.ndarray, str]:
     """Decoded (n, size, size, 3) uint8 images (from the cache if these files were seen) and their key."""
-    key = _content_key(paths, size)
+    key = content_key(paths, size)
     cache_file = cache_dir / f"decoded-{size}px-{key}.npy"
     if cache_file.is_file():
         log.info("reusing decoded images from %s", cache_file)
@@ -34,7 +34,8 @@ def load_cached_images(paths: Sequence[str], size: int, cache_dir: Path) -> tupl
     return images, key
 
 
-def _content_key(paths: Sequence[str], size: int) -> str:
+def content_key(paths: Sequence[str], size: int) -> str:
+    """The key of image files decoded at `size`: a digest of their paths and bytes, not their pixels."""
     # Hashing the files' bytes is cheap next to decoding them, and it is what the cache depends on.
     digest = hashlib.sha256(f"{size}\n".encode())
     for path in paths:

@@ -32,7 +32,7 @@ CHECKPOINT_KEY_LENGTH = 24  # hex digits of the settings hash that names a check
 
 
 def predict_in_batches(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """The single-output model's answer, one batch at a time (model/prediction.py call_in_batches says why)."""
+    """The single-output model's answer, one batch at a time (prediction.call_in_batches says why)."""
     return call_in_batches(model, images, batch_size)[0]
 
 

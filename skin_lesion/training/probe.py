@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -26,6 +27,7 @@ from skin_lesion.files import atomic_file
 from skin_lesion.model.network import OUTPUT_LAYER
 from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings
 from skin_lesion.training.architectures import BACKBONE_NAME
+from skin_lesion.training.batching import content_key, load_cached_images
 
 log = logging.getLogger("skin_lesion.training.probe")
 
@@ -80,10 +82,10 @@ class EmbeddingCache:
     def embed(self, images: np.ndarray, images_key: str | None = None) -> np.ndarray:
         """The embeddings of `images`; `images_key` names their bytes (default: a digest of the array)."""
         images_key = images_key or array_key(images)
-        cache_file = self.cache_dir / f"embeddings-{self.key}-{images_key}.npy"
-        if cache_file.is_file():
-            log.info("reusing embeddings from %s", cache_file)
-            return np.load(cache_file)
+        cached = self.cached(images_key)
+        if cached is not None:
+            return cached
+        cache_file = self._file(images_key)
         started = time.perf_counter()
         _, embeddings = predict_with_embeddings(self.network, images, self.batch_size, self.mirror_average)
         embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -93,6 +95,23 @@ class EmbeddingCache:
             "embedded %d images in %.0f s into %s", len(images), time.perf_counter() - started, cache_file
         )
         return embeddings
+
+    def embed_files(self, paths: Sequence[str], size: int, image_cache: Path) -> np.ndarray:
+        """The embeddings of image files decoded at `size`, which are decoded (through the decoded-image
+        cache `image_cache`) only when these embeddings are not cached yet."""
+        cached = self.cached(content_key(paths, size))
+        return cached if cached is not None else self.embed(*load_cached_images(paths, size, image_cache))
+
+    def cached(self, images_key: str) -> np.ndarray | None:
+        """The cached embeddings of the images `images_key` names; None when there are none."""
+        cache_file = self._file(images_key)
+        if not cache_file.is_file():
+            return None
+        log.info("reusing embeddings from %s", cache_file)
+        return np.load(cache_file)
+
+    def _file(self, images_key: str) -> Path:
+        return self.cache_dir / f"embeddings-{self.key}-{images_key}.npy"
 
     def predict(self, images: np.ndarray, images_key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities (the head on the embeddings, as served) and embeddings of `images`."""
