@@ -202,6 +202,9 @@ class ExternalSetParams(_Section):
     labels_csv: str
     # Each label of the set onto one of base.classes or `other` (e.g. `atypical nevus: nevus`)
     label_map: dict[str, str] = Field(min_length=1)
+    # True for a set whose figures chose train's recipe and settings (docs/results.md): the model card
+    # and the review page mark its figures as used for selection, not as an independent check.
+    chose_recipe: bool = False
 
 
 class EvaluateParams(_Section):

@@ -5,8 +5,8 @@
 - A melanoma operating point: the threshold on P(melanoma) is chosen on the validation split to reach
   evaluate.target_sensitivity, then reported on the test split (sensitivity, specificity, alerts per
   100 images).
-- Temperature scaling (skin_lesion/evaluation/calibration.py): one temperature fitted on the validation split's
-  probabilities; the threshold and every figure below are on the calibrated probabilities, which the
+- Temperature scaling (skin_lesion/evaluation/calibration.py): one temperature fitted on the validation
+  split's probabilities; the threshold and every figure below are on the calibrated probabilities, which the
   served model answers. The expected calibration error before and after, on validation, test and
   external sets.
 - Bootstrap 95 % intervals (evaluate.bootstrap resamples), DVC plots, and a model card
@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from skin_lesion.evaluation.metrics import (
     reference_figures,
     score_test_split,
 )
-from skin_lesion.evaluation.model_card import describe_model, render_model_card
+from skin_lesion.evaluation.model_card import ModelCardFacts, describe_model, render_model_card
 from skin_lesion.evaluation.ood_fitting import fit_ood
 from skin_lesion.evaluation.plots import write_plots
 from skin_lesion.evaluation.sites import SCORE_COLUMNS, site_figures
@@ -60,7 +61,7 @@ from skin_lesion.files import in_main_repo, read_manifest, read_table, write_jso
 from skin_lesion.model.classifier import calibrated
 from skin_lesion.model.network import load_model
 from skin_lesion.model.ood import OodModel
-from skin_lesion.params import Params, load_params
+from skin_lesion.params import BaseParams, EvaluateParams, Params, load_params
 from skin_lesion.registry.model_contents import pip_requirements
 from skin_lesion.registry.registration import (
     NEW_VERSION_ALIAS,
@@ -86,59 +87,35 @@ def main() -> None:
     base, settings = params.base, params.evaluate
     melanoma = base.classes.index(base.melanoma_class)
     site_scores = read_table(args.site_scores / "scores.csv", SCORE_COLUMNS, what="site scores")
-    # An external image that the split would have kept with a training, validation or site image (the
-    # same lesion, or another photo of it) was learned from.
-    external_sets = load_external_sets(
-        args.external,
-        settings.external,
-        seen_by_the_model(args.split, site_scores),
-        params.split,
-        base.melanoma_class,
-        base.image_size,
-    )
+    external_sets = load_external(args, params, site_scores)
     # Every prediction goes through the backbone's cached embeddings: a refit of the head alone
     # (the probe's C, a site, the threshold rule) then embeds nothing again.
     cache = in_main_repo(args.cache)
     embedder = EmbeddingCache(load_model(args.model), cache, settings.batch_size, base.mirror_average)
-
-    def predict_split(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        rows = read_manifest(args.split / name, SPLIT_COLUMNS)
-        labels = class_indices(rows["label"], base.classes, source=str(args.split / name))
-        images, key = load_cached_images(rows["path"].tolist(), base.image_size, cache)
-        return rows, images, labels, *embedder.predict(images, key)
-
-    # The OOD summary needs only the training split's embeddings, which train cached: not its images.
-    e_train = embedder.embed_files(
-        read_manifest(args.split / "train.csv", SPLIT_COLUMNS)["path"].tolist(), base.image_size, cache
+    e_train = training_embeddings(args.split / "train.csv", embedder, base, cache)
+    val_rows, _, y_val, raw_val, e_val = predict_split(args.split / "val.csv", embedder, base, cache)
+    test_rows, x_test, y_test, raw_test, e_test = predict_split(
+        args.split / "test.csv", embedder, base, cache
     )
-    val_rows, _, y_val, raw_val, e_val = predict_split("val.csv")
-    test_rows, x_test, y_test, raw_test, e_test = predict_split("test.csv")
     ood = fit_ood(e_train, e_val, settings.ood_quantile)
-    # The threshold is chosen on calibrated validation probabilities, and every figure is measured on
-    # calibrated ones: the served model applies the temperature before its threshold (docs/design.md).
-    # A site's threshold and figures come from the site stage's uncalibrated cross-fitted P(melanoma):
-    # with a site, the probabilities stay as the model gives them (temperature 1).
-    temperature = 1.0 if params.site.name and not site_scores.empty else fit_temperature(y_val, raw_val)
+    with_site = bool(params.site.name) and not site_scores.empty
+    temperature = evaluation_temperature(y_val, raw_val, with_site)
     p_val, p_test = calibrated(raw_val, temperature), calibrated(raw_test, temperature)
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return calibrated(embedder.predict(images)[0], temperature)
+    predict = calibrated_predictor(embedder, temperature)
 
     with stage_run("evaluate", base, settings) as run:
-        scored = (y_val, p_val), (y_test, p_test)
         collections = val_rows["collection"].to_numpy()
         site = site_report(
             site_scores, args.site_scores, params, (y_val == melanoma, p_val[:, melanoma]), collections
         )
         site_threshold = site["threshold"] if site.get("threshold_source") == SITE_RULE else None
+        scored = (y_val, p_val), (y_test, p_test)
         metrics = score_test_split(
             *scored, base.classes, melanoma, settings, base.seed, collections, site_threshold
         )
-        metrics["calibration"] = {
-            "temperature": temperature,
-            "val": calibration_figures(y_val, raw_val, temperature, settings.calibration_bins),
-            "test": calibration_figures(y_test, raw_test, temperature, settings.calibration_bins),
-        }
+        metrics["calibration"] = calibration_report(
+            temperature, (y_val, raw_val), (y_test, raw_test), settings.calibration_bins
+        )
         metrics["site"] = site
         write_json_atomic(args.site_report, site)
         rule = SITE_RULE if site_threshold is not None else settings.threshold_rule
@@ -151,43 +128,145 @@ def main() -> None:
         )
         write_plots(args.plots, test_rows, y_test, p_test, base.classes, melanoma, settings, shift["stress"])
         write_json_atomic(args.shift_report, shift)
-        trained = describe_model(params.train, base.image_size, base.mirror_average)
         data_report = json.loads(args.data_report.read_text(encoding="utf-8"))
-        card = render_model_card(
-            base,
-            params.download,
-            trained,
-            settings.target_sensitivity,
-            metrics,
-            shift,
-            data_report,
-            metrics["external"],
-            rule,
-            site,
-        )
+        card = render_model_card(model_card_facts(params, metrics, shift, data_report, rule))
         write_text_atomic(args.model_card, card)
-        mlflow.log_metrics(loggable_metrics({**metrics, **shift}))
-        mlflow.log_artifacts(str(args.plots), "plots")
-        for artifact in (args.shift_report, args.external_report, args.model_card, args.site_report):
-            mlflow.log_artifact(str(artifact))
-
+        log_reports(args, {**metrics, **shift})
         unlike_training = ood.score(e_test) > ood.threshold
-        figures = reference_figures(
-            metrics, y_test, p_test, unlike_training, base.classes, melanoma, metrics["external"]
-        )
+        figures = registered_figures(metrics, (y_test, p_test), unlike_training, base, settings)
         version, reason = register(args, params, run.info.run_id, metrics, card, ood, figures)
         metrics["model_version"] = int(version)
         write_json_atomic(args.details, metrics)
         write_json_atomic(args.metrics, experiment_row(metrics, int(version)))
+    log_summary(metrics, base.model_name, version, reason)
+
+
+def load_external(args: argparse.Namespace, params: Params, site_scores: pd.DataFrame) -> list[ExternalSet]:
+    """The external sets, without the images training, validation or the site already showed the model."""
+    # An external image that the split would have kept with a training, validation or site image (the
+    # same lesion, or another photo of it) was learned from.
+    return load_external_sets(
+        args.external,
+        params.evaluate.external,
+        seen_by_the_model(args.split, site_scores),
+        params.split,
+        params.base.melanoma_class,
+        params.base.image_size,
+    )
+
+
+def training_embeddings(
+    manifest: Path, embedder: EmbeddingCache, base: BaseParams, cache: Path
+) -> np.ndarray:
+    """The training split's embeddings, for the OOD summary: from train's cache, not its images."""
+    return embedder.embed_files(
+        read_manifest(manifest, SPLIT_COLUMNS)["path"].tolist(), base.image_size, cache
+    )
+
+
+def predict_split(
+    manifest: Path, embedder: EmbeddingCache, base: BaseParams, cache: Path
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A split's rows, images, class indices, uncalibrated probabilities and embeddings."""
+    rows = read_manifest(manifest, SPLIT_COLUMNS)
+    labels = class_indices(rows["label"], base.classes, source=str(manifest))
+    images, key = load_cached_images(rows["path"].tolist(), base.image_size, cache)
+    return rows, images, labels, *embedder.predict(images, key)
+
+
+def evaluation_temperature(y_val: np.ndarray, raw_val: np.ndarray, with_site: bool) -> float:
+    """The temperature every figure is measured at: fitted on validation, or 1 with a site."""
+    # The threshold is chosen on calibrated validation probabilities, and every figure is measured on
+    # calibrated ones: the served model applies the temperature before its threshold (docs/design.md).
+    # A site's threshold and figures come from the site stage's uncalibrated cross-fitted P(melanoma):
+    # with a site, the probabilities stay as the model gives them (temperature 1).
+    return 1.0 if with_site else fit_temperature(y_val, raw_val)
+
+
+def calibrated_predictor(embedder: EmbeddingCache, temperature: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Images to calibrated class probabilities, as the served model answers (the stress test's)."""
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return calibrated(embedder.predict(images)[0], temperature)
+
+    return predict
+
+
+def calibration_report(
+    temperature: float,
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    bins: int,
+) -> dict[str, Any]:
+    """The temperature and the calibration error before and after it on val and test (labels, raw)."""
+    return {
+        "temperature": temperature,
+        "val": calibration_figures(*val, temperature, bins),
+        "test": calibration_figures(*test, temperature, bins),
+    }
+
+
+def chose_recipe(settings: EvaluateParams) -> tuple[str, ...]:
+    """The external sets the recipe was chosen on (evaluate.external.<name>.chose_recipe)."""
+    return tuple(name for name, external in settings.external.items() if external.chose_recipe)
+
+
+def model_card_facts(
+    params: Params, metrics: dict[str, Any], shift: dict[str, Any], data: dict[str, Any], rule: str
+) -> ModelCardFacts:
+    """What the model card states, from the params and this run's figures."""
+    base = params.base
+    return ModelCardFacts(
+        base=base,
+        download=params.download,
+        model=describe_model(params.train, base.image_size, base.mirror_average),
+        target_sensitivity=params.evaluate.target_sensitivity,
+        metrics=metrics,
+        shift=shift,
+        data=data,
+        external=metrics["external"],
+        rule=rule,
+        site=metrics["site"],
+        chose_recipe=chose_recipe(params.evaluate),
+    )
+
+
+def registered_figures(
+    metrics: dict[str, Any],
+    test: tuple[np.ndarray, np.ndarray],
+    unlike_training: np.ndarray,
+    base: BaseParams,
+    settings: EvaluateParams,
+) -> dict[str, Any]:
+    """The figures the version carries (metrics.reference_figures), each external set flagged when it
+    chose the recipe, so that the review page marks its figures too."""
+    melanoma = base.classes.index(base.melanoma_class)
+    figures = reference_figures(metrics, *test, unlike_training, base.classes, melanoma, metrics["external"])
+    chose = chose_recipe(settings)
+    external = {name: row | {"chose_recipe": name in chose} for name, row in figures["external"].items()}
+    return figures | {"external": external}
+
+
+def log_reports(args: argparse.Namespace, figures: dict[str, Any]) -> None:
+    """Log the figures as metrics, and the plots and reports as artifacts, to the active run."""
+    mlflow.log_metrics(loggable_metrics(figures))
+    mlflow.log_artifacts(str(args.plots), "plots")
+    for artifact in (args.shift_report, args.external_report, args.model_card, args.site_report):
+        mlflow.log_artifact(str(artifact))
+
+
+def log_summary(metrics: dict[str, Any], model_name: str, version: str, reason: str) -> None:
+    """One line: the temperature, the headline test figures and what became of the new version."""
+    calibration = metrics["calibration"]
     log.info(
         "temperature %.3f (validation ECE %.3f -> %.3f); test balanced accuracy %.3f, melanoma AUC %s; "
         "%s version %s is @%s; %s",
-        temperature,
-        metrics["calibration"]["val"]["ece_before"],
-        metrics["calibration"]["val"]["ece_after"],
+        calibration["temperature"],
+        calibration["val"]["ece_before"],
+        calibration["val"]["ece_after"],
         metrics["balanced_accuracy"],
         "n/a" if metrics["melanoma"]["auc"] is None else f"{metrics['melanoma']['auc']:.3f}",
-        base.model_name,
+        model_name,
         version,
         NEW_VERSION_ALIAS,
         reason,

@@ -50,13 +50,8 @@ def main() -> None:
     check_weights_file(train.weights, args.pretrained)
 
     split_rows = read_manifest(args.split / "train.csv", SPLIT_COLUMNS)
-    frames = [split_rows]
-    if train.use_rebalanced:
-        augmented = read_manifest(args.rebalanced, REBALANCED_COLUMNS)
-        # An augmented image comes from the collection of the image it was made from.
-        collection_of = split_rows.set_index("path")["collection"]
-        frames.append(augmented.assign(collection=augmented["source_path"].map(collection_of).fillna("")))
-    train_rows = pd.concat([frame[["path", "label", "collection"]] for frame in frames], ignore_index=True)
+    augmented = read_manifest(args.rebalanced, REBALANCED_COLUMNS) if train.use_rebalanced else None
+    train_rows = training_rows(split_rows, augmented)
     val_rows = read_manifest(args.split / "val.csv", SPLIT_COLUMNS)
     cache = in_main_repo(args.cache)
     site, site_rows = load_site(args, params, cache) if params.site.name else (None, None)
@@ -91,13 +86,8 @@ def main() -> None:
         mlflow.log_metrics({key: v for key, v in summary.items() if isinstance(v, (int, float))})
         mlflow.set_tag("device", summary["device"])
         save_model_atomic(model, args.model)
-        info = mlflow.keras.log_model(
-            model,
-            name=MLFLOW_MODEL_NAME,
-            signature=infer_signature(x_val[:2], predict_in_batches(model, x_val[:2], batch_size=2)),
-            pip_requirements=pip_requirements(keras.backend.backend(), args.lock),
-        )
-        write_json_atomic(args.model_info, {"run_id": run.info.run_id, "model_uri": info.model_uri})
+        model_uri = log_keras_model(model, x_val[:2], args.lock)
+        write_json_atomic(args.model_info, {"run_id": run.info.run_id, "model_uri": model_uri})
         write_json_atomic(args.details, summary)
         write_json_atomic(args.metrics, {key: summary[key] for key in ("best_epoch", "seconds")})
         write_training_curves(args.live / "plots" / "metrics", args.live / "curves.png")
@@ -110,6 +100,27 @@ def main() -> None:
         summary["best_epoch"],
         summary["best_val_balanced_accuracy"],
     )
+
+
+def log_keras_model(model: keras.Model, examples: np.ndarray, lock: Path) -> str:
+    """Log the model with the mlflow.keras flavor, its signature from `examples`; return its URI."""
+    info = mlflow.keras.log_model(
+        model,
+        name=MLFLOW_MODEL_NAME,
+        signature=infer_signature(examples, predict_in_batches(model, examples, batch_size=2)),
+        pip_requirements=pip_requirements(keras.backend.backend(), lock),
+    )
+    return info.model_uri
+
+
+def training_rows(split_rows: pd.DataFrame, augmented: pd.DataFrame | None) -> pd.DataFrame:
+    """The train split's path, label and collection, with the rebalance stage's images when given."""
+    frames = [split_rows]
+    if augmented is not None:
+        # An augmented image comes from the collection of the image it was made from.
+        collection_of = split_rows.set_index("path")["collection"]
+        frames.append(augmented.assign(collection=augmented["source_path"].map(collection_of).fillna("")))
+    return pd.concat([frame[["path", "label", "collection"]] for frame in frames], ignore_index=True)
 
 
 def load_site(args: argparse.Namespace, params: Params, cache: Path) -> tuple[SiteImages, pd.DataFrame]:

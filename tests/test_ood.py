@@ -131,6 +131,14 @@ def test_the_threshold_in_words_of_a_version_without_figures_says_they_are_not_r
     assert threshold_in_words(no_melanoma, 0.3).endswith("its test set had no melanoma to check it on.")
 
 
+def test_the_threshold_in_words_marks_a_set_that_chose_the_recipe() -> None:
+    alert = {"sensitivity": 0.5, "sensitivity_n": 40, "false_alert_rate": 0.25, "sensitivity_ci": None}
+    external = {"isic2017": {"alert": alert, "recall": {}, "class_counts": {}}}
+    figures = {**_figures(), "external": reference_figures(*_inputs(), external=external)["external"]}
+    figures["external"]["isic2017"]["chose_recipe"] = True  # as evaluate.registered_figures flags it
+    assert "the 40 melanomas of isic2017 (chose the recipe), with" in threshold_in_words(figures, 0.3)
+
+
 def test_the_threshold_in_words_states_each_external_sets_alert() -> None:
     alert = {
         "sensitivity": 0.5,

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from skin_lesion.model_card import CHOSE_RECIPE
+
 # Fewer predictions than this leave drift undecided: below 100, the 95 % interval of a 30 % rate is
 # wider than +-0.09, so chance alone could move it past the default tolerance of 0.1.
 MIN_PREDICTIONS = 100
@@ -51,11 +53,13 @@ def threshold_in_words(figures: dict[str, Any], threshold: float) -> str:
 
 
 def external_in_words(name: str, row: dict[str, Any]) -> str:
-    """One external set's alert figures, as the object of 'it found' (no interval in older versions)."""
+    """One external set's alert figures, as the object of 'it found' (no interval in older versions);
+    marked when the set chose the recipe, as the model card marks it."""
     interval = row.get("sensitivity_ci")
     ci = f" (95 % CI {interval[0]:.0%} to {interval[1]:.0%})" if interval else ""
+    chose = CHOSE_RECIPE if row.get("chose_recipe") else ""
     return (
-        f"{row['sensitivity']:.0%} of the {row['melanomas']} melanomas of {name}{ci}, with"
+        f"{row['sensitivity']:.0%} of the {row['melanomas']} melanomas of {name}{chose}{ci}, with"
         f" {100 * row['false_alert_rate']:.0f} alerts per 100 non-melanoma lesions"
     )
 

@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from skin_lesion.model.classifier import trained_on_warning
 from skin_lesion.params import BaseParams, DownloadParams, TrainParams
+
+# Beside every figure of a set the recipe was chosen on: selection makes those figures optimistic.
+CHOSE_RECIPE = " (chose the recipe)"
+
+
+@dataclass(frozen=True)
+class ModelCardFacts:
+    """What the model card states: the params it names and the figures evaluate measured."""
+
+    base: BaseParams
+    download: DownloadParams
+    model: str  # describe_model's line
+    target_sensitivity: float
+    metrics: dict[str, Any]  # the test split's (metrics.score_test_split), with `calibration`
+    shift: dict[str, Any]  # by collection and under stress (stress.source_shift_report)
+    data: dict[str, Any]  # the split stage's data.json
+    external: dict[str, dict[str, Any]]  # each external set's figures, by name
+    rule: str  # the threshold rule in use
+    site: dict[str, Any] = field(default_factory=dict)  # sites.site_figures; {} without a site
+    chose_recipe: tuple[str, ...] = ()  # the external sets the recipe and its settings were chosen on
 
 
 def describe_source(download: DownloadParams) -> str:
@@ -38,36 +59,46 @@ def describe_model(train: TrainParams, image_size: int, mirror_average: bool) ->
     return f"{how}, at {image_size}x{image_size} pixels, {train.precision}{mirror}."
 
 
-def render_model_card(
-    base: BaseParams,
-    download: DownloadParams,
-    model: str,
-    target_sensitivity: float,
-    metrics: dict[str, Any],
-    shift: dict[str, Any],
-    data: dict[str, Any],
-    external: dict[str, dict[str, Any]],
-    rule: str,
-    site: dict[str, Any] | None = None,
-) -> str:
+def render_model_card(facts: ModelCardFacts) -> str:
     """The model card: data and provenance, split, metrics with intervals, threshold, use, limits;
-    with `site` (sites.site_figures), the site's cross-fitted figures and where its threshold came from."""
-    intervals, warning = metrics["confidence_intervals"], trained_on_warning(download.source)
-    point = metrics["melanoma"]["operating_point"]
-
-    def with_interval(value: float | None, key: str) -> str:
-        bounds = intervals.get(key)
-        shown = "n/a" if value is None else f"{value:.3f}"
-        return shown if not bounds else f"{shown} (95 % CI {bounds[0]:.3f} to {bounds[1]:.3f})"
-
-    counts = data["class_counts"]
+    with a site, the site's cross-fitted figures and where its threshold came from."""
+    base, metrics, external, chose = facts.base, facts.metrics, facts.external, facts.chose_recipe
     lines = [
-        f"# Model card: {base.model_name}",
+        *header_lines(base.model_name, trained_on_warning(facts.download.source)),
+        *data_lines(facts.data, facts.download, base.classes),
+        *model_lines(facts.model, chose),
+        *metric_lines(metrics),
+        *alert_lines(metrics, facts.site, facts.target_sensitivity),
+        *site_lines(facts.site),
+        *external_lines(external, metrics, base.melanoma_class, chose),
+        *class_recall_lines(metrics, external, base.classes, chose),
+        *calibration_lines(metrics.get("calibration"), external, chose),
+        *threshold_rule_lines(
+            metrics["melanoma"]["threshold_rules"], external, facts.rule, facts.target_sensitivity, chose
+        ),
+        *_collection_lines(facts.shift["by_collection"]),
+        *_stress_lines(facts.shift["stress"]),
+        *limitation_lines(facts.data, base.classes, external, chose),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def header_lines(model_name: str, warning: str) -> list[str]:
+    """The title, the synthetic-data warning (if any) and what the model is not."""
+    return [
+        f"# Model card: {model_name}",
         "",
         *([f"**{warning}.** It was trained and tested on generated images.", ""] if warning else []),
         "**Not a diagnostic device.** A research tool that gives a second opinion on dermoscopic images;",
         "a clinician decides. It has not been validated prospectively or on other populations.",
         "",
+    ]
+
+
+def data_lines(data: dict[str, Any], download: DownloadParams, classes: Sequence[str]) -> list[str]:
+    """Where the images came from, what was removed, and each class's images per split."""
+    counts = data["class_counts"]
+    return [
         "## Data",
         "",
         f"- Source: {describe_source(download)}",
@@ -82,49 +113,86 @@ def render_model_card(
         "| --- | --- | --- | --- |",
         *[
             f"| {label} | {counts['train'][label]} | {counts['val'][label]} | {counts['test'][label]} |"
-            for label in base.classes
+            for label in classes
         ],
         "",
-        "## Model",
-        "",
-        model,
-        "",
+    ]
+
+
+def model_lines(model: str, chose_recipe: Sequence[str]) -> list[str]:
+    """The model in one line, and the external sets its recipe was chosen on."""
+    lines = ["## Model", "", model, ""]
+    if chose_recipe:
+        lines += [
+            f"The recipe and its settings were chosen on the external set(s) {_names(chose_recipe)}: their",
+            f"figures here were used for selection and flatter the model; each is marked{CHOSE_RECIPE}.",
+            "",
+        ]
+    return lines
+
+
+def metric_lines(metrics: dict[str, Any]) -> list[str]:
+    """The test split's headline figures, with their bootstrap intervals where there are some."""
+    intervals = metrics["confidence_intervals"]
+    melanoma = metrics["melanoma"]
+    return [
         "## Test metrics",
         "",
-        f"- Balanced multiclass accuracy: {with_interval(metrics['balanced_accuracy'], 'balanced_accuracy')}",
+        "- Balanced multiclass accuracy: "
+        + _with_interval(metrics["balanced_accuracy"], intervals.get("balanced_accuracy")),
         f"- Accuracy: {metrics['accuracy']:.3f}; macro one-vs-rest AUC: {_shown(metrics['macro_auc'])}",
-        f"- Melanoma AUC: {with_interval(metrics['melanoma']['auc'], 'melanoma_auc')}; "
-        f"AUC above 80 % sensitivity: {_shown(metrics['melanoma']['auc_sens_80'])}",
+        f"- Melanoma AUC: {_with_interval(melanoma['auc'], intervals.get('melanoma_auc'))}; "
+        f"AUC above 80 % sensitivity: {_shown(melanoma['auc_sens_80'])}",
         f"- Expected calibration error: {metrics['calibration_error']:.3f}",
         "",
+    ]
+
+
+def alert_lines(metrics: dict[str, Any], site: dict[str, Any], target_sensitivity: float) -> list[str]:
+    """The melanoma alert's threshold, where it was chosen, and what it does on the test split."""
+    point = metrics["melanoma"]["operating_point"]
+    sensitivity = _with_interval(
+        point["sensitivity"], metrics["confidence_intervals"].get("melanoma_sensitivity")
+    )
+    chosen_on = (
+        f"site {site['site']}'s cross-fitted melanomas"
+        if site and site["threshold_source"] == "site"
+        else "the validation split"
+    )
+    return [
         "## Melanoma alert",
         "",
-        f"An alert is raised when P(melanoma) >= {point['threshold']:.4f}, chosen on "
-        + (
-            f"site {site['site']}'s cross-fitted melanomas"
-            if site and site["threshold_source"] == "site"
-            else "the validation split"
-        ),
+        f"An alert is raised when P(melanoma) >= {point['threshold']:.4f}, chosen on {chosen_on}",
         f"to reach {target_sensitivity:.0%} sensitivity there. On the test split:",
-        f"sensitivity {with_interval(point['sensitivity'], 'melanoma_sensitivity')}, "
+        f"sensitivity {sensitivity}, "
         f"specificity {_shown(point['specificity'])}, {point['alerts_per_100']:.1f} alerts per 100 images.",
         "",
-        *site_lines(site or {}),
-        *external_lines(external, metrics, base.melanoma_class),
-        *class_recall_lines(metrics, external, base.classes),
-        *calibration_lines(metrics.get("calibration"), external),
-        *threshold_rule_lines(metrics["melanoma"]["threshold_rules"], external, rule, target_sensitivity),
-        *_collection_lines(shift["by_collection"]),
-        *_stress_lines(shift["stress"]),
+    ]
+
+
+def limitation_lines(
+    data: dict[str, Any], classes: Sequence[str], external: dict[str, Any], chose_recipe: Sequence[str]
+) -> list[str]:
+    """What the figures cannot say: small test set, rare classes, other populations, provenance."""
+    lines = [
         "## Limitations",
         "",
         "- The test set is small; the intervals above show how uncertain these numbers are.",
-        few_images_line(counts, base.classes),
+        few_images_line(data["class_counts"], classes),
         "- Dermoscopic images of mostly light skin from a few clinics; performance elsewhere is unknown"
         + (" beyond the external sets above." if external else ": no external set was scored."),
-        *[f"- Provenance: {warning}." for warning in data["provenance"]["warnings"]],
     ]
-    return "\n".join(lines) + "\n"
+    if chose_recipe:
+        independent = [name for name in external if name not in chose_recipe]
+        lines.append(
+            f"- {_names(chose_recipe)} chose the recipe, so its figures are optimistic; "
+            + (
+                f"independent external sets: {_names(independent)}."
+                if independent
+                else "no external set is independent."
+            )
+        )
+    return [*lines, *[f"- Provenance: {warning}." for warning in data["provenance"]["warnings"]]]
 
 
 RAREST_CLASSES = 3  # the classes the limitation names, fewest training images first
@@ -197,7 +265,10 @@ def verification_line(verification: dict[str, Any]) -> str:
 
 
 def external_lines(
-    external: dict[str, dict[str, Any]], metrics: dict[str, Any], melanoma_class: str
+    external: dict[str, dict[str, Any]],
+    metrics: dict[str, Any],
+    melanoma_class: str,
+    chose_recipe: Sequence[str] = (),
 ) -> list[str]:
     """The external-validation table: each set's melanoma AUC and the alert, beside the test split's."""
     if not external:
@@ -224,7 +295,8 @@ def external_lines(
     for name, row in external.items():
         alert = row["alert"]
         lines.append(
-            f"| {name} | {row['images']} ({row['copies_of_training']}) | {alert['sensitivity_n']} | "
+            f"| {_set_name(name, chose_recipe)} | {row['images']} ({row['copies_of_training']}) | "
+            f"{alert['sensitivity_n']} | "
             f"{_with_bounds(row['melanoma_auc'], row['melanoma_auc_ci'])} | "
             f"{_with_bounds(alert['sensitivity'], alert['sensitivity_ci'])} | "
             f"{_with_bounds(alert['false_alert_rate'], alert['false_alert_rate_ci'])} | "
@@ -234,7 +306,10 @@ def external_lines(
 
 
 def class_recall_lines(
-    metrics: dict[str, Any], external: dict[str, dict[str, Any]], classes: list[str]
+    metrics: dict[str, Any],
+    external: dict[str, dict[str, Any]],
+    classes: Sequence[str],
+    chose_recipe: Sequence[str] = (),
 ) -> list[str]:
     """Each class's recall on the test split and on each external set: which class figures hold."""
     names = list(external)
@@ -244,7 +319,7 @@ def class_recall_lines(
         "How often the predicted class was right, per true class. The review page and `predict` show",
         "only the external recall beside a class; a class no external set has is marked unmeasured.",
         "",
-        "| class | carved test split | " + " | ".join(names) + (" |" if names else ""),
+        "| class | carved test split | " + _columns(names, chose_recipe),
         "| --- | --- |" + " --- |" * len(names),
     ]
     for label in classes:
@@ -258,12 +333,18 @@ def class_recall_lines(
     return [*lines, ""]
 
 
-def calibration_lines(calibration: dict[str, Any] | None, external: dict[str, dict[str, Any]]) -> list[str]:
+def calibration_lines(
+    calibration: dict[str, Any] | None, external: dict[str, dict[str, Any]], chose_recipe: Sequence[str] = ()
+) -> list[str]:
     """The temperature and the expected calibration error (and NLL) before and after it, per set."""
     if not calibration:
         return []
     rows = {"validation (fitted on)": calibration["val"], "carved test split": calibration["test"]}
-    rows |= {name: result["calibration"] for name, result in external.items() if "calibration" in result}
+    rows |= {
+        _set_name(name, chose_recipe): result["calibration"]
+        for name, result in external.items()
+        if "calibration" in result
+    }
     lines = [
         "## Calibration",
         "",
@@ -289,7 +370,11 @@ RULES_IN_WORDS = {
 
 
 def threshold_rule_lines(
-    rules: dict[str, dict[str, Any]], external: dict[str, dict[str, Any]], used: str, target: float
+    rules: dict[str, dict[str, Any]],
+    external: dict[str, dict[str, Any]],
+    used: str,
+    target: float,
+    chose_recipe: Sequence[str] = (),
 ) -> list[str]:
     """What each threshold rule gives on the test split and the external sets: the cost of a floor."""
     names = list(external)
@@ -300,7 +385,7 @@ def threshold_rule_lines(
         f"this model uses `{used}`.",
         "Sensitivity / false alerts (share of non-melanoma lesions) at each rule's threshold:",
         "",
-        "| rule | threshold | carved test split | " + " | ".join(names) + (" |" if names else ""),
+        "| rule | threshold | carved test split | " + _columns(names, chose_recipe),
         "| --- | --- | --- |" + " --- |" * len(names),
     ]
     for rule, point in rules.items():
@@ -313,6 +398,23 @@ def threshold_rule_lines(
             f"| `{rule}` ({RULES_IN_WORDS[rule]}) | {point['threshold']:.4f} | " + " | ".join(cells) + " |"
         )
     return [*lines, ""]
+
+
+def _with_interval(value: float | None, bounds: list[float] | None) -> str:
+    return _shown(value) + (f" (95 % CI {bounds[0]:.3f} to {bounds[1]:.3f})" if bounds else "")
+
+
+def _set_name(name: str, chose_recipe: Sequence[str]) -> str:
+    return name + CHOSE_RECIPE if name in chose_recipe else name
+
+
+def _columns(names: Sequence[str], chose_recipe: Sequence[str]) -> str:
+    """The external sets' column headers, ending the row ('' without sets, as cards always had)."""
+    return " | ".join(_set_name(name, chose_recipe) for name in names) + (" |" if names else "")
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names)
 
 
 def _with_bounds(value: float | None, bounds: list[float] | None) -> str:

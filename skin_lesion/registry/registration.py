@@ -81,15 +81,7 @@ def log_servable_model(
         "temperature": temperature,
     }
     example = pd.DataFrame({IMAGE_COLUMN: [example_image(image_size)]})
-    output = prediction_frame(
-        np.full((1, len(classes)), 1 / len(classes)),
-        classes,
-        melanoma_class,
-        threshold,
-        data_source,
-        ood_scores=np.zeros(1),
-        ood_threshold=1.0,
-    )
+    output = example_output(classes, melanoma_class, threshold, data_source)
     artifacts = {"keras_model": str(keras_path)}
     if ood_path is not None:
         artifacts["ood"] = str(ood_path)
@@ -108,6 +100,21 @@ def log_servable_model(
             pip_requirements=requirements,
         )
     return info.model_uri
+
+
+def example_output(
+    classes: Sequence[str], melanoma_class: str, threshold: float, data_source: str
+) -> pd.DataFrame:
+    """The answer to one image of uniform probabilities: the output signature MLflow stores."""
+    return prediction_frame(
+        np.full((1, len(classes)), 1 / len(classes)),
+        classes,
+        melanoma_class,
+        threshold,
+        data_source,
+        ood_scores=np.zeros(1),
+        ood_threshold=1.0,
+    )
 
 
 def example_image(size: int) -> str:
