@@ -106,3 +106,14 @@ def test_the_model_pins_exactly_the_packages_its_code_imports() -> None:
     pinned = {top: {name.lower() for name in distributions[top]} & set(MODEL_PACKAGES) for top in third_party}
     assert all(pinned.values()), pinned
     assert set().union(*pinned.values()) == set(MODEL_PACKAGES)
+
+
+def test_no_function_of_the_library_or_a_stage_is_longer_than_60_lines() -> None:
+    code = [*LIBRARY, *sorted((REPO / "stages").glob("*.py"))]
+    long = [
+        f"{path.relative_to(REPO)}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in code
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60
+    ]
+    assert long == []

@@ -6,8 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from skin_lesion.model_card import CHOSE_RECIPE, ModelCardFacts, render_model_card
 
+from skin_lesion.evaluation.model_card import CHOSE_RECIPE, ModelCardFacts, render_model_card
 from skin_lesion.params import EvaluateParams
 from stages.evaluate import chose_recipe, registered_figures
 from tests import model_card_inputs as inputs

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from skin_lesion.model_card import CHOSE_RECIPE
+from skin_lesion.evaluation.model_card import CHOSE_RECIPE
 
 # Fewer predictions than this leave drift undecided: below 100, the 95 % interval of a 30 % rate is
 # wider than +-0.09, so chance alone could move it past the default tolerance of 0.1.
