@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -11,12 +13,15 @@ from pydantic import ValidationError
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
+from skin_lesion.evaluation.metrics import capped_balanced_accuracy
 from skin_lesion.images import load_images
 from skin_lesion.model.network import OUTPUT_LAYER
 from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings
-from skin_lesion.params import TrainParams
-from skin_lesion.training.architectures import build_model
+from skin_lesion.params import Params, TrainParams
+from skin_lesion.training import recipes
+from skin_lesion.training.architectures import BACKBONE_NAME, build_model
 from skin_lesion.training.batching import load_cached_images
+from skin_lesion.training.callbacks import MONITOR
 from skin_lesion.training.linear_head import fit_probe
 from skin_lesion.training.probe import (
     EmbeddingCache,
@@ -25,7 +30,13 @@ from skin_lesion.training.probe import (
     collection_projection,
     interpolate_weights,
 )
-from skin_lesion.training.recipes import ImageSet, Phase, fit_recipe, train_linear_probe, training_phases
+from skin_lesion.training.recipes import (
+    ImageSet,
+    Phase,
+    fit_recipe,
+    train_linear_probe,
+    training_phases,
+)
 from tests.conftest import draw_lesion, small_params, tiny_backbone_weights
 from tests.test_train import SIZE, _data
 from tests.test_transfer import _pretrained
@@ -201,36 +212,136 @@ def test_wise_ft_at_zero_and_one_is_the_probe_and_the_fine_tuned_model(weights_f
     tuned_weights = tuned.get_weights()
     for interpolation, want in expected.items():
         tuned.set_weights(tuned_weights)
-        mixed = interpolate_weights(probe, tuned, interpolation)
+        mixed = interpolate_weights(probe.get_weights(), tuned, interpolation)
         np.testing.assert_allclose(mixed.predict(images, verbose=0), want, rtol=1e-6, atol=1e-7)
     tuned.set_weights(tuned_weights)
-    halfway = interpolate_weights(probe, tuned, 0.5).get_weights()
+    halfway = interpolate_weights(probe.get_weights(), tuned, 0.5).get_weights()
     for got, a, b in zip(halfway, probe.get_weights(), tuned_weights, strict=True):
         np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-6, atol=1e-7)
 
 
-def test_lp_ft_fine_tunes_from_the_probe_without_a_warm_up(weights_file: Path, tmp_path: Path) -> None:
-    params = _probe_params(weights_file, recipe="lp_ft", epochs=2, freeze_epochs=1, interpolation=1.0)
+def _informative_backbone_weights(path: Path, images: np.ndarray) -> Path:
+    """A backbone file whose batch norms hold `images`' statistics, as a pretrained one's hold its data's.
+
+    tiny_backbone_weights's random net shrinks every image to an embedding of about 1e-21, on which
+    every image gets the same answer, mirrored or not, from any mix of weights.
+    """
+    keras.utils.set_random_seed(5)
+    model = build_model("mobilenet", SIZE, 3, 0.0)
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0  # its moving statistics become this batch's
+    model(images.astype(np.float32), training=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.get_layer(BACKBONE_NAME).save_weights(path)
+    return path
+
+
+@dataclass(frozen=True)
+class LpFtRun:
+    """One LP-FT run halfway between the probe and the model fine-tuned from it, and what it went through."""
+
+    params: Params
+    sets: tuple[ImageSet, ImageSet]
+    cache: Path
+    model: keras.Model
+    summary: dict[str, Any]
+    fine_tuning_ends: list[list[np.ndarray]]  # the trained model's weights as fine-tuning began and ended
+    fine_tuning_scores: list[float]  # its epochs' val_balanced_accuracy
+    builds: int  # the nets build_model built
+    policies: tuple[str, str]  # Keras's global dtype policy before and after the run
+
+
+@pytest.fixture(scope="module")
+def lp_ft_run(tmp_path_factory: pytest.TempPathFactory) -> LpFtRun:
+    # One run for the tests below: fine-tuning is the slow part of this file.
+    tmp = tmp_path_factory.mktemp("lp_ft")
+    (x, y), (x_val, y_val) = _data(n=24), _data(n=30, seed=1)  # 30: balanced accuracies rarely tie
+    sets = ImageSet(x, y, "train-key"), ImageSet(x_val, y_val, "val-key")
+    weights = _informative_backbone_weights(tmp / "weights" / "mobilenet.weights.h5", sets[0].images)
+    # Mixed bfloat16, the committed precision, so that a policy left set would show.
+    params = _probe_params(
+        weights, recipe="lp_ft", epochs=2, freeze_epochs=1, interpolation=0.5, precision="mixed_bfloat16"
+    )
+    params = params.model_copy(update={"base": params.base.model_copy(update={"mirror_average": True})})
+    ends: list[list[np.ndarray]] = []
+    scores: list[float] = []
+
+    class Ends(keras.callbacks.Callback):
+        # Without augmentation the model trained is the model itself; these run after early stopping's.
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            ends.append(self.model.get_weights())
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            scores.append((logs or {})[MONITOR])
+
+        def on_train_end(self, logs: dict | None = None) -> None:
+            ends.append(self.model.get_weights())
+
+    built: list[keras.Model] = []
+
+    def counted_build_model(*args: Any, **kwargs: Any) -> keras.Model:
+        built.append(build_model(*args, **kwargs))
+        return built[-1]
+
+    before = keras.config.dtype_policy().name
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recipes, "build_model", counted_build_model)
+        model, summary = fit_recipe(*sets, params.base, params.train, tmp / "cache", [Ends()])
+    after = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy("float32")  # whatever happened, not for the tests after
+    return LpFtRun(params, sets, tmp / "cache", model, summary, ends, scores, len(built), (before, after))
+
+
+def test_lp_ft_fine_tunes_from_the_probe_without_a_warm_up(lp_ft_run: LpFtRun) -> None:
+    params = lp_ft_run.params
     assert training_phases(params.train) == [
         Phase("fine_tune", 0, 2, params.train.fine_tune_learning_rate, params.train.unfreeze)
     ]
-    train_set, val_set = _sets()
-    probe, _ = train_linear_probe(train_set, val_set, params.base, params.train, tmp_path / "cache")
-    started: list[list[np.ndarray]] = []
-
-    class FirstWeights(keras.callbacks.Callback):
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            # Without augmentation, the model trained is the model itself.
-            started.append(self.model.get_layer(OUTPUT_LAYER).get_weights())
-
-    _, summary = fit_recipe(
-        train_set, val_set, params.base, params.train, tmp_path / "cache", [FirstWeights()]
-    )
-    for got, want in zip(started[0], probe.get_layer(OUTPUT_LAYER).get_weights(), strict=True):
+    probe, _ = train_linear_probe(*lp_ft_run.sets, params.base, params.train, lp_ft_run.cache)
+    for got, want in zip(lp_ft_run.fine_tuning_ends[0], probe.get_weights(), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6)
-    assert summary["recipe"] == "lp_ft"
-    assert summary["epochs"] == 2
-    assert "probe_val_balanced_accuracy" in summary
+    assert lp_ft_run.summary["recipe"] == "lp_ft"
+    assert lp_ft_run.summary["epochs"] == 2
+    assert "probe_val_balanced_accuracy" in lp_ft_run.summary
+
+
+def test_lp_ft_returns_the_interpolation_of_the_probe_and_the_fine_tuned_model(lp_ft_run: LpFtRun) -> None:
+    probe, fine_tuned = lp_ft_run.fine_tuning_ends
+    # The two ends differ, so a model left at either fails the check below.
+    assert any(not np.allclose(start, end) for start, end in zip(probe, fine_tuned, strict=True))
+    assert lp_ft_run.summary["interpolation"] == 0.5
+    for got, start, end in zip(lp_ft_run.model.get_weights(), probe, fine_tuned, strict=True):
+        want = 0.5 * start + 0.5 * end if np.issubdtype(got.dtype, np.floating) else end
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_lp_ft_records_the_validation_figures_of_the_model_it_returns(lp_ft_run: LpFtRun) -> None:
+    _, val_set = lp_ft_run.sets
+    probabilities, _ = predict_with_embeddings(
+        with_embeddings(lp_ft_run.model), val_set.images, 8, mirror_average=True
+    )
+    predicted = probabilities.argmax(axis=1)
+    summary = lp_ft_run.summary
+    cap = lp_ft_run.params.train.val_class_cap
+    score = capped_balanced_accuracy(val_set.labels, predicted, cap)
+    # The fine-tuning's own figures differ, so a summary that kept them fails the checks below.
+    assert score not in lp_ft_run.fine_tuning_scores
+    assert summary["val_balanced_accuracy"] == summary["best_val_balanced_accuracy"] == score
+    assert summary["val_accuracy"] == pytest.approx((predicted == val_set.labels).mean())
+    loss = log_loss(val_set.labels, probabilities, labels=[0, 1, 2])
+    assert summary["val_loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_lp_ft_builds_and_loads_the_backbone_once(lp_ft_run: LpFtRun) -> None:
+    assert lp_ft_run.builds == 1
+
+
+def test_training_leaves_the_global_dtype_policy_as_it_was(lp_ft_run: LpFtRun) -> None:
+    before, after = lp_ft_run.policies
+    assert after == before == "float32"
+    convs = [layer for layer in lp_ft_run.model._flatten_layers() if isinstance(layer, keras.layers.Conv2D)]
+    assert convs[0].compute_dtype == "bfloat16"  # trained in the precision asked for all the same
 
 
 def test_a_probe_needs_a_pretrained_backbone() -> None:

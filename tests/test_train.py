@@ -570,6 +570,13 @@ params = _params(arch="mobilenet", weights=str(weights), precision="mixed_bfloat
                  distribution="data_parallel", epochs=2, freeze_epochs=1, batch_size=16)
 model, summary = train_model(x, y, x, y, params.base, params.train)
 assert summary["epochs"] == 2 and np.isfinite(summary["loss"]), summary
+# LP-FT, whose probe is fitted into the net it fine-tunes, under one data-parallel scope.
+from skin_lesion.training.recipes import ImageSet, fit_recipe
+params = _params(arch="mobilenet", weights=str(weights), recipe="lp_ft", interpolation=0.5,
+                 distribution="data_parallel", epochs=1, batch_size=16)
+images = ImageSet(x, y, "images")
+model, summary = fit_recipe(images, images, params.base, params.train, Path(tempfile.mkdtemp()))
+assert summary["epochs"] == 1 and np.isfinite(summary["val_loss"]), summary
 print("data parallel matches")
 """
     env = {**os.environ, "KERAS_BACKEND": backend, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}

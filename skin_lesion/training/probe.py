@@ -163,11 +163,12 @@ def set_head(model: keras.Model, kernel: np.ndarray, bias: np.ndarray) -> None:
     model.get_layer(OUTPUT_LAYER).set_weights([kernel, bias])
 
 
-def interpolate_weights(probe: keras.Model, tuned: keras.Model, interpolation: float) -> keras.Model:
-    """WiSE-FT: `tuned` with each weight set to (1 - interpolation) * probe's + interpolation * its own."""
+def interpolate_weights(probe: list[np.ndarray], tuned: keras.Model, interpolation: float) -> keras.Model:
+    """WiSE-FT: `tuned` with each weight set to (1 - interpolation) * the probe's (its weights, as
+    get_weights gives them, before fine-tuning) + interpolation * its own."""
     mixed = [
         (1 - interpolation) * start + interpolation * end if np.issubdtype(end.dtype, np.floating) else end
-        for start, end in zip(probe.get_weights(), tuned.get_weights(), strict=True)
+        for start, end in zip(probe, tuned.get_weights(), strict=True)
     ]
     tuned.set_weights(mixed)
     return tuned

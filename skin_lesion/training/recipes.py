@@ -21,6 +21,7 @@ from skin_lesion.errors import PipelineError
 from skin_lesion.evaluation.metrics import capped_balanced_accuracy
 from skin_lesion.evaluation.sites import ProbeInputs
 from skin_lesion.files import atomic_file
+from skin_lesion.model.prediction import predict_with_embeddings, with_embeddings
 from skin_lesion.params import BaseParams, TrainParams
 from skin_lesion.training.architectures import (
     build_model,
@@ -111,17 +112,28 @@ def fit_recipe(
     linear probe's (train_linear_probe)."""
     if site is not None and train.recipe != "linear_probe":
         raise PipelineError(f"site: train.recipe={train.recipe} does not learn from a site; use linear_probe")
-    probe, probe_summary = None, {}
-    if train.recipe in ("linear_probe", "lp_ft"):
-        probe, probe_summary = train_linear_probe(
-            train_set, val_set, base, train, cache_dir, site, inputs_file
-        )
-        if train.recipe == "linear_probe":
-            # Fitted once, not per epoch: its loss and accuracies are the one step of its curves.
-            for callback in callbacks or []:
-                callback.on_epoch_end(0, probe_summary["fit"])
-            return probe, probe_summary
-    model, summary = train_model(
+    if train.recipe == "lp_ft":
+        return train_lp_ft(train_set, val_set, base, train, cache_dir, callbacks, checkpoint_dir)
+    if train.recipe == "fine_tune":
+        return fine_tune(train_set, val_set, base, train, callbacks, checkpoint_dir)
+    probe, summary = train_linear_probe(train_set, val_set, base, train, cache_dir, site, inputs_file)
+    # Fitted once, not per epoch: its loss and accuracies are the one step of its curves.
+    for callback in callbacks or []:
+        callback.on_epoch_end(0, summary["fit"])
+    return probe, summary
+
+
+def fine_tune(
+    train_set: ImageSet,
+    val_set: ImageSet,
+    base: BaseParams,
+    train: TrainParams,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    checkpoint_dir: Path | None = None,
+    start: keras.Model | None = None,
+) -> tuple[keras.Model, dict[str, Any]]:
+    """train_model on two image sets: the fine_tune recipe, and LP-FT's fine-tuning of its probe."""
+    return train_model(
         train_set.images,
         train_set.labels,
         val_set.images,
@@ -130,13 +142,50 @@ def fit_recipe(
         train,
         callbacks,
         checkpoint_dir,
-        initial_weights=probe.get_weights() if probe else None,
+        start=start,
     )
-    if probe is None:
-        return model, summary
+
+
+def train_lp_ft(
+    train_set: ImageSet,
+    val_set: ImageSet,
+    base: BaseParams,
+    train: TrainParams,
+    cache_dir: Path,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    checkpoint_dir: Path | None = None,
+) -> tuple[keras.Model, dict[str, Any]]:
+    """LP-FT: the linear probe, fine-tuned without a warm-up, then mixed with its start (WiSE-FT).
+
+    Its validation figures, best_val_balanced_accuracy included, are the returned model's, predicted
+    as evaluate predicts (mirror averaging as base.mirror_average says), so that they compare with
+    the probe's; best_epoch and the epochs' curves stay the fine-tuning's.
+    """
+    # One scope for both: the net the probe is fitted into is the net fine-tuned, so it is built
+    # under the strategy that trains it.
+    with distribution_scope(train.distribution):
+        model, probe_summary = train_linear_probe(train_set, val_set, base, train, cache_dir)
+        start = model.get_weights()
+        model, summary = fine_tune(train_set, val_set, base, train, callbacks, checkpoint_dir, start=model)
+    model = interpolate_weights(start, model, train.interpolation)
+    figures = validation_figures(model, val_set, train.batch_size, base.mirror_average, train.val_class_cap)
+    figures["best_val_balanced_accuracy"] = figures["val_balanced_accuracy"]  # what the stage reports
     probe_figures = {f"probe_{key}": probe_summary[key] for key in ("val_balanced_accuracy", "seconds")}
-    model = interpolate_weights(probe, model, train.interpolation)
-    return model, {**summary, **probe_figures, "interpolation": train.interpolation}
+    return model, {**summary, **figures, **probe_figures, "interpolation": train.interpolation}
+
+
+def validation_figures(
+    model: keras.Model, val_set: ImageSet, batch_size: int, mirror_average: bool, class_cap: int
+) -> dict[str, float]:
+    """val_loss, val_accuracy and the capped val_balanced_accuracy of `model`, predicting as evaluate does."""
+    probabilities, _ = predict_with_embeddings(
+        with_embeddings(model), val_set.images, batch_size, mirror_average
+    )
+    predicted = probabilities.argmax(axis=1)
+    return {
+        **probability_figures(probabilities, val_set.labels, "val_"),
+        "val_balanced_accuracy": capped_balanced_accuracy(val_set.labels, predicted, class_cap),
+    }
 
 
 @dataclass(frozen=True)
@@ -166,18 +215,10 @@ def train_linear_probe(
     .npz, for the `site` stage's cross-fitting.
     """
     configure_determinism(base.seed, train.deterministic)
-    keras.mixed_precision.set_dtype_policy(train.precision)
-    model = build_model(
-        train.arch, base.image_size, len(base.classes), train.dropout, train.weights, train.shades_of_gray
-    )
+    model = build_network(base, train)
     started = time.perf_counter()
-    sets = [("train", train_set), ("val", val_set)] + ([("site", site)] if site is not None else [])
-    embed = {
-        name: cached_embeddings(
-            model, image_set.images, image_set.key, cache_dir, train.batch_size, base.mirror_average
-        )
-        for name, image_set in sets
-    }
+    sets = {"train": train_set, "val": val_set, **({"site": site} if site is not None else {})}
+    embed = embed_sets(model, sets, cache_dir, train.batch_size, base.mirror_average)
     fitting = time.perf_counter()
     projection = np.eye(embed["train"].shape[1], dtype=np.float32)
     if train.probe_remove_collections and train_set.collections is not None:
@@ -220,12 +261,31 @@ def train_linear_probe(
     }
 
 
+def embed_sets(
+    model: keras.Model,
+    sets: dict[str, ImageSet | SiteImages],
+    cache_dir: Path,
+    batch_size: int,
+    mirror_average: bool,
+) -> dict[str, np.ndarray]:
+    """The embeddings the model's head sees for each named image set, through the embedding cache."""
+    return {
+        name: cached_embeddings(model, image_set.images, image_set.key, cache_dir, batch_size, mirror_average)
+        for name, image_set in sets.items()
+    }
+
+
 def head_figures(logits: np.ndarray, labels: np.ndarray, prefix: str) -> dict[str, float]:
     """Cross-entropy loss and accuracy of a head's logits, named as Keras names an epoch's logs."""
-    classes = np.arange(logits.shape[1])
+    return probability_figures(softmax(logits, axis=1), labels, prefix)
+
+
+def probability_figures(probabilities: np.ndarray, labels: np.ndarray, prefix: str) -> dict[str, float]:
+    """Cross-entropy loss and accuracy of class probabilities, named as Keras names an epoch's logs."""
+    classes = np.arange(probabilities.shape[1])
     return {
-        f"{prefix}loss": float(log_loss(labels, softmax(logits, axis=1), labels=classes)),
-        f"{prefix}accuracy": float(accuracy_score(labels, logits.argmax(axis=1))),
+        f"{prefix}loss": float(log_loss(labels, probabilities, labels=classes)),
+        f"{prefix}accuracy": float(accuracy_score(labels, probabilities.argmax(axis=1))),
     }
 
 
@@ -252,12 +312,13 @@ def train_model(
     train: TrainParams,
     callbacks: list[keras.callbacks.Callback] | None = None,
     checkpoint_dir: Path | None = None,
-    initial_weights: list[np.ndarray] | None = None,
+    start: keras.Model | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
     """Fit the configured model phase by phase, keeping the last phase's best val balanced accuracy.
 
     It trains behind its augmentation layers; the model returned (to save and serve) has none.
-    `initial_weights` (LP-FT: the linear probe's) replace the built model's before the first phase.
+    `start` (LP-FT: the linear probe, built under train.distribution) is the model trained, instead
+    of a newly built one.
 
     With `checkpoint_dir`, every epoch is checkpointed there (a folder per phase) and a killed run
     resumes from the last one, in the phase it was in.
@@ -276,9 +337,7 @@ def train_model(
     started, clock = time.perf_counter(), TrainingClock()
     # One scope for the whole fit: every phase compiles and trains under the same strategy.
     with distribution_scope(train.distribution):
-        model, trainer = build_trainer(base, train)
-        if initial_weights is not None:
-            model.set_weights(initial_weights)
+        model, trainer = build_trainer(base, train, start)
         for phase in phases:
             checkpoint = checkpoint_dir / phase.name if checkpoint_dir else None
             ran, history = fit_phase(
@@ -392,14 +451,34 @@ def fit_phase(
     return trained, recorder.history if recorder else history.history
 
 
-def build_trainer(base: BaseParams, train: TrainParams) -> tuple[keras.Model, keras.Model]:
-    """The model to save, and the model that fits it behind augmentation (compiled per phase)."""
-    # Global in Keras, and read when layers are built: train.precision holds for every net built after.
-    keras.mixed_precision.set_dtype_policy(train.precision)
-    model = build_model(
-        train.arch, base.image_size, len(base.classes), train.dropout, train.weights, train.shades_of_gray
-    )
-    return model, with_augmentation(model, train.augment)
+def build_trainer(
+    base: BaseParams, train: TrainParams, start: keras.Model | None = None
+) -> tuple[keras.Model, keras.Model]:
+    """The model to save (`start`, else a new one), and the model that fits it behind augmentation
+    (compiled per phase)."""
+    model = start if start is not None else build_network(base, train)
+    with global_dtype_policy(train.precision):  # the augmentation's layers, and the trainer's own
+        return model, with_augmentation(model, train.augment)
+
+
+def build_network(base: BaseParams, train: TrainParams) -> keras.Model:
+    """The configured net (train.arch, its weights), its layers in train.precision."""
+    with global_dtype_policy(train.precision):
+        return build_model(
+            train.arch, base.image_size, len(base.classes), train.dropout, train.weights, train.shades_of_gray
+        )
+
+
+@contextlib.contextmanager
+def global_dtype_policy(name: str) -> Iterator[None]:
+    """Keras's global dtype policy set to `name` inside, and restored after, even on an error."""
+    # Keras reads it when it builds a layer; left set, it would change every net the caller builds after.
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
 
 
 def compile_phase(
@@ -432,8 +511,9 @@ def make_optimizer(
 
 @contextlib.contextmanager
 def distribution_scope(kind: str) -> Iterator[None]:
-    """Build and compile under data parallelism over all visible devices when asked to."""
-    if kind == "none":
+    """Build and compile under data parallelism over all visible devices when asked to; inside such
+    a scope already (LP-FT's probe and its fine-tuning share one), carry on in it."""
+    if kind == "none" or under_distribution():
         yield
         return
     backend = keras.backend.backend()
@@ -453,6 +533,18 @@ def distribution_scope(kind: str) -> Iterator[None]:
             yield
     else:
         raise PipelineError(f"train.distribution={kind}: not supported on the {backend} backend")
+
+
+def under_distribution() -> bool:
+    """Whether a distribution scope (JAX's distribution, TensorFlow's strategy) is in force."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return keras.distribution.distribution() is not None
+    if backend == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415 - only this backend has strategies
+
+        return tf.distribute.has_strategy()
+    return False
 
 
 def configure_determinism(seed: int, deterministic: bool) -> None:
