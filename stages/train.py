@@ -21,6 +21,7 @@ from dvclive import Live
 from mlflow.models import infer_signature
 
 from skin_lesion.data.manifests import HASH_COLUMNS, REBALANCED_COLUMNS, SPLIT_COLUMNS, class_indices
+from skin_lesion.errors import PipelineError
 from skin_lesion.evaluation.plots import write_training_curves
 from skin_lesion.evaluation.sites import NO_SITE, SITE_IMAGE_COLUMNS, load_site_rows, site_labels, site_root
 from skin_lesion.files import in_main_repo, read_manifest, write_csv_atomic, write_json_atomic
@@ -51,7 +52,7 @@ def main() -> None:
 
     split_rows = read_manifest(args.split / "train.csv", SPLIT_COLUMNS)
     augmented = read_manifest(args.rebalanced, REBALANCED_COLUMNS) if train.use_rebalanced else None
-    train_rows = training_rows(split_rows, augmented)
+    train_rows = training_rows(split_rows, augmented, str(args.rebalanced))
     val_rows = read_manifest(args.split / "val.csv", SPLIT_COLUMNS)
     cache = in_main_repo(args.cache)
     site, site_rows = load_site(args, params, cache) if params.site.name else (None, None)
@@ -113,13 +114,21 @@ def log_keras_model(model: keras.Model, examples: np.ndarray, lock: Path) -> str
     return info.model_uri
 
 
-def training_rows(split_rows: pd.DataFrame, augmented: pd.DataFrame | None) -> pd.DataFrame:
-    """The train split's path, label and collection, with the rebalance stage's images when given."""
+def training_rows(split_rows: pd.DataFrame, augmented: pd.DataFrame | None, source: str) -> pd.DataFrame:
+    """The train split's path, label and collection, with the rebalance stage's images when given.
+
+    An augmented image comes from the collection of the image it was made from; one made from an image
+    the train split no longer holds (`source`, the rebalanced manifest, is stale) is an error, not a
+    collection of its own.
+    """
     frames = [split_rows]
     if augmented is not None:
-        # An augmented image comes from the collection of the image it was made from.
-        collection_of = split_rows.set_index("path")["collection"]
-        frames.append(augmented.assign(collection=augmented["source_path"].map(collection_of).fillna("")))
+        collections = augmented["source_path"].map(split_rows.set_index("path")["collection"])
+        if collections.isna().any():
+            orphan = augmented["source_path"][collections.isna()].iloc[0]
+            stale = f"an image made from {orphan}, which the train split no longer holds"
+            raise PipelineError(f"{source}: {stale}: run `dvc repro rebalance`")
+        frames.append(augmented.assign(collection=collections))
     return pd.concat([frame[["path", "label", "collection"]] for frame in frames], ignore_index=True)
 
 

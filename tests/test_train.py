@@ -41,6 +41,7 @@ from skin_lesion.training.recipes import (
     train_model,
     training_phases,
 )
+from stages.train import training_rows
 from tests.conftest import REPO, as_params, point_mlflow_at, small_params, write_image
 
 SIZE = 32
@@ -626,3 +627,21 @@ def test_a_resumed_run_reports_the_time_of_the_whole_training(tmp_path: Path) ->
     # Three epochs came from the killed run: the reported time counts them, the resumed run alone not.
     assert summary["seconds"] > resumed_run
     assert summary["seconds"] < killed_run + resumed_run
+
+
+def _split_and_augmented(source: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    split = pd.DataFrame(
+        {"path": ["a.jpg", "b.jpg"], "label": ["nevus", "melanoma"], "collection": ["HAM10000", "BCN"]}
+    )
+    augmented = pd.DataFrame({"path": ["b_aug.jpg"], "label": ["melanoma"], "source_path": [source]})
+    return split, augmented
+
+
+def test_an_augmented_image_has_the_collection_of_the_image_it_was_made_from() -> None:
+    rows = training_rows(*_split_and_augmented("b.jpg"), "data/rebalanced/manifest.csv")
+    assert rows["collection"].tolist() == ["HAM10000", "BCN", "BCN"]
+
+
+def test_an_augmented_image_of_an_image_the_split_no_longer_holds_is_refused() -> None:
+    with pytest.raises(PipelineError, match=r"^data/rebalanced/manifest.csv: an image made from gone.jpg"):
+        training_rows(*_split_and_augmented("gone.jpg"), "data/rebalanced/manifest.csv")
