@@ -259,8 +259,9 @@ def loggable_metrics(nested: dict[str, Any]) -> dict[str, float]:
     """The numbers of a nested report as MLflow metrics, named by their path (`melanoma.auc`)."""
     flat = flatten_params(nested)
     # MLflow allows letters, digits, _ - . / and spaces in metric names; collection names may hold more.
+    # A flag (an external set's chose_recipe) is a fact about the run, not a number to chart.
     return {
         re.sub(r"[^\w\-. /]", "_", key): value
         for key, value in flat.items()
-        if isinstance(value, (int, float))
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
     }

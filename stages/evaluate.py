@@ -282,7 +282,8 @@ def external_report(
     rule: str,
 ) -> dict[str, dict[str, Any]]:
     """Each external set's figures on calibrated probabilities (at every rule's threshold), what was
-    left out of it, and its calibration error before and after the temperature.
+    left out of it, its calibration error before and after the temperature, and whether it chose the
+    recipe.
 
     `rules` are the test split's operating points by threshold rule; `rule` is the one in use.
     """
@@ -303,7 +304,8 @@ def external_report(
             base.seed,
         )
         calibration = calibration_figures(y_known, raw[known], temperature, settings.calibration_bins)
-        report[found.name] = figures | found.left_out | {"calibration": calibration}
+        chose = settings.external[found.name].chose_recipe  # its figures chose the recipe: not independent
+        report[found.name] = figures | found.left_out | {"calibration": calibration, "chose_recipe": chose}
     return report
 
 

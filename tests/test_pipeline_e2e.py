@@ -327,6 +327,7 @@ def test_evaluate_validates_on_the_external_set(project: Path, first_repro: str)
     expected = sum(sha256_file(path) in set(seen["sha256"]) for path in copies.glob("copy_*.png"))
     assert expected > 0
     assert external["copies_of_training"] == expected
+    assert external["chose_recipe"] is False  # the e2e params do not mark it
     assert external["images"] == 4 * len(CLASSES) + 5 - expected
     assert external["melanoma_auc"] > 0.5
     assert 0 <= external["alert"]["sensitivity"] <= 1

@@ -17,6 +17,7 @@ from skin_lesion.runner import mlflow_failure, run_cli
 from skin_lesion.tracking import (
     configure_mlflow,
     flatten_params,
+    loggable_metrics,
     stage_run,
     tracking_uri,
     upstream_data_hashes,
@@ -203,3 +204,12 @@ def test_mlflow_is_pointed_back_where_it_was_after_a_block_of_a_test(tmp_path: P
         assert mlflow.get_tracking_uri() == mlflow.get_registry_uri() == elsewhere
         mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'moved.db'}")  # as code under test may
     assert _mlflow_uris() == before
+
+
+def test_loggable_metrics_are_the_numbers_of_a_report_not_its_flags() -> None:
+    report = {
+        "melanoma": {"auc": 0.9, "images": 12},
+        "external": {"isic2017": {"chose_recipe": True}},
+        "name": "x",
+    }
+    assert loggable_metrics(report) == {"melanoma.auc": 0.9, "melanoma.images": 12}
