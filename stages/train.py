@@ -20,7 +20,7 @@ import pandas as pd
 from dvclive import Live
 from mlflow.models import infer_signature
 
-from skin_lesion.data.manifests import HASH_COLUMNS, REBALANCED_COLUMNS, SPLIT_COLUMNS, class_indices
+from skin_lesion.data.manifests import IDENTITY_COLUMNS, REBALANCED_COLUMNS, SPLIT_COLUMNS, class_indices
 from skin_lesion.errors import PipelineError
 from skin_lesion.evaluation.plots import write_training_curves
 from skin_lesion.evaluation.sites import NO_SITE, SITE_IMAGE_COLUMNS, load_site_rows, site_labels, site_root
@@ -134,9 +134,10 @@ def training_rows(split_rows: pd.DataFrame, augmented: pd.DataFrame | None, sour
 
 def load_site(args: argparse.Namespace, params: Params, cache: Path) -> tuple[SiteImages, pd.DataFrame]:
     """The site's images that are not copies of the split's, decoded, with their rows."""
-    # A site image that copies a test image would be learned, and the test figures would flatter.
+    # A site image the split would keep with a split image (same ISIC or lesion id, pixels, look-alike)
+    # would be learned, and the test figures would flatter.
     seen = pd.concat(
-        read_manifest(args.split / name, SPLIT_COLUMNS)[HASH_COLUMNS]
+        read_manifest(args.split / name, SPLIT_COLUMNS)[IDENTITY_COLUMNS]
         for name in ("train.csv", "val.csv", "test.csv")
     )
     root = site_root(args.sites, params.site.name)

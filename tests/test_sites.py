@@ -226,6 +226,16 @@ def test_a_site_is_read_grouped_and_its_copies_of_training_images_left_out(tmp_p
     assert rows["group"].nunique() >= 3
 
 
+def test_a_site_image_named_by_the_isic_id_of_a_split_image_is_left_out(tmp_path: Path) -> None:
+    root = _write_site(tmp_path / "clinic", {"melanoma": 2, "nevus": 2})
+    (root / "Train" / "melanoma" / "mel0.png").rename(root / "Train" / "melanoma" / "ISIC_0000001.png")
+    seen = _no_seen().assign(isic_id=pd.Series(dtype=str), lesion_id=pd.Series(dtype=str))
+    seen.loc[0] = {"isic_id": "ISIC_0000001", "lesion_id": "", "pixel_sha256": "0", "phash": "0" * 16}
+    rows, left_out = load_site_rows(root, _settings(), seen, CLASSES, "melanoma", 2, 8, 10**7)
+    assert left_out["left_out_same_isic_id"] == 1
+    assert not rows["path"].str.contains("ISIC_0000001").any()
+
+
 def test_a_site_without_melanoma_is_refused_in_one_line(tmp_path: Path) -> None:
     root = _write_site(tmp_path / "clinic", {"nevus": 4})
     with pytest.raises(PipelineError, match=r"^site.name=clinic: no melanoma image in .*clinic") as err:
