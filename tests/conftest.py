@@ -283,7 +283,7 @@ def _mlflow_uris_restored() -> Iterator[None]:
 
 @pytest.fixture
 def float32_policy_restored() -> Iterator[None]:
-    """Keras' global dtype policy back to float32 after the test (training with mixed precision sets it)."""
+    """Keras' global dtype policy back to float32 after the test, for tests that set it themselves."""
     yield
     import keras  # noqa: PLC0415 - only the tests that use it pay for importing Keras here
 

@@ -24,6 +24,8 @@ def _all_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and not node.level:
             modules.add(node.module)
+            # `from skin_lesion import files` imports skin_lesion/files.py (_module_file finds it or not).
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
     return modules
@@ -117,3 +119,14 @@ def test_no_function_of_the_library_or_a_stage_is_longer_than_60_lines() -> None
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60
     ]
     assert long == []
+
+
+def test_the_library_imports_absolutely() -> None:
+    # The checks above read absolute imports only; a relative one would hide code from them.
+    relative = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for path in LIBRARY
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and node.level
+    ]
+    assert relative == []

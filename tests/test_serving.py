@@ -164,6 +164,25 @@ def test_an_image_exactly_at_the_threshold_raises_the_alert() -> None:
     assert frame["melanoma_alert"].tolist() == [True, False]
 
 
+def test_a_version_registered_before_the_model_folder_loads_where_the_package_is_imported(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Versions logged before skin_lesion/model/ existed name their class in skin_lesion.serving; the
+    # predict, serve and review commands load them in a process that has imported this package.
+    entry = tmp_path / "pyfunc_model.py"
+    entry.write_text(
+        "import mlflow\nfrom skin_lesion.serving import LesionClassifier\n"
+        "mlflow.models.set_model(LesionClassifier())\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr("skin_lesion.registry.registration.ENTRY_FILE", entry)
+    with mlflow.start_run():
+        uri = log_test_model(store / "model.keras", CLASSES, SIZE, threshold=0.5, source="local")
+    images = pd.DataFrame({"image": [_b64(store / "high.png"), _b64(store / "low.png")]})
+    answers = mlflow.pyfunc.load_model(uri).predict(images)
+    assert answers["p_melanoma"].between(0, 1).all()
+
+
 def test_a_model_trained_on_synthetic_shapes_says_so_in_every_answer(store: Path, tmp_path: Path) -> None:
     with mlflow.start_run():
         uri = log_test_model(store / "model.keras", CLASSES, SIZE, threshold=0.5, source="synthetic")

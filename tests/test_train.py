@@ -61,7 +61,7 @@ def _params(**train: object):
     return as_params(small_params(base={"image_size": SIZE}, train=overrides))
 
 
-# Tests that train set the dtype policy globally.
+# Some tests set the dtype policy globally; training itself restores it.
 pytestmark = pytest.mark.usefixtures("float32_policy_restored")
 
 

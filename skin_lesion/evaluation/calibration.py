@@ -1,8 +1,8 @@
 """Temperature scaling (Guo et al., 2017): one number, fitted on the validation split, that makes the
 class probabilities say how often they are right, and the calibration error before and after it.
 
-The registered model applies the temperature itself (serving.calibrated), so what evaluate measures on
-calibrated probabilities is what a clinician is shown.
+The registered model applies the temperature itself (calibrated, in model/classifier.py), so what
+evaluate measures on calibrated probabilities is what a clinician is shown.
 """
 
 from __future__ import annotations

@@ -165,7 +165,8 @@ NO_SITE = ProbeInputs(np.zeros((0, 0)), np.zeros(0, np.int64), np.zeros((0, 0)),
 
 
 def load_probe_inputs(path: Path) -> tuple[ProbeInputs, tuple[np.ndarray, np.ndarray]]:
-    """What the train stage saved (training.save_probe_inputs): the probe's inputs and the val split's."""
+    """What the train stage saved (save_probe_inputs, in training/recipes.py): the probe's inputs and the
+    val split's."""
     with np.load(path) as stored:
         inputs = ProbeInputs(stored["train_x"], stored["train_y"], stored["site_x"], stored["site_y"])
         return inputs, (stored["val_x"], stored["val_y"])

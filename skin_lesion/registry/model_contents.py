@@ -25,8 +25,8 @@ PACKAGE = Path(__file__).parents[1]  # skin_lesion/
 MODEL_FOLDER = PACKAGE / "model"
 ENTRY_FILE = MODEL_FOLDER / "entry.py"  # MLflow "models from code" runs it to get the pyfunc class
 # The code a registered model ships (tests/test_dvc_yaml.py checks it equals what loading it imports):
-# the model/ folder, and the three files any import of skin_lesion runs or needs first: the package's
-# __init__ (it quiets TensorFlow through quiet.py) and the one exception type, errors.py.
+# the model/ folder, and the four shared files it runs or needs: the package's __init__ (it quiets
+# TensorFlow through quiet.py), the one exception type (errors.py) and image decoding (images.py).
 PACKAGE_FILES = ("__init__.py", "quiet.py", "errors.py", "images.py")
 # The distributions that code imports (tests/test_dvc_yaml.py checks this), and each backend's.
 MODEL_PACKAGES = ("keras", "mlflow", "numpy", "pandas", "pillow")

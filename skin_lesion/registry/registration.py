@@ -68,7 +68,7 @@ def log_servable_model(
     are what its test split said (metrics.reference_figures), which the review page and
     `skin-lesion monitor` read from the registry. With `mirror_average`, every consumer averages each
     image with its mirror, as evaluate did. `temperature` (fitted on validation by evaluate) scales
-    every answer's class probabilities before the threshold applies (serving.calibrated).
+    every answer's class probabilities before the threshold applies (model/classifier.py calibrated).
     """
     config = {
         "classes": list(classes),
