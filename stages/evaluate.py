@@ -102,7 +102,6 @@ def main() -> None:
     temperature = evaluation_temperature(y_val, raw_val, with_site)
     p_val, p_test = calibrated(raw_val, temperature), calibrated(raw_test, temperature)
     predict = calibrated_predictor(embedder, temperature)
-
     with stage_run("evaluate", base, settings) as run:
         collections = val_rows["collection"].to_numpy()
         site = site_report(
@@ -132,8 +131,10 @@ def main() -> None:
         card = render_model_card(model_card_facts(params, metrics, shift, data_report, rule))
         write_text_atomic(args.model_card, card)
         log_reports(args, {**metrics, **shift})
-        unlike_training = ood.score(e_test) > ood.threshold
-        figures = registered_figures(metrics, (y_test, p_test), unlike_training, base, settings)
+        unlike = ood.score(e_test) > ood.threshold
+        figures = reference_figures(
+            metrics, y_test, p_test, unlike, base.classes, melanoma, metrics["external"]
+        )
         version, reason = register(args, params, run.info.run_id, metrics, card, ood, figures)
         metrics["model_version"] = int(version)
         write_json_atomic(args.details, metrics)
@@ -158,7 +159,8 @@ def load_external(args: argparse.Namespace, params: Params, site_scores: pd.Data
 def training_embeddings(
     manifest: Path, embedder: EmbeddingCache, base: BaseParams, cache: Path
 ) -> np.ndarray:
-    """The training split's embeddings, for the OOD summary: from train's cache, not its images."""
+    """The training split's embeddings, for the OOD summary: from the embedding cache when an earlier
+    evaluate of this backbone made them, without decoding the images."""
     return embedder.embed_files(
         read_manifest(manifest, SPLIT_COLUMNS)["path"].tolist(), base.image_size, cache
     )
@@ -229,22 +231,6 @@ def model_card_facts(
         site=metrics["site"],
         chose_recipe=chose_recipe(params.evaluate),
     )
-
-
-def registered_figures(
-    metrics: dict[str, Any],
-    test: tuple[np.ndarray, np.ndarray],
-    unlike_training: np.ndarray,
-    base: BaseParams,
-    settings: EvaluateParams,
-) -> dict[str, Any]:
-    """The figures the version carries (metrics.reference_figures), each external set flagged when it
-    chose the recipe, so that the review page marks its figures too."""
-    melanoma = base.classes.index(base.melanoma_class)
-    figures = reference_figures(metrics, *test, unlike_training, base.classes, melanoma, metrics["external"])
-    chose = chose_recipe(settings)
-    external = {name: row | {"chose_recipe": name in chose} for name, row in figures["external"].items()}
-    return figures | {"external": external}
 
 
 def log_reports(args: argparse.Namespace, figures: dict[str, Any]) -> None:

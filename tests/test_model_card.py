@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from skin_lesion.evaluation.metrics import reference_figures
 from skin_lesion.evaluation.model_card import CHOSE_RECIPE, ModelCardFacts, render_model_card
 from skin_lesion.params import EvaluateParams
-from stages.evaluate import chose_recipe, registered_figures
+from stages.evaluate import chose_recipe
 from tests import model_card_inputs as inputs
 from tests.conftest import as_params, small_params
 
@@ -93,10 +94,13 @@ def test_the_sets_that_chose_the_recipe_are_the_ones_params_flag() -> None:
 
 def test_the_registered_figures_flag_the_sets_that_chose_the_recipe() -> None:
     params = as_params(small_params())
-    metrics = inputs.metrics() | {"external": inputs.external()}
+    external = inputs.external()
+    external["isic2017"] |= {"chose_recipe": True}  # as external_report writes it from the params
+    metrics = inputs.metrics() | {"external": external}
     y_test, p_test = np.array([0, 1, 2]), np.eye(3)
-    figures = registered_figures(
-        metrics, (y_test, p_test), np.zeros(3, bool), params.base, _evaluate_params(chose=True)
+    melanoma = params.base.classes.index(params.base.melanoma_class)
+    figures = reference_figures(
+        metrics, y_test, p_test, np.zeros(3, bool), params.base.classes, melanoma, external
     )
     assert figures["external"]["isic2017"]["chose_recipe"] is True
     assert figures["external"]["clinic"]["chose_recipe"] is False

@@ -439,6 +439,8 @@ def reference_figures(
                 "sensitivity": result["alert"]["sensitivity"],
                 "sensitivity_ci": result["alert"]["sensitivity_ci"],
                 "false_alert_rate": result["alert"]["false_alert_rate"],
+                # The review page marks the figures of a set that chose the recipe, as the card does.
+                "chose_recipe": bool(result.get("chose_recipe", False)),
                 "class_recall": {
                     label: {"recall": recall, "images": result["class_counts"][label]}
                     for label, recall in result["recall"].items()
